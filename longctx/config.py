@@ -1,0 +1,299 @@
+"""Typed configuration: dataclasses, recipe loading and dotted overrides.
+
+A recipe is a Python file that defines `config() -> Config`. The CLI loads it
+and applies overrides such as `--set model.d_model=512 train.steps=100`. An
+unknown key or a value of the wrong type raises `ConfigError` naming the key
+and the valid choices.
+
+Each model registers its own config dataclass (a subclass of `ModelConfig`),
+so `model.*` overrides are checked against the fields of the chosen model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import pathlib
+import traceback
+import typing
+from typing import Any
+
+from longctx.errors import ConfigError
+
+
+@dataclasses.dataclass
+class ModelConfig:
+  """Fields shared by every model. Subclasses add their own."""
+
+  name: str = "transformer"
+  vocab_size: int = 259
+  d_model: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  head_dim: int = 0  # 0 = d_model // num_heads
+  d_ff: int = 0  # 0 = round(8/3 * d_model) up to a multiple of 64 (gated MLP)
+  tie_embeddings: bool = True
+  norm_eps: float = 1e-6
+
+  def validate(self) -> None:
+    _positive(self, "vocab_size", "d_model", "num_layers", "num_heads")
+    if self.head_dim < 0 or self.d_ff < 0:
+      raise ConfigError("model.head_dim and model.d_ff must be >= 0 (0 = derived default)")
+    if self.head_dim == 0 and self.d_model % self.num_heads:
+      raise ConfigError(
+          f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}; "
+          "change one of them or set model.head_dim explicitly")
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  @property
+  def resolved_d_ff(self) -> int:
+    if self.d_ff:
+      return self.d_ff
+    return int(math.ceil(8 * self.d_model / 3 / 64) * 64)
+
+
+@dataclasses.dataclass
+class DataConfig:
+  """Where documents come from and how they are packed into lanes.
+
+  source:
+    "stdlib"    the Python standard library's own source files (no download)
+    "files"     local .txt / .jsonl / .parquet files (`paths`, `text_field`)
+    "hub"       a Hugging Face hub dataset, streamed (`hub_name`, `hub_config`, `text_field`)
+    "synthetic" a generated long-context task (`task`: passkey, mqar, copy, qa1)
+  """
+
+  source: str = "stdlib"
+  paths: list[str] = dataclasses.field(default_factory=list)
+  eval_paths: list[str] = dataclasses.field(default_factory=list)
+  hub_name: str = ""
+  hub_config: str = ""
+  text_field: str = "text"
+  split: str = "train"
+  eval_split: str = "validation"
+  task: str = "passkey"
+  task_length: int = 1024  # synthetic: approximate document length in tokens
+  num_docs: int = 0  # synthetic: documents per epoch (0 = 10_000); other sources: cap (0 = all)
+  eval_fraction: float = 0.02  # stdlib/files without eval_paths: held-out fraction of documents
+  tokenizer: str = "byte"  # "byte" or a path to a sentencepiece .model
+  batch_size: int = 8  # global number of lanes
+  seg_len: int = 128  # tokens per segment
+  segments_per_step: int = 2  # K: segments per train step (truncated BPTT window)
+  seed: int = 0
+
+  def validate(self) -> None:
+    _positive(self, "batch_size", "seg_len", "segments_per_step", "task_length")
+    valid = ("stdlib", "files", "hub", "synthetic")
+    if self.source not in valid:
+      raise ConfigError(f"data.source={self.source!r} is not one of {valid}")
+    if self.source == "files" and not self.paths:
+      raise ConfigError("data.source='files' needs data.paths (e.g. --set data.paths=[a.txt,b.jsonl])")
+    if self.source == "hub" and not self.hub_name:
+      raise ConfigError("data.source='hub' needs data.hub_name (e.g. --set data.hub_name=deepmind/pg19)")
+    if not 0.0 <= self.eval_fraction < 1.0:
+      raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  steps: int = 200
+  learning_rate: float = 3e-3
+  warmup_steps: int = 20
+  min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  grad_clip: float = 1.0
+  compute_dtype: str = "float32"  # "float32" or "bfloat16" (params stay float32)
+  remat: bool = False  # rematerialise each segment's forward pass in the backward pass
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 0  # 0 = only at the end
+  eval_batches: int = 0  # 0 = stream the whole held-out set
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 3
+  async_checkpoint: bool = True
+
+  def validate(self) -> None:
+    _positive(self, "steps", "learning_rate", "log_every", "keep_checkpoints", "checkpoint_every")
+    if self.warmup_steps < 0 or self.eval_every < 0 or self.eval_batches < 0:
+      raise ConfigError("train.warmup_steps, train.eval_every and train.eval_batches must be >= 0")
+    if self.compute_dtype not in ("float32", "bfloat16"):
+      raise ConfigError(f"train.compute_dtype={self.compute_dtype!r} is not one of ('float32', 'bfloat16')")
+
+
+@dataclasses.dataclass
+class MeshConfig:
+  """Device mesh shape. -1 on one axis = fill with the remaining devices."""
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  sequence: int = 1
+
+  def validate(self) -> None:
+    sizes = dataclasses.astuple(self)
+    if sum(s == -1 for s in sizes) > 1:
+      raise ConfigError("at most one mesh axis may be -1 (fill)")
+    if any(s == 0 or s < -1 for s in sizes):
+      raise ConfigError(f"mesh axis sizes must be positive or -1, got {dataclasses.asdict(self)}")
+
+
+@dataclasses.dataclass
+class Config:
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+  def validate(self) -> "Config":
+    from longctx.models import get_model_class  # registry lives with the models
+
+    cls = get_model_class(self.model.name)
+    if type(self.model) is not cls.config_class:
+      raise ConfigError(
+          f"model.name={self.model.name!r} needs a {cls.config_class.__name__}, "
+          f"got {type(self.model).__name__}")
+    self.model.validate()
+    self.data.validate()
+    self.train.validate()
+    self.mesh.validate()
+    return self
+
+
+def _positive(obj: Any, *names: str) -> None:
+  section = {ModelConfig: "model", DataConfig: "data", TrainConfig: "train"}.get(
+      next((c for c in type(obj).__mro__ if c in (ModelConfig, DataConfig, TrainConfig)), None), "config")
+  for name in names:
+    value = getattr(obj, name)
+    if not value > 0:
+      raise ConfigError(f"{section}.{name}={value} must be > 0")
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def to_dict(cfg: Any) -> dict:
+  """Nested plain dict of a config (for JSON logs and checkpoints)."""
+  return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> Config:
+  """Inverse of `to_dict` (the model section picks its registered config class)."""
+  from longctx.models import get_model_class
+
+  model_cls = get_model_class(d["model"]["name"]).config_class
+  return Config(
+      model=_build(model_cls, d["model"], "model"),
+      data=_build(DataConfig, d["data"], "data"),
+      train=_build(TrainConfig, d["train"], "train"),
+      mesh=_build(MeshConfig, d["mesh"], "mesh"),
+  )
+
+
+def _build(cls, values: dict, prefix: str):
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - names)
+  if unknown:
+    raise ConfigError(f"unknown config key {prefix}.{unknown[0]}; valid keys: {', '.join(sorted(names))}")
+  return cls(**values)
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+  """Apply `key=value` overrides, e.g. `model.d_model=512`, `data.paths=[a.txt,b.txt]`."""
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.steps=100)")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    target: Any = cfg
+    for i, part in enumerate(parts):
+      if not dataclasses.is_dataclass(target):
+        raise ConfigError(f"unknown config key {key!r}: {'.'.join(parts[:i])} is not a section")
+      fields = {f.name: f for f in dataclasses.fields(target)}
+      if part not in fields:
+        where = ".".join(parts[:i]) or "top level"
+        raise ConfigError(f"unknown config key {key!r}; valid keys at {where}: {', '.join(sorted(fields))}")
+      if i == len(parts) - 1:
+        if part == "name" and isinstance(target, ModelConfig):
+          raise ConfigError("model.name cannot be overridden; pick a recipe for that model instead")
+        hint = typing.get_type_hints(type(target))[part]
+        setattr(target, part, _parse_value(raw.strip(), hint, key))
+      else:
+        target = getattr(target, part)
+  return cfg
+
+
+def _parse_value(raw: str, hint: Any, key: str) -> Any:
+  origin = typing.get_origin(hint)
+  if origin in (list, tuple):
+    (inner,) = typing.get_args(hint)[:1]
+    body = raw[1:-1] if raw.startswith("[") and raw.endswith("]") else raw
+    items = [s.strip() for s in body.split(",") if s.strip()]
+    return [_parse_value(s, inner, key) for s in items]
+  if hint is bool:
+    if raw.lower() in ("true", "1", "yes", "on"):
+      return True
+    if raw.lower() in ("false", "0", "no", "off"):
+      return False
+    raise ConfigError(f"{key}={raw!r}: expected a bool (true/false)")
+  if hint is int:
+    try:
+      return int(raw)
+    except ValueError:
+      raise ConfigError(f"{key}={raw!r}: expected an int") from None
+  if hint is float:
+    try:
+      return float(raw)
+    except ValueError:
+      raise ConfigError(f"{key}={raw!r}: expected a float") from None
+  if hint is str:
+    return raw
+  raise ConfigError(f"{key}: cannot override a field of type {hint}")
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+def load_recipe(path: str | pathlib.Path) -> Config:
+  """Import a recipe file and return its validated `config()`."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ConfigError(f"recipe file {str(path)!r} not found; pass a path like recipes/quickstart.py")
+  module_name = f"longctx_recipe_{path.stem}"
+  spec = importlib.util.spec_from_file_location(module_name, path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+    if not hasattr(module, "config"):
+      raise ConfigError(f"recipe {path} defines no config() function returning a longctx Config")
+    cfg = module.config()
+  except ConfigError:
+    raise
+  except Exception as e:  # a recipe that raises: name the file, line and the error, in one line
+    frame = _last_frame_in(e, path)
+    where = f"{path}:{frame.lineno}" if frame else str(path)
+    raise ConfigError(f"recipe {where} raised {type(e).__name__}: {e}") from None
+  if not isinstance(cfg, Config):
+    raise ConfigError(f"recipe {path}: config() returned {type(cfg).__name__}, expected longctx.config.Config")
+  return cfg
+
+
+def _last_frame_in(e: BaseException, path: pathlib.Path):
+  frames = [f for f in traceback.extract_tb(e.__traceback__) if pathlib.Path(f.filename) == path]
+  return frames[-1] if frames else None
+
+
+def replace(cfg: Config, **sections: Any) -> Config:
+  """A copy of `cfg` with whole sections replaced."""
+  return dataclasses.replace(cfg, **sections)
+
+
+__all__ = [
+    "Config", "ModelConfig", "DataConfig", "TrainConfig", "MeshConfig",
+    "apply_overrides", "load_recipe", "to_dict", "from_dict", "replace",
+]

@@ -1,0 +1,135 @@
+"""Attention math as small pure functions.
+
+Shapes: `q [batch, q_len, heads, head_dim]`, `k, v [batch, kv_len, kv_heads, head_dim]`
+with `heads` a multiple of `kv_heads` (grouped-query attention). Masks are built
+from integer positions and document ids, never materialised at full stream length.
+
+Sliding-window semantics (used by every windowed model): the query at stream
+position p sees the keys at positions p - window .. p of the same document.
+A Transformer-XL style cache holds the previous `window` keys/values, so the
+result does not depend on how a document is cut into segments.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30
+
+
+def rotary(x: jax.Array, positions: jax.Array, *, base: float = 10000.0) -> jax.Array:
+  """Rotary position embedding (rotate-half form).
+
+  Args:
+    x: `[batch, seq, heads, head_dim]` (head_dim even).
+    positions: `[seq]` or `[batch, seq]` integer positions.
+  Returns:
+    `x` rotated, same shape and dtype.
+  """
+  half = x.shape[-1] // 2
+  inv_freq = 1.0 / (base ** (jnp.arange(half, dtype=jnp.float32) / half))
+  pos = positions.astype(jnp.float32)
+  angles = pos[..., None] * inv_freq  # [(batch,) seq, half]
+  if angles.ndim == 2:
+    angles = angles[None]
+  sin = jnp.sin(angles)[:, :, None, :]
+  cos = jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def window_mask(q_pos, k_pos, q_doc, k_doc, *, window: int) -> jax.Array:
+  """Boolean mask `[batch, q_len, kv_len]`: same document, causal, within `window`.
+
+  Args:
+    q_pos: `[q_len]` positions of queries; k_pos: `[kv_len]` positions of keys.
+    q_doc: `[batch, q_len]`, k_doc: `[batch, kv_len]` document ids (a key with
+      id -1 is never visible).
+  """
+  dist = q_pos[:, None] - k_pos[None, :]
+  in_window = (dist >= 0) & (dist <= window)
+  same_doc = (q_doc[:, :, None] == k_doc[:, None, :]) & (k_doc[:, None, :] >= 0)
+  return in_window[None] & same_doc
+
+
+def masked_attention(q, k, v, mask, *, scale: float | None = None) -> jax.Array:
+  """Softmax attention with a boolean mask; softmax in float32.
+
+  Args:
+    q: `[batch, q_len, heads, head_dim]`; k, v: `[batch, kv_len, kv_heads, head_dim]`.
+    mask: `[batch, q_len, kv_len]` bool.
+  Returns:
+    `[batch, q_len, heads, head_dim]` in q's dtype. Rows with no visible key give 0.
+  """
+  b, s, h, d = q.shape
+  kvh = k.shape[2]
+  scale = d ** -0.5 if scale is None else scale
+  qg = q.reshape(b, s, kvh, h // kvh, d)
+  scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) * scale
+  scores = jnp.where(mask[:, None, None], scores, NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1)
+  probs = jnp.where(mask[:, None, None], probs, 0.0)  # all-masked rows -> 0, not uniform
+  out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return out.reshape(b, s, h, d).astype(q.dtype)
+
+
+def sliding_window_attention_reference(q, k, v, *, q_doc, k_doc, window: int) -> jax.Array:
+  """Dense reference: queries are the last `q_len` positions of the `kv_len` keys.
+
+  Args:
+    q: `[batch, q_len, heads, head_dim]` (already rotated).
+    k, v: `[batch, kv_len, kv_heads, head_dim]`, kv_len >= q_len; key i sits at
+      position i and query j at position kv_len - q_len + j.
+    q_doc: `[batch, q_len]`; k_doc: `[batch, kv_len]` document ids.
+  """
+  kv_len, q_len = k.shape[1], q.shape[1]
+  k_pos = jnp.arange(kv_len)
+  q_pos = k_pos[kv_len - q_len:]
+  return masked_attention(q, k, v, window_mask(q_pos, k_pos, q_doc, k_doc, window=window))
+
+
+def sliding_window_attention(q, k, v, *, q_doc, k_doc, window: int, block: int | None = None) -> jax.Array:
+  """Sliding-window attention, computed blockwise in O(q_len * 2 * block) memory.
+
+  Same contract as `sliding_window_attention_reference` with kv_len = window + q_len
+  (a cache of `window` entries followed by the segment). The segment is cut into
+  query blocks of `block` (>= window) tokens; each block attends to the `block`
+  keys before it plus itself, which covers its whole window. Falls back to the
+  dense form when the segment fits in one block.
+  """
+  b, s, h, d = q.shape
+  kv_len = k.shape[1]
+  if kv_len != window + s:
+    raise ValueError(f"sliding_window_attention expects kv_len = window + q_len, got {kv_len} != {window} + {s}")
+  block = max(window, 1) if block is None else block
+  if block < window:
+    raise ValueError(f"block={block} must be >= window={window}")
+  if s <= block:
+    return sliding_window_attention_reference(q, k, v, q_doc=q_doc, k_doc=k_doc, window=window)
+  nb = -(-s // block)
+  pad = nb * block - s
+  # Left-pad keys so that the cache occupies exactly one block, right-pad the segment.
+  lead = block - window
+  kp = jnp.pad(k, ((0, 0), (lead, pad), (0, 0), (0, 0)))
+  vp = jnp.pad(v, ((0, 0), (lead, pad), (0, 0), (0, 0)))
+  kdp = jnp.pad(k_doc, ((0, 0), (lead, pad)), constant_values=-1)
+  qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  qdp = jnp.pad(q_doc, ((0, 0), (0, pad)), constant_values=-2)
+  # Key blocks i and i+1 serve query block i.
+  kb = kp.reshape(b, nb + 1, block, *k.shape[2:])
+  vb = vp.reshape(b, nb + 1, block, *v.shape[2:])
+  kdb = kdp.reshape(b, nb + 1, block)
+  k2 = jnp.concatenate([kb[:, :-1], kb[:, 1:]], axis=2)  # [b, nb, 2*block, kvh, d]
+  v2 = jnp.concatenate([vb[:, :-1], vb[:, 1:]], axis=2)
+  kd2 = jnp.concatenate([kdb[:, :-1], kdb[:, 1:]], axis=2)  # [b, nb, 2*block]
+  qb = qp.reshape(b, nb, block, h, d)
+  qdb = qdp.reshape(b, nb, block)
+  # Within a block pair, query j sits at position block + j, key i at position i.
+  k_pos = jnp.arange(2 * block)
+  q_pos = block + jnp.arange(block)
+  fold = lambda x: x.reshape(b * nb, *x.shape[2:])
+  mask = window_mask(q_pos, k_pos, fold(qdb), fold(kd2), window=window)
+  out = masked_attention(fold(qb), fold(k2), fold(v2), mask)
+  return out.reshape(b, nb * block, h, d)[:, :s]

@@ -1,0 +1,115 @@
+"""Device mesh and sharding rules: one place that maps logical axes to mesh axes.
+
+Mesh axes: `data` (pure data parallel), `fsdp` (data parallel + parameter
+sharding), `tensor` (heads / MLP width), `sequence` (context parallel).
+Parameters carry logical axis names (`Param(..., logical_axes=("embed", "mlp"))`);
+`LOGICAL_RULES` maps each name to a mesh axis. Batch rows (lanes) and every
+leaf of the model state are sharded over (data, fsdp) on their first dimension,
+so a lane stays on its device for the whole run.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from longctx.config import MeshConfig
+from longctx.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+BATCH_AXES = ("data", "fsdp")
+
+# logical parameter axis -> mesh axis (None = replicated)
+LOGICAL_RULES: dict[str, str | None] = {
+    "embed": "fsdp",
+    "vocab": "tensor",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "layers": None,
+    "state": None,
+}
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
+  """Resolve -1 (fill) and check the product equals `num_devices`."""
+  sizes = [getattr(cfg, a) for a in MESH_AXES]
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {num_devices} devices")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ConfigError(
+        f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but {num_devices} are available; "
+        "set one mesh axis to -1 to fill")
+  return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(cfg, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(axes: tuple[str | None, ...] | None, shape: tuple[int, ...],
+                    axis_sizes: Mapping[str, int]) -> P:
+  """PartitionSpec for a parameter; a dim that the mesh axis does not divide stays replicated.
+
+  `axis_sizes` is `mesh.shape` or any {axis: size} mapping (e.g. a pod mesh in a dry run).
+  """
+  if axes is None:
+    return P()
+  spec = []
+  for name, dim in zip(axes, shape):
+    mesh_axis = LOGICAL_RULES.get(name) if name else None
+    if mesh_axis is not None and axis_sizes[mesh_axis] > 1 and dim % axis_sizes[mesh_axis] == 0:
+      spec.append(mesh_axis)
+    else:
+      spec.append(None)
+  return P(*spec)
+
+
+def param_shardings(abstract_params: nnx.State, mesh: Mesh):
+  """NamedShardings for a params `nnx.State` (pure-dict tree), from each Param's logical axes."""
+
+  def one(var):
+    axes = var.get_metadata().get("logical_axes")
+    return NamedSharding(mesh, logical_to_spec(axes, var.value.shape, mesh.shape))
+
+  shardings = jax.tree.map(one, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.to_pure_dict(shardings)
+
+
+def batch_spec(ndim: int, *, batch_dim: int = 0) -> P:
+  spec = [None] * ndim
+  spec[batch_dim] = BATCH_AXES
+  return P(*spec)
+
+
+def lane_shardings(tree, mesh: Mesh, *, batch_dim: int = 0):
+  """Shard every array's `batch_dim` over (data, fsdp): model states and batches."""
+  return jax.tree.map(lambda x: NamedSharding(mesh, batch_spec(np.ndim(x), batch_dim=batch_dim)), tree)
+
+
+def replicated(tree, mesh: Mesh):
+  return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def describe(mesh: Mesh) -> str:
+  return " x ".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES) + f" ({mesh.size} devices)"
+
+
+__all__ = ["MESH_AXES", "LOGICAL_RULES", "make_mesh", "mesh_shape", "param_shardings", "lane_shardings",
+           "replicated", "batch_spec", "describe", "num_batch_shards"]

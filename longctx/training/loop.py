@@ -1,0 +1,191 @@
+"""`longctx train`: data -> compiled steps -> logs, evals, checkpoints; resumes automatically.
+
+Everything that can fail on user input (config, tokenizer, data files, mesh)
+is checked before anything is written to the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+
+from longctx import config as config_lib
+from longctx.config import Config
+from longctx.errors import CheckpointError, ConfigError, TrainingError
+from longctx.training.checkpoint import Checkpointer
+from longctx.training.metrics import MetricsLogger, plot_loss_curve
+from longctx.training.trainer import Trainer
+
+# Changing these between a checkpoint and a resume would silently change what is trained.
+_RESUME_MUST_MATCH = ("model", "data.batch_size", "data.seg_len", "data.segments_per_step", "data.source",
+                      "data.tokenizer", "data.task", "data.seed")
+
+
+@dataclasses.dataclass
+class Pipeline:
+  """What a run needs besides the compiled steps: tokenizer, sources and lane iterators."""
+
+  tokenizer: Any
+  train_source: Any
+  eval_source: Any
+
+  def train_lanes(self, trainer: Trainer):
+    from longctx.data.lanes import LaneBatcher
+
+    d = trainer.cfg.data
+    return LaneBatcher(self.train_source, num_lanes=d.batch_size, seg_len=d.seg_len,
+                       segments_per_step=d.segments_per_step, lane_range=trainer.local_lane_range(),
+                       repeat=True, pad_id=self.tokenizer.pad_id)
+
+  def eval_lanes(self, trainer: Trainer):
+    from longctx.data.lanes import LaneBatcher
+
+    d = trainer.cfg.data
+    return LaneBatcher(self.eval_source, num_lanes=d.batch_size, seg_len=d.seg_len,
+                       segments_per_step=d.segments_per_step, lane_range=trainer.local_lane_range(),
+                       repeat=False, pad_id=self.tokenizer.pad_id)
+
+
+def build_pipeline(cfg: Config) -> Pipeline:
+  from longctx.data.sources import build_sources
+  from longctx.data.tokenizers import load_tokenizer
+
+  tokenizer = load_tokenizer(cfg.data.tokenizer)
+  if tokenizer.vocab_size > cfg.model.vocab_size:
+    raise ConfigError(
+        f"tokenizer {cfg.data.tokenizer!r} has {tokenizer.vocab_size} ids but model.vocab_size="
+        f"{cfg.model.vocab_size}; set --set model.vocab_size={tokenizer.vocab_size}")
+  train_source, eval_source = build_sources(cfg.data, tokenizer)
+  return Pipeline(tokenizer, train_source, eval_source)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flat(v, key + "."))
+    out[key] = v
+  return out
+
+
+def check_resume_compatible(saved: dict, cfg: Config, where: pathlib.Path) -> None:
+  saved_flat, now_flat = _flat(saved), _flat(config_lib.to_dict(cfg))
+  for key in _RESUME_MUST_MATCH:
+    if saved_flat.get(key) != now_flat.get(key):
+      raise CheckpointError(
+          f"the checkpoint in {where} was trained with {key}={_short(saved_flat.get(key))}, this recipe has "
+          f"{key}={_short(now_flat.get(key))}; use a new --run-dir (or the recipe that made it)")
+
+
+def _short(v: Any) -> str:
+  s = json.dumps(v) if isinstance(v, dict) else repr(v)
+  return s if len(s) < 80 else s[:77] + "..."
+
+
+def _progress(total: int, initial: int, enabled: bool):
+  from tqdm.auto import tqdm
+
+  return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
+              desc="train", mininterval=1.0)
+
+
+def run_training(cfg: Config, run_dir: str | pathlib.Path, *, stop_at_step: int | None = None,
+                 progress: bool = True, devices=None, log: Callable[[str], None] = print) -> dict:
+  """Train `cfg` in `run_dir`, resuming from its latest checkpoint if there is one.
+
+  Args:
+    stop_at_step: end this run (with a checkpoint) after this global step, as a
+      preempted job would; a later call continues to `cfg.train.steps`.
+  Returns:
+    A summary dict: steps run, final train and eval metrics, paths.
+  """
+  cfg.validate()
+  run_dir = pathlib.Path(run_dir)
+  pipeline = build_pipeline(cfg)  # data problems surface here, before anything is written
+  trainer = Trainer(cfg, devices=devices)
+  lanes = pipeline.train_lanes(trainer)
+  is_host0 = jax.process_index() == 0
+  tc = cfg.train
+
+  ckpt = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    extra = ckpt.restore_extra(latest)
+    check_resume_compatible(extra.get("config", {}), cfg, run_dir)
+    ts, extra = ckpt.restore(latest, trainer.abstract_train_state_sharded())
+    lanes.load_state_dict(extra["data"])
+    log(f"resumed from {run_dir / 'checkpoints' / str(latest)} (step {latest})")
+  else:
+    ts = trainer.init_train_state()
+  start = int(jax.device_get(ts["step"]))
+  if is_host0:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(config_lib.to_dict(cfg), indent=2) + "\n")
+  logger = MetricsLogger(run_dir, enabled=is_host0)
+  end = tc.steps if stop_at_step is None else min(tc.steps, stop_at_step)
+  if start == 0:
+    log(f"model {cfg.model.name}: {trainer.num_params / 1e6:.2f}M params | mesh {describe_mesh(trainer)} | "
+        f"{cfg.data.batch_size} lanes x {cfg.data.segments_per_step} segments x {cfg.data.seg_len} tokens per step")
+
+  def extra_state():
+    return {"data": lanes.state_dict(), "config": config_lib.to_dict(cfg)}
+
+  losses, last_saved, train_metrics, eval_metrics = [], latest, {}, {}
+  bar = _progress(end, start, progress and is_host0)
+  window_tokens, window_start = 0.0, time.perf_counter()
+  try:
+    for step in range(start + 1, end + 1):
+      batch = trainer.put_batch(next(lanes))
+      ts, metrics = trainer.train_step(ts, batch)
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm")):
+        bad = next(k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k]))
+        raise TrainingError(
+            f"non-finite {bad} ({metrics[bad]}) at step {step}; last good checkpoint: step {last_saved}. "
+            "Lower train.learning_rate or enable train.grad_clip, then rerun to resume")
+      losses.append(metrics["loss"])
+      window_tokens += metrics["tokens"]
+      bar.update(1)
+      if step % tc.log_every == 0 or step == end:
+        elapsed = time.perf_counter() - window_start
+        metrics["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+        window_tokens, window_start = 0.0, time.perf_counter()
+        logger.log(step, "train", metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+      train_metrics = metrics
+      if tc.eval_every and step % tc.eval_every == 0 and step != end:
+        eval_metrics = evaluate(trainer, pipeline, ts["params"], max_batches=tc.eval_batches)
+        logger.log(step, "eval", eval_metrics)
+      if step % tc.checkpoint_every == 0 or step == end:
+        ckpt.save(step, ts, extra_state())
+        last_saved = step
+  finally:
+    bar.close()
+    ckpt.close()
+  if end == tc.steps:  # the run is complete: report held-out loss
+    eval_metrics = evaluate(trainer, pipeline, ts["params"], max_batches=tc.eval_batches)
+    logger.log(end, "eval", eval_metrics)
+    log(f"eval @ step {end}: loss {eval_metrics['loss']:.4f} | bits/token {eval_metrics['bits_per_token']:.4f} | "
+        f"ppl {eval_metrics['perplexity']:.2f} | {int(eval_metrics['tokens'])} held-out tokens")
+  logger.close()
+  plot = plot_loss_curve(run_dir) if is_host0 else None
+  return {"start_step": start, "end_step": end, "losses": losses, "train": train_metrics, "eval": eval_metrics,
+          "train_state": ts, "plot": str(plot) if plot else None, "run_dir": str(run_dir)}
+
+
+def evaluate(trainer: Trainer, pipeline: Pipeline, params, *, max_batches: int = 0) -> dict:
+  """Stream every held-out document through fresh lane states (or `max_batches` batches)."""
+  return trainer.evaluate(params, pipeline.eval_lanes(trainer), max_batches=max_batches)
+
+
+def describe_mesh(trainer: Trainer) -> str:
+  from longctx.sharding import describe
+
+  return describe(trainer.mesh)
