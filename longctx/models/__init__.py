@@ -9,5 +9,15 @@ from longctx.models.transformer import Transformer, TransformerConfig
 
 
 def build_model(cfg, *, rngs: nnx.Rngs) -> SegmentLM:
-  """Instantiate the registered model for `cfg.name`."""
+  """Instantiate the registered model for `cfg.name` (eagerly: one op per parameter)."""
   return get_model_class(cfg.name)(cfg, rngs=rngs)
+
+
+def create_model(cfg, *, seed: int = 0) -> SegmentLM:
+  """Like `build_model`, but initialises every parameter in one compiled call."""
+  import jax
+
+  abstract = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(seed)))
+  graphdef, _ = nnx.split(abstract)
+  params = jax.jit(lambda: nnx.state(build_model(cfg, rngs=nnx.Rngs(seed))))()
+  return nnx.merge(graphdef, params)

@@ -1,0 +1,28 @@
+"""Shared test setup: 8 virtual CPU devices (set before jax is imported) and helpers."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def rel_err(a, b) -> float:
+  """‖a − b‖ / ‖b‖ in float64; NaN anywhere gives inf (NaN never passes)."""
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
+  if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+    return float("inf")
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+@pytest.fixture(scope="session")
+def eight_devices():
+  devices = jax.devices()
+  assert len(devices) == 8, "tests/conftest.py must set 8 host devices before jax is imported"
+  return devices

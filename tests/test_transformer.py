@@ -1,0 +1,155 @@
+"""The baseline Transformer: streaming equivalence, reset isolation, document masks, gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import rel_err
+from longctx.errors import LongctxError
+from longctx.models import TransformerConfig, create_model, list_models
+
+WINDOW = 8
+
+
+def randint(seed, shape, high=50):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, high, shape, dtype=np.int32))
+
+
+@pytest.fixture(scope="module")
+def model():
+  cfg = TransformerConfig(vocab_size=50, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, window=WINDOW)
+  cfg.validate()
+  return create_model(cfg, seed=0)
+
+
+@pytest.fixture(scope="module")
+def step(model):
+  """One jitted segment step, shared by the tests (compiled once per input shape)."""
+  graphdef, params = nnx.split(model)
+
+  @jax.jit
+  def run(tokens, state, reset, segment_ids):
+    return nnx.merge(graphdef, params)(tokens, state, reset=reset, segment_ids=segment_ids)
+
+  return run
+
+
+def stream(model, step, tokens, seg, *, segment_ids=None, reset_first=True):
+  """Feed `tokens [batch, n]` in segments of `seg`; return the concatenated logits.
+
+  As the lanes do, `reset` is set where a segment's first token starts a document.
+  """
+  b, n = tokens.shape
+  state = jax.jit(model.init_state, static_argnums=0)(b)
+  segment_ids = jnp.zeros_like(tokens) if segment_ids is None else segment_ids
+  outs = []
+  for i in range(0, n, seg):
+    starts_doc = segment_ids[:, i] != segment_ids[:, i - 1] if i else jnp.full((b,), reset_first)
+    reset = starts_doc
+    logits, state = step(tokens[:, i:i + seg], state, reset, segment_ids[:, i:i + seg])
+    outs.append(logits)
+  return jnp.concatenate(outs, axis=1)
+
+
+def test_registry_lists_the_baseline():
+  assert "transformer" in list_models()
+  assert list_models()["transformer"]
+
+
+@pytest.mark.parametrize("n", [32, 40])
+def test_one_segment_equals_four_segments_equals_token_by_token(model, step, n):
+  tokens = randint(n, (2, n))
+  full = stream(model, step, tokens, n)
+  assert rel_err(stream(model, step, tokens, n // 4), full) < 1e-5
+  assert rel_err(stream(model, step, tokens, 1), full) < 1e-5
+  # Uneven segments: 3, 3, 3, ... tokens.
+  assert rel_err(stream(model, step, tokens, 3), full) < 1e-5
+
+
+def test_streaming_equivalence_with_document_boundaries(model, step):
+  """Two documents inside the stream: segmentation does not matter either."""
+  tokens = randint(1, (2, 32))
+  doc = (jnp.arange(32) >= 13).astype(jnp.int32)[None].repeat(2, 0)  # a document starts at 13
+  full = stream(model, step, tokens, 32, segment_ids=doc)
+  # Per segment, ids restart at the row's first token; the model normalises them.
+  assert rel_err(stream(model, step, tokens, 8, segment_ids=doc), full) < 1e-5
+  assert rel_err(stream(model, step, tokens, 1, segment_ids=doc), full) < 1e-5
+
+
+def test_reset_isolation(model, step):
+  """Changing the previous document does not change logits after a reset, per row."""
+  prev_a = randint(2, (2, 16))
+  prev_b = prev_a.at[0].set(randint(3, (16,)))  # row 0 differs
+  nxt = randint(4, (2, 16))
+  zeros = jnp.zeros((2, 16), jnp.int32)
+  outs = []
+  for prev in (prev_a, prev_b):
+    state = model.init_state(2)
+    _, state = step(prev, state, jnp.array([True, True]), zeros)
+    # Row 0 resets, row 1 continues its document.
+    logits, _ = step(nxt, state, jnp.array([True, False]), zeros)
+    outs.append(logits)
+  np.testing.assert_array_equal(np.asarray(outs[0][0]), np.asarray(outs[1][0]))
+  fresh, _ = step(nxt, model.init_state(2), jnp.array([True, True]), zeros)
+  np.testing.assert_array_equal(np.asarray(outs[0][0]), np.asarray(fresh[0]))
+  # Row 1 did not reset and its previous tokens were the same in both runs.
+  np.testing.assert_array_equal(np.asarray(outs[0][1]), np.asarray(outs[1][1]))
+
+
+def test_no_leak_across_document_boundary_inside_a_segment(model, step):
+  tokens = randint(5, (1, 24))
+  seg_ids = (jnp.arange(24) >= 10).astype(jnp.int32)[None]
+  other = tokens.at[0, :10].set((tokens[0, :10] + 7) % 50)  # change only the first document
+  state = model.init_state(1)
+  a, _ = step(tokens, state, jnp.array([True]), seg_ids)
+  b, _ = step(other, state, jnp.array([True]), seg_ids)
+  np.testing.assert_array_equal(np.asarray(a[0, 10:]), np.asarray(b[0, 10:]))
+  assert not np.allclose(np.asarray(a[0, :10]), np.asarray(b[0, :10]))
+  # ... and the cache carried into the next segment does not leak the first document either.
+  nxt = randint(6, (1, 8))
+  _, sa = step(tokens, state, jnp.array([True]), seg_ids)
+  _, sb = step(other, state, jnp.array([True]), seg_ids)
+  zeros = jnp.zeros((1, 8), jnp.int32)
+  la, _ = step(nxt, sa, jnp.array([False]), zeros)
+  lb, _ = step(nxt, sb, jnp.array([False]), zeros)
+  np.testing.assert_array_equal(np.asarray(la), np.asarray(lb))
+
+
+def test_window_limits_what_is_seen(model, step):
+  """A token more than `window` positions back has no influence; one inside the window does."""
+  tokens = randint(7, (1, 24))
+  base = stream(model, step, tokens, 24)
+  far = tokens.at[0, 2].set((tokens[0, 2] + 1) % 50)
+  # Position 2 is visible (through layers) to positions <= 2 + 2 * WINDOW.
+  changed = stream(model, step, far, 24)
+  horizon = 2 + 2 * WINDOW
+  np.testing.assert_array_equal(np.asarray(base[0, horizon + 1:]), np.asarray(changed[0, horizon + 1:]))
+  assert not np.allclose(np.asarray(base[0, 3]), np.asarray(changed[0, 3]))
+
+
+def test_gradients_flow_through_the_cache(model):
+  """The loss on segment 2 has a gradient w.r.t. the tokens' embeddings used in segment 1."""
+  graphdef, params = nnx.split(model)
+  tokens = randint(8, (1, 16))
+
+  def loss(params, x1_scale):
+    m = nnx.merge(graphdef, params)
+    state = m.init_state(1)
+    _, state = m(tokens[:, :8], state, reset=jnp.array([True]))
+    state = jax.tree.map(lambda s: s * x1_scale if s.dtype == jnp.float32 else s, state)
+    logits, _ = m(tokens[:, 8:], state, reset=jnp.array([False]))
+    return jnp.sum(logits)
+
+  g_params, g_state = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, 1.0)
+  assert abs(float(g_state)) > 0
+  norms = [float(jnp.linalg.norm(x)) for x in jax.tree.leaves(g_params)]
+  assert all(np.isfinite(norms)) and sum(n > 0 for n in norms) == len(norms)
+
+
+def test_bad_shapes_are_clear_errors(model):
+  with pytest.raises(LongctxError, match=r"tokens must be \[batch, seg_len\]"):
+    model(jnp.zeros((4,), jnp.int32), model.init_state(4), reset=jnp.zeros((4,), bool))
+  with pytest.raises(LongctxError, match=r"reset must be \[batch\]"):
+    model(jnp.zeros((4, 8), jnp.int32), model.init_state(4), reset=jnp.zeros((3,), bool))
