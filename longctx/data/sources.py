@@ -159,8 +159,10 @@ def load_text_dataset(paths: Sequence[str], *, text_field: str):
     if field not in ds.column_names:
       raise DataError(f"field {field!r} not in {group[0]!r}; its fields are {ds.column_names}; "
                       "set data.text_field")
-    parts.append(ds.select_columns([field]).rename_column(field, "text") if field != "text"
-                 else ds.select_columns(["text"]))
+    ds = ds.select_columns([field])
+    if field != "text":
+      ds = ds.rename_column(field, "text")
+    parts.append(ds.cast_column("text", datasets.Value("string")))  # parquet may say large_string
   return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 

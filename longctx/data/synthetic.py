@@ -77,8 +77,9 @@ def make_example(task: str, *, rng: np.random.Generator, length_tokens: int, tok
       masks.append(np.ones(len(ids), bool))
   body = np.concatenate(bodies).astype(np.int32)
   mask = np.concatenate(masks)
-  text = "".join(p + a for p, a in prompt)
-  return make_document(body, tokenizer, target_mask=mask), {"task": task, "answers": answers, "text": text}
+  meta = {"task": task, "answers": answers, "text": "".join(p + a for p, a in prompt),
+          "prompt": "".join(p for p, _ in prompt)}  # the text with every answer left out
+  return make_document(body, tokenizer, target_mask=mask), meta
 
 
 def _passkey(rng, budget):

@@ -1,0 +1,257 @@
+"""Data layer: lanes (dynamic batching), sources, tokenizers, synthetic tasks."""
+
+import json
+
+import numpy as np
+import pytest
+
+from longctx.config import DataConfig
+from longctx.data import synthetic
+from longctx.data.lanes import LaneBatcher
+from longctx.data.sources import DocumentSource, build_sources, make_document
+from longctx.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, load_tokenizer, train_sentencepiece
+from longctx.errors import ConfigError, DataError
+
+TOK = ByteTokenizer()
+
+
+class ListSource(DocumentSource):
+  """Random-access documents of given lengths; token values encode (doc, position)."""
+
+  def __init__(self, lengths, *, seed=0, shuffle=True, sequential=False):
+    super().__init__(seed=seed, shuffle=shuffle)
+    self.docs = [make_document(np.arange(n, dtype=np.int32) % 200 + (d % 50), TOK) for d, n in enumerate(lengths)]
+    self.num_docs = len(self.docs)
+    self._sequential = sequential
+
+  def _load(self, i):
+    return self.docs[i]
+
+
+class StreamSource(ListSource):
+  """The same documents, but sequential only (like a hub stream)."""
+
+  @property
+  def random_access(self):
+    return False
+
+
+def epoch_documents(batcher_kwargs, source, lanes):
+  """Run a non-repeating batcher to the end; rebuild each lane's documents from the batches."""
+  lb = LaneBatcher(source, repeat=False, pad_id=TOK.pad_id, **batcher_kwargs)
+  per_lane = {lane: [] for lane in lanes}
+  for batch in lb:
+    K, B, S = batch["tokens"].shape
+    for s in range(K):
+      for idx, lane in enumerate(lanes):
+        toks, seg = batch["tokens"][s, idx], batch["segment_ids"][s, idx]
+        for t in range(S):
+          new_doc = (t == 0 and batch["reset"][s, idx]) or (t > 0 and seg[t] != seg[t - 1])
+          if toks[t] == TOK.pad_id:
+            continue
+          if new_doc:
+            per_lane[lane].append([])
+          per_lane[lane][-1].append(int(toks[t]))
+  return per_lane
+
+
+@pytest.mark.parametrize("source_cls", [ListSource, StreamSource])
+@pytest.mark.parametrize("seg_len,k", [(16, 1), (7, 3)])
+def test_every_token_once_in_order(source_cls, seg_len, k):
+  lengths = [1, 30, 16 - 2, 5, 100, 14, 3, 64, 9, 33, 2, 47]  # incl. exactly one segment with BOS/EOS
+  src = source_cls(lengths, seed=3)
+  lanes = list(range(4))
+  got = epoch_documents(dict(num_lanes=4, seg_len=seg_len, segments_per_step=k), src, lanes)
+  order = [src.get(0, i)["tokens"].tolist() for i in range(len(lengths))]
+  for lane in lanes:
+    assert got[lane] == order[lane::4]
+  # The union over lanes is every document exactly once.
+  assert sorted(map(tuple, sum(got.values(), []))) == sorted(map(tuple, order))
+
+
+def test_lane_ranges_partition_the_lanes():
+  src = ListSource([5, 40, 17, 8, 90, 3, 12, 26, 31], seed=1)
+  whole = epoch_documents(dict(num_lanes=4, seg_len=8, segments_per_step=2), src, range(4))
+  for lo, hi in [(0, 2), (2, 4), (1, 3)]:
+    part = epoch_documents(dict(num_lanes=4, seg_len=8, segments_per_step=2, lane_range=(lo, hi)), src, range(lo, hi))
+    for lane in range(lo, hi):
+      assert part[lane] == whole[lane]
+
+
+def test_labels_masks_segment_ids_reset_by_hand():
+  # One lane: doc A = [BOS a0 a1 EOS] (4 tokens), doc B = [BOS b0 b1 b2 b3 EOS] (6 tokens); seg_len 4.
+  src = ListSource([2, 4], shuffle=False)
+  a, b = (src.get(0, i)["tokens"] for i in range(2))
+  lb = LaneBatcher(src, num_lanes=1, seg_len=4, segments_per_step=3, repeat=False, pad_id=TOK.pad_id)
+  batch = next(lb)
+  stream = np.concatenate([a, b, [TOK.pad_id] * 2])
+  np.testing.assert_array_equal(batch["tokens"][:, 0].reshape(-1), stream)
+  np.testing.assert_array_equal(batch["labels"][:, 0].reshape(-1), np.concatenate([stream[1:], [TOK.pad_id]]))
+  # Targets: within a doc, every token after BOS; never across docs; never padding.
+  expect_mask = [1, 1, 1, 0, 1, 1, 1, 1, 1, 0, 0, 0]
+  np.testing.assert_array_equal(batch["loss_mask"][:, 0].reshape(-1), expect_mask)
+  # Segments: [A], [B0..B3], [B4 B5 pad pad]: the last has ids 0,0,1,1 (padding is its own document).
+  np.testing.assert_array_equal(batch["segment_ids"][:, 0], [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1]])
+  np.testing.assert_array_equal(batch["reset"][:, 0], [True, True, False])
+  with pytest.raises(StopIteration):
+    next(lb)
+
+
+def test_answer_only_targets_pass_through_lanes():
+  doc, meta = synthetic.make_example("passkey", rng=np.random.default_rng(0), length_tokens=200, tokenizer=TOK)
+
+  class One(DocumentSource):
+    num_docs = 1
+
+    def _load(self, i):
+      return doc
+
+  lb = LaneBatcher(One(shuffle=False), num_lanes=1, seg_len=64, segments_per_step=5, repeat=False, pad_id=TOK.pad_id)
+  batch = next(lb)
+  targets = batch["labels"][batch["loss_mask"] > 0]
+  assert TOK.decode(targets) == f" {meta['answers'][0]}."
+
+
+def test_deterministic_and_restorable():
+  src = ListSource([int(n) for n in np.random.default_rng(0).integers(1, 80, 40)], seed=7)
+  kwargs = dict(num_lanes=3, seg_len=10, segments_per_step=2, pad_id=TOK.pad_id)
+  a = LaneBatcher(src, **kwargs)
+  b = LaneBatcher(src, **kwargs)
+  first = [next(a) for _ in range(30)]
+  for x, y in zip(first, (next(b) for _ in range(30))):
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
+  saved = json.loads(json.dumps(a.state_dict()))  # must survive JSON
+  cont = [next(a) for _ in range(20)]
+  c = LaneBatcher(src, **kwargs)
+  c.load_state_dict(saved)
+  for x in cont:
+    y = next(c)
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
+  with pytest.raises(DataError, match="different lane layout"):
+    LaneBatcher(src, **{**kwargs, "num_lanes": 4}).load_state_dict(saved)
+
+
+def test_streaming_source_restores_too():
+  src = StreamSource([int(n) for n in np.random.default_rng(1).integers(1, 50, 25)], seed=2)
+  kwargs = dict(num_lanes=2, seg_len=8, segments_per_step=1, pad_id=TOK.pad_id)
+  a = LaneBatcher(src, **kwargs)
+  for _ in range(40):
+    next(a)
+  saved = a.state_dict()
+  expect = [next(a) for _ in range(40)]  # crosses into later epochs
+  b = LaneBatcher(src, **kwargs)
+  b.load_state_dict(saved)
+  for x in expect:
+    np.testing.assert_array_equal(x["tokens"], next(b)["tokens"])
+
+
+def test_epochs_reshuffle():
+  src = ListSource(list(range(1, 30)), seed=0)
+  assert src.order(0).tolist() != src.order(1).tolist()
+  assert sorted(src.order(1).tolist()) == list(range(29))
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+def test_byte_tokenizer_round_trip():
+  text = "héllo, wörld — 長い文脈"
+  assert TOK.decode(TOK.encode(text)) == text
+  assert TOK.vocab_size == 259 and {TOK.bos_id, TOK.eos_id, TOK.pad_id} == {256, 257, 258}
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+  d = tmp_path_factory.mktemp("sp")
+  rng = np.random.default_rng(0)
+  words = ["the", "river", "mill", "light", "wind", "leaves", "clock", "bread", "road", "hills", "cloud", "town", "cat"]
+  text = "\n".join(" ".join(rng.choice(words, 12)) + "." for _ in range(400))
+  (d / "corpus.txt").write_text(text)
+  return train_sentencepiece([str(d / "corpus.txt")], model_prefix=str(d / "tok"), vocab_size=32)
+
+
+def test_sentencepiece_train_and_load(sp_model):
+  tok = load_tokenizer(sp_model)
+  assert isinstance(tok, SentencePieceTokenizer) and tok.vocab_size == 32
+  assert tok.decode(tok.encode("the river the mill.")) == "the river the mill."
+  assert len({tok.bos_id, tok.eos_id, tok.pad_id}) == 3
+
+
+def test_missing_tokenizer_is_clear(tmp_path):
+  with pytest.raises(DataError, match="not found; train one with `longctx tokenizer train`"):
+    load_tokenizer(str(tmp_path / "nope.model"))
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def test_local_files_txt_jsonl_parquet(tmp_path):
+  import pandas as pd  # ships with datasets
+
+  (tmp_path / "a.txt").write_text("first document\nwith two lines")
+  (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": f"row {i}", "id": i}) for i in range(5)))
+  pd.DataFrame({"text": ["parquet one", "parquet two"]}).to_parquet(tmp_path / "c.parquet")
+  cfg = DataConfig(source="files", paths=[str(tmp_path / n) for n in ("a.txt", "b.jsonl", "c.parquet")],
+                   eval_fraction=0.2)
+  train, held = build_sources(cfg, TOK)
+  texts = {TOK.decode(src.get(0, i)["tokens"]) for src in (train, held) for i in range(src.num_docs)}
+  assert texts == {"first document\nwith two lines", *(f"row {i}" for i in range(5)), "parquet one", "parquet two"}
+  assert held.num_docs >= 1
+
+
+def test_hub_source_streams_a_local_directory(tmp_path):
+  """The hub loader runs the same streaming code path on a local dataset directory."""
+  (tmp_path / "train.jsonl").write_text("\n".join(json.dumps({"book": f"book {i} " * 20}) for i in range(6)))
+  (tmp_path / "validation.jsonl").write_text(json.dumps({"book": "held out"}))
+  cfg = DataConfig(source="hub", hub_name=str(tmp_path), text_field="book")
+  train, held = build_sources(cfg, TOK)
+  assert not train.random_access
+  docs = [TOK.decode(d["tokens"]) for d in train.documents(0)]
+  assert sorted(docs) == sorted(f"book {i} " * 20 for i in range(6))
+  assert [TOK.decode(d["tokens"]) for d in held.documents(0)] == ["held out"]
+  lb = LaneBatcher(train, num_lanes=2, seg_len=32, segments_per_step=1, pad_id=TOK.pad_id)
+  assert next(lb)["tokens"].shape == (1, 2, 32)
+
+
+def test_bad_sources_are_clear(tmp_path):
+  with pytest.raises(DataError, match="data file .*missing.txt' not found"):
+    build_sources(DataConfig(source="files", paths=[str(tmp_path / "missing.txt")]), TOK)
+  (tmp_path / "rows.jsonl").write_text(json.dumps({"body": "x"}))
+  with pytest.raises(DataError, match="field 'text' not in .*its fields are \\['body'\\]"):
+    build_sources(DataConfig(source="files", paths=[str(tmp_path / "rows.jsonl")]), TOK)
+  (tmp_path / "empty.jsonl").write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": "  "}))
+  with pytest.raises(DataError, match="contain no non-empty documents"):
+    build_sources(DataConfig(source="files", paths=[str(tmp_path / "empty.jsonl")]), TOK)
+  with pytest.raises(ConfigError, match="data.task='nope' is not one of"):
+    build_sources(DataConfig(source="synthetic", task="nope"), TOK)
+
+
+def test_stdlib_source_is_deterministic():
+  a, held = build_sources(DataConfig(source="stdlib"), TOK)
+  b, _ = build_sources(DataConfig(source="stdlib"), TOK)
+  assert a.num_docs > 100 and held.num_docs >= 1
+  np.testing.assert_array_equal(a.get(0, 5)["tokens"], b.get(0, 5)["tokens"])
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+
+@pytest.mark.parametrize("task", synthetic.TASKS)
+def test_synthetic_answers_correct_by_construction(task):
+  for seed in range(25):
+    rng = np.random.default_rng(seed)
+    length = int(rng.integers(200, 2000))
+    doc, meta = synthetic.make_example(task, rng=rng, length_tokens=length, tokenizer=TOK)
+    assert synthetic.check_answer(task, meta["prompt"]) == meta["answers"]  # answers left out of the text
+    targets = TOK.decode(doc["tokens"][doc["target_mask"]])
+    assert targets.replace(".", "").split() == [a for a in meta["answers"]] or targets == "".join(meta["answers"])
+    assert doc["target_mask"][-1]  # EOS after the answer is a target
+    assert 0.6 * length < len(doc["tokens"]) < 1.4 * length + 40
+
+
+@pytest.mark.parametrize("task", synthetic.TASKS)
+def test_synthetic_deterministic(task):
+  make = lambda: synthetic.make_example(task, rng=np.random.default_rng(11), length_tokens=500, tokenizer=TOK)[0]
+  np.testing.assert_array_equal(make()["tokens"], make()["tokens"])
