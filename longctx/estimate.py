@@ -73,13 +73,13 @@ def estimate_run(cfg: Config, *, num_devices: int | None = None) -> RunEstimate:
   abstract = nnx.eval_shape(lambda: build_model(cfg.model, rngs=nnx.Rngs(0)))
   _, params = nnx.split(abstract)
   variables = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  num_params = sum(math.prod(v.value.shape) for v in variables)
-  emb = sum(math.prod(v.value.shape) for v in variables if "vocab" in (v.get_metadata().get("logical_axes") or ()))
+  num_params = sum(math.prod(v.get_value().shape) for v in variables)
+  emb = sum(math.prod(v.get_value().shape) for v in variables if "vocab" in (v.get_metadata().get("logical_axes") or ()))
   per_device_params = 0.0
   for v in variables:
-    spec = shd.logical_to_spec(v.get_metadata().get("logical_axes"), v.value.shape, mesh)
+    spec = shd.logical_to_spec(v.get_metadata().get("logical_axes"), v.get_value().shape, mesh)
     shards = math.prod(math.prod(mesh[a] for a in (ax if isinstance(ax, tuple) else (ax,))) for ax in spec if ax)
-    per_device_params += math.prod(v.value.shape) * v.value.dtype.itemsize / shards
+    per_device_params += math.prod(v.get_value().shape) * v.get_value().dtype.itemsize / shards
   d = cfg.data
   batch_shards = mesh["data"] * mesh["fsdp"]
   lanes_per_device = d.batch_size / batch_shards

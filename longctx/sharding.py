@@ -82,7 +82,7 @@ def param_shardings(abstract_params: nnx.State, mesh: Mesh):
 
   def one(var):
     axes = var.get_metadata().get("logical_axes")
-    return NamedSharding(mesh, logical_to_spec(axes, var.value.shape, mesh.shape))
+    return NamedSharding(mesh, logical_to_spec(axes, var.get_value().shape, mesh.shape))
 
   shardings = jax.tree.map(one, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
   return nnx.to_pure_dict(shardings)

@@ -95,7 +95,7 @@ class StepFunctions:
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(ts["rng"]))[0])
     new_ts = {"step": ts["step"] + 1, "params": params, "opt_state": opt_state,
               "model_state": jax.lax.stop_gradient(state), "rng": rng}
-    metrics = {"loss": loss, "bits_per_token": loss / math.log(2), "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss, "bits_per_token": loss / math.log(2), "grad_norm": optax.tree.norm(grads),
                "learning_rate": self.schedule(ts["step"]), "tokens": count}
     return new_ts, metrics
 
