@@ -137,12 +137,21 @@ def _check_paths(paths: Sequence[str]) -> list[pathlib.Path]:
   return out
 
 
+def _datasets():
+  """HF `datasets`, quiet: its progress bars would clutter our own output and error lines."""
+  import datasets
+
+  datasets.disable_progress_bars()
+  datasets.logging.set_verbosity_error()
+  return datasets
+
+
 def load_text_dataset(paths: Sequence[str], *, text_field: str):
   """Load local files with HF `datasets` as one Dataset of `text_field` rows.
 
   .txt: one document per file; .jsonl / .parquet: one document per row.
   """
-  import datasets
+  datasets = _datasets()
 
   files = _check_paths(paths)
   parts = []
@@ -196,7 +205,7 @@ class HubSource(DocumentSource):
     self._stream(0)  # fail early (one line) if the dataset cannot be opened
 
   def _stream(self, epoch: int):
-    import datasets
+    datasets = _datasets()
 
     try:
       ds = datasets.load_dataset(self.name, self.config, split=self.split, streaming=True)

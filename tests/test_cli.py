@@ -1,0 +1,124 @@
+"""The `longctx` CLI: quickstart end to end, listing, dry runs, and bad input -> one clear line."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from longctx import cli
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "recipes" / "quickstart.py")
+
+
+def run_cli(args, capsys):
+  code = cli.main(args)
+  out = capsys.readouterr()
+  return code, out.out, out.err
+
+
+def test_quickstart_end_to_end_shortened(tmp_path, capsys):
+  """The quickstart recipe's own code path, shortened: loss falls, eval line, logs, resume, eval command."""
+  run_dir = tmp_path / "qs"
+  args = ["train", QUICKSTART, "--run-dir", str(run_dir), "--no-progress", "--set", "train.steps=40",
+          "--set", "train.warmup_steps=5", "--set", "train.eval_batches=2", "--set", "train.checkpoint_every=20",
+          "--set", "train.log_every=1"]
+  code, out, err = run_cli(args, capsys)
+  assert code == 0, err
+  assert "eval @ step 40: loss" in out
+  train = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  losses = [r["loss"] for r in train if r["split"] == "train"]
+  assert losses[0] > 5.0 and min(losses[-5:]) < losses[0] - 1.5  # bytes: from ~ln(259) to clearly lower
+  assert (run_dir / "loss.png").exists() and (run_dir / "config.json").exists()
+  code, out, err = run_cli(["eval", str(run_dir), "--max-batches", "2"], capsys)
+  assert code == 0 and "eval @ step 40: loss" in out
+
+
+def test_models_lists_every_model(capsys):
+  code, out, _ = run_cli(["models"], capsys)
+  assert code == 0 and out.startswith("transformer") and "Transformer-XL" in out
+
+
+@pytest.mark.parametrize("recipe", sorted(str(p) for p in (ROOT / "recipes").glob("*.py")))
+def test_dry_run_of_every_recipe(recipe, capsys):
+  code, out, err = run_cli(["train", recipe, "--dry-run"], capsys)
+  assert code == 0, err
+  for what in ("parameters:", "FLOPs per token:", "mesh:", "per-device memory", "total"):
+    assert what in out
+
+
+def test_pod_recipe_dry_run_reports_its_mesh(capsys):
+  code, out, _ = run_cli(["train", str(ROOT / "recipes" / "pg19_transformer_pod.py"), "--dry-run"], capsys)
+  assert code == 0 and "data=4 x fsdp=16 x tensor=1 x sequence=1 (64 devices)" in out
+
+
+def _write(tmp_path, name, text):
+  p = tmp_path / name
+  p.write_text(text)
+  return str(p)
+
+
+BAD_INPUTS = [
+    # (label, extra args or recipe text, expected message fragment)
+    ("unknown key", ["--set", "model.d_modl=64"], "unknown config key 'model.d_modl'; valid keys at model:"),
+    ("unknown section", ["--set", "optim.lr=1"], "unknown config key 'optim.lr'; valid keys at top level:"),
+    ("wrong type", ["--set", "train.steps=ten"], "train.steps='ten': expected an int"),
+    ("wrong bool", ["--set", "train.remat=maybe"], "train.remat='maybe': expected a bool"),
+    ("not key=value", ["--set", "train.steps"], "is not of the form key=value"),
+    ("zero size", ["--set", "data.seg_len=0"], "data.seg_len=0 must be > 0"),
+    ("negative size", ["--set", "model.d_model=-8"], "model.d_model=-8 must be > 0"),
+    ("heads do not divide", ["--set", "model.num_heads=3"], "not divisible by model.num_heads=3"),
+    ("seg_len vs sequence axis", ["--set", "mesh.data=1", "--set", "mesh.sequence=1", "--set", "data.seg_len=100",
+                                  "--set", "mesh.data=-1", "--set", "mesh.sequence=8", "--set", "data.batch_size=1"],
+     "data.seg_len=100 is not divisible by mesh.sequence=8"),
+    ("lanes vs data shards", ["--set", "data.batch_size=6", "--set", "mesh.data=8"],
+     "data.batch_size=6 lanes cannot be split over 8 data-parallel shards"),
+    ("mesh too big", ["--set", "mesh.data=16"], "needs 16 devices but 8 are available"),
+    ("missing data file", ["--set", "data.source=files", "--set", "data.paths=[/nonexistent/book.txt]"],
+     "data file '/nonexistent/book.txt' not found"),
+    ("vocab mismatch", ["--set", "model.vocab_size=100"], "has 259 ids but model.vocab_size=100"),
+    ("missing tokenizer", ["--set", "data.tokenizer=/nonexistent/tok.model"], "tokenizer model '/nonexistent/tok.model' not found"),
+    ("bad source", ["--set", "data.source=ftp"], "data.source='ftp' is not one of"),
+]
+
+
+@pytest.mark.parametrize("label,extra,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_one_clear_line(label, extra, message, tmp_path, capsys):
+  run_dir = tmp_path / "run"
+  code, out, err = run_cli(["train", QUICKSTART, "--run-dir", str(run_dir), "--no-progress", *extra], capsys)
+  assert code == 2
+  lines = [l for l in err.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+  assert not run_dir.exists()  # nothing written, no partial checkpoint
+
+
+def test_empty_dataset_and_raising_recipe(tmp_path, capsys):
+  empty = _write(tmp_path, "empty.jsonl", json.dumps({"text": ""}) + "\n")
+  code, _, err = run_cli(["train", QUICKSTART, "--run-dir", str(tmp_path / "r1"), "--set", "data.source=files",
+                          "--set", f"data.paths=[{empty}]"], capsys)
+  assert code == 2 and err.strip().startswith("error: ") and "contain no non-empty documents" in err
+  assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r1").exists()
+  raising = _write(tmp_path, "broken.py", "def config():\n  x = {}\n  return x['missing']\n")
+  code, _, err = run_cli(["train", raising, "--run-dir", str(tmp_path / "r2")], capsys)
+  assert code == 2 and len(err.strip().splitlines()) == 1
+  assert f"recipe {raising}:3 raised KeyError: 'missing'" in err
+  code, _, err = run_cli(["train", str(tmp_path / "nope.py")], capsys)
+  assert code == 2 and "recipe file" in err and "not found" in err
+  not_config = _write(tmp_path, "weird.py", "def config():\n  return 42\n")
+  code, _, err = run_cli(["train", not_config], capsys)
+  assert code == 2 and "config() returned int" in err
+  code, _, err = run_cli(["eval", str(tmp_path / "no_run")], capsys)
+  assert code == 2 and "config.json not found" in err
+
+
+def test_real_entry_point_and_help():
+  """The installed `longctx` console script: --help explains every command; errors exit non-zero."""
+  exe = [sys.executable, "-m", "longctx.cli"]
+  out = subprocess.run([*exe, "train", "--help"], capture_output=True, text=True, check=True).stdout
+  for option in ("--run-dir", "--set", "--dry-run", "--stop-at-step", "--no-progress"):
+    assert option in out
+  bad = subprocess.run([*exe, "train", QUICKSTART, "--set", "model.nope=1"], capture_output=True, text=True)
+  assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+      bad.stderr.strip().splitlines()[0]] and "unknown config key 'model.nope'" in bad.stderr
