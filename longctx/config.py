@@ -37,7 +37,7 @@ class ModelConfig:
   norm_eps: float = 1e-6
 
   def validate(self) -> None:
-    _positive(self, "vocab_size", "d_model", "num_layers", "num_heads")
+    _positive("model", self, "vocab_size", "d_model", "num_layers", "num_heads")
     if self.head_dim < 0 or self.d_ff < 0:
       raise ConfigError("model.head_dim and model.d_ff must be >= 0 (0 = derived default)")
     if self.head_dim == 0 and self.d_model % self.num_heads:
@@ -86,7 +86,7 @@ class DataConfig:
   seed: int = 0
 
   def validate(self) -> None:
-    _positive(self, "batch_size", "seg_len", "segments_per_step", "task_length")
+    _positive("data", self, "batch_size", "seg_len", "segments_per_step", "task_length")
     valid = ("stdlib", "files", "hub", "synthetic")
     if self.source not in valid:
       raise ConfigError(f"data.source={self.source!r} is not one of {valid}")
@@ -119,7 +119,7 @@ class TrainConfig:
   async_checkpoint: bool = True
 
   def validate(self) -> None:
-    _positive(self, "steps", "learning_rate", "log_every", "keep_checkpoints", "checkpoint_every")
+    _positive("train", self, "steps", "learning_rate", "log_every", "keep_checkpoints", "checkpoint_every")
     if self.warmup_steps < 0 or self.eval_every < 0 or self.eval_batches < 0:
       raise ConfigError("train.warmup_steps, train.eval_every and train.eval_batches must be >= 0")
     if self.compute_dtype not in ("float32", "bfloat16"):
@@ -165,9 +165,7 @@ class Config:
     return self
 
 
-def _positive(obj: Any, *names: str) -> None:
-  section = {ModelConfig: "model", DataConfig: "data", TrainConfig: "train"}.get(
-      next((c for c in type(obj).__mro__ if c in (ModelConfig, DataConfig, TrainConfig)), None), "config")
+def _positive(section: str, obj: Any, *names: str) -> None:
   for name in names:
     value = getattr(obj, name)
     if not value > 0:

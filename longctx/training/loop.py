@@ -18,6 +18,7 @@ import jax
 from longctx import config as config_lib
 from longctx.config import Config
 from longctx.errors import CheckpointError, ConfigError, TrainingError
+from longctx.sharding import describe
 from longctx.training.checkpoint import Checkpointer
 from longctx.training.metrics import MetricsLogger, plot_loss_curve
 from longctx.training.trainer import Trainer
@@ -131,7 +132,7 @@ def run_training(cfg: Config, run_dir: str | pathlib.Path, *, stop_at_step: int 
   logger = MetricsLogger(run_dir, enabled=is_host0)
   end = tc.steps if stop_at_step is None else min(tc.steps, stop_at_step)
   if start == 0:
-    log(f"model {cfg.model.name}: {trainer.num_params / 1e6:.2f}M params | mesh {describe_mesh(trainer)} | "
+    log(f"model {cfg.model.name}: {trainer.num_params / 1e6:.2f}M params | mesh {describe(trainer.mesh)} | "
         f"{cfg.data.batch_size} lanes x {cfg.data.segments_per_step} segments x {cfg.data.seg_len} tokens per step")
 
   def extra_state():
@@ -183,9 +184,3 @@ def run_training(cfg: Config, run_dir: str | pathlib.Path, *, stop_at_step: int 
 def evaluate(trainer: Trainer, pipeline: Pipeline, params, *, max_batches: int = 0) -> dict:
   """Stream every held-out document through fresh lane states (or `max_batches` batches)."""
   return trainer.evaluate(params, pipeline.eval_lanes(trainer), max_batches=max_batches)
-
-
-def describe_mesh(trainer: Trainer) -> str:
-  from longctx.sharding import describe
-
-  return describe(trainer.mesh)

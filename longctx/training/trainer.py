@@ -43,6 +43,7 @@ Batch = dict[str, Any]
 TrainState = dict[str, Any]
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "segment_ids", "reset")
+METRIC_KEYS = ("loss", "bits_per_token", "grad_norm", "learning_rate", "tokens")
 
 
 def token_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -95,8 +96,8 @@ class StepFunctions:
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(ts["rng"]))[0])
     new_ts = {"step": ts["step"] + 1, "params": params, "opt_state": opt_state,
               "model_state": jax.lax.stop_gradient(state), "rng": rng}
-    metrics = {"loss": loss, "bits_per_token": loss / math.log(2), "grad_norm": optax.tree.norm(grads),
-               "learning_rate": self.schedule(ts["step"]), "tokens": count}
+    metrics = dict(zip(METRIC_KEYS, (loss, loss / math.log(2), optax.tree.norm(grads), self.schedule(ts["step"]),
+                                     count)))
     return new_ts, metrics
 
   def eval_step(self, params, model_state, batch):
@@ -143,7 +144,7 @@ class Trainer:
     example = self.abstract_batch()
     self.batch_shardings = {k: NamedSharding(self.mesh, self._batch_spec(k)) for k in example}
     rep = NamedSharding(self.mesh, P())
-    metric_shardings = {k: rep for k in ("loss", "bits_per_token", "grad_norm", "learning_rate", "tokens")}
+    metric_shardings = {k: rep for k in METRIC_KEYS}
     self._train_step = jax.jit(
         self.fns.train_step, in_shardings=(self.train_state_shardings, self.batch_shardings),
         out_shardings=(self.train_state_shardings, metric_shardings), donate_argnums=(0,))
