@@ -1,7 +1,7 @@
 """The `longctx` command line.
 
     longctx train RECIPE.py [--run-dir DIR] [--set key=value ...] [--dry-run]
-    longctx eval RUN_DIR [--max-batches N]
+    longctx eval RUN_DIR [--task passkey,mqar,qa1,qa2,ppl --lengths 1k,4k,16k] [--compare RUN ...]
     longctx models
     longctx tokenizer train --input FILE [FILE ...] --vocab-size N --out PREFIX
     longctx bench [--d-models 128,256,512] [--seg-lens 512,2048]
@@ -17,7 +17,7 @@ import os
 import pathlib
 import sys
 
-from longctx.errors import LongctxError
+from longctx.errors import ConfigError, LongctxError
 
 EXAMPLES = """examples:
   longctx train recipes/quickstart.py --run-dir runs/quickstart
@@ -53,13 +53,54 @@ def _parser() -> argparse.ArgumentParser:
                  "rerun the same command to continue")
   t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
 
-  e = sub.add_parser("eval", help="evaluate a trained run on its held-out documents",
-                     description="Restore the latest checkpoint of RUN_DIR and stream every held-out document "
-                     "through fresh lane states; print loss, bits per token and perplexity.")
-  e.add_argument("run_dir", help="a run directory written by `longctx train`")
-  e.add_argument("--max-batches", type=int, default=0, help="stop after this many batches (0 = all documents)")
+  e = sub.add_parser(
+      "eval", help="evaluate a run: held-out loss, or the long-context suite (--task), or --compare runs",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Without --task: restore the latest checkpoint of RUN and stream every held-out document "
+      "through fresh lane states; print loss, bits per token and perplexity.\n\n"
+      "With --task: stream synthetic long-context examples (or long held-out documents for ppl) through the "
+      "model state segment by segment at each --lengths, and write a table, RUN/eval/results.json and PNG "
+      "plots:\n"
+      "  passkey  accuracy on a depth x length grid (--depths)\n"
+      "  mqar     multi-query associative recall, per-query accuracy (on a pairs x length grid with --pairs)\n"
+      "  qa1/qa2  BABILong-style one / two supporting facts in filler text\n"
+      "  copy     copy a code seen at the start\n"
+      "  ppl      bits per token vs token position on the longest held-out documents\n"
+      "An answer counts only if every one of its tokens is the greedy (argmax) prediction.\n\n"
+      "With --compare RUN_A RUN_B ...: put the saved results of several runs in one table and one set of plots.",
+      epilog="examples:\n"
+      "  longctx eval runs/quickstart\n"
+      "  longctx eval runs/recall/transformer --task passkey,mqar,qa1,qa2 --lengths 128,512,2k,8k\n"
+      "  longctx eval runs/recall/transformer --task passkey --lengths 16k,1M --depths 0.5 --examples 1\n"
+      "  longctx eval runs/quickstart --task ppl --lengths 1k,4k,16k --examples 8\n"
+      "  longctx eval --compare runs/recall/transformer runs/recall/rmt --out runs/recall/compare")
+  e.add_argument("run_dir", nargs="?", default=None,
+                 help="a run directory written by `longctx train`, or one of its checkpoints/STEP directories")
+  e.add_argument("--task", default=None,
+                 help="comma-separated tasks from passkey, mqar, qa1, qa2, copy, ppl (default: held-out loss only)")
+  e.add_argument("--lengths", default=None,
+                 help="comma-separated context lengths in tokens, e.g. 128,512,2k,1M (k = 1024, M = 1024^2); "
+                 "default: 1x, 4x, 16x, 64x the model's attention window (1k..64k without one)")
+  e.add_argument("--examples", type=int, default=16,
+                 help="examples per length (per depth / pair count); for ppl: documents (default 16)")
+  e.add_argument("--depths", default=None, help="passkey key depths in [0, 1] (default 0,0.25,0.5,0.75,1)")
+  e.add_argument("--pairs", default=None,
+                 help="mqar key-value pair counts, e.g. 4,16,64 (default: grows with the length)")
+  e.add_argument("--seg-len", type=int, default=None,
+                 help="tokens fed per segment while streaming (default: the run's data.seg_len)")
+  e.add_argument("--seed", type=int, default=0, help="seed of the generated examples (default 0)")
+  e.add_argument("--out", default=None,
+                 help="where results.json and the plots go (default RUN/eval; with --compare: "
+                 "eval_compare)")
+  e.add_argument("--label", default="", help="name of this run in tables and plot legends (default model@step)")
+  e.add_argument("--compare", nargs="+", default=None, metavar="RUN",
+                 help="compare saved results of these runs (run dirs, eval dirs or results.json files)")
+  e.add_argument("--max-batches", type=int, default=0,
+                 help="held-out loss only: stop after this many batches (0 = all documents)")
   e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                 help="override data fields for evaluation, e.g. --set data.eval_paths=[held_out.txt]")
+                 help="override config fields for evaluation, e.g. --set data.eval_paths=[held_out.txt] "
+                 "(the ppl task reads the run's held-out source) or --set mesh.data=1")
+  e.add_argument("--no-progress", action="store_true", help="no progress bars")
 
   sub.add_parser("models", help="list every registered model with a one-line description",
                  description="List every registered model with a one-line description.")
@@ -152,28 +193,69 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-  from longctx import config as config_lib
-  from longctx.errors import CheckpointError
-  from longctx.training.checkpoint import Checkpointer
-  from longctx.training.loop import build_pipeline, evaluate
-  from longctx.training.trainer import Trainer
+  from longctx.eval import report
 
-  run_dir = pathlib.Path(args.run_dir)
-  cfg_path = run_dir / "config.json"
-  if not cfg_path.is_file():
-    raise CheckpointError(f"{cfg_path} not found; pass a run directory written by `longctx train`")
-  cfg = config_lib.apply_overrides(config_lib.from_dict(json.loads(cfg_path.read_text())), args.overrides)
-  cfg.validate()
-  pipeline = build_pipeline(cfg)
-  trainer = Trainer(cfg)
-  ckpt = Checkpointer(run_dir / "checkpoints", create=False)
-  step = ckpt.latest_step()
-  if step is None:
-    raise CheckpointError(f"no checkpoint in {run_dir / 'checkpoints'}; train first")
-  ts, _ = ckpt.restore(step, trainer.abstract_train_state_sharded())
-  ckpt.close()
-  metrics = evaluate(trainer, pipeline, ts["params"], max_batches=args.max_batches)
-  print(f"eval @ step {step}: loss {metrics['loss']:.4f} | bits/token {metrics['bits_per_token']:.4f} | "
+  if args.compare:
+    if args.run_dir:
+      raise ConfigError("give either RUN (to evaluate) or --compare RUN_A RUN_B ... (to compare), not both")
+    runs = [report.load_results(path) for path in args.compare]
+    out = pathlib.Path(args.out or "eval_compare")
+    print(report.format_tables(runs))
+    plots = report.write_plots(runs, out)
+    print(f"plots: {', '.join(str(p) for p in plots)}")
+    return 0
+  if not args.run_dir:
+    raise ConfigError("longctx eval needs a run directory (or --compare RUN_A RUN_B ...)")
+  from longctx.eval import load_trained
+
+  model = load_trained(args.run_dir, overrides=args.overrides)
+  if args.task is None:
+    return _heldout_eval(model, args)
+  from longctx.eval import default_lengths, parse_lengths, run_suite
+  from longctx.eval.tasks import parse_eval_tasks
+
+  tasks = parse_eval_tasks(args.task)
+  lengths = parse_lengths(args.lengths) if args.lengths else default_lengths(model)
+  if args.examples < 1:
+    raise ConfigError(f"--examples={args.examples} must be >= 1")
+  seg_len = args.seg_len or model.cfg.data.seg_len
+  if seg_len < 1:
+    raise ConfigError(f"--seg-len={seg_len} must be >= 1")
+  depths = [_float01(x, "--depths") for x in args.depths.split(",")] if args.depths else None
+  pairs = [_count(x, "--pairs") for x in args.pairs.split(",")] if args.pairs else None
+  results = run_suite(model, tasks=tasks, lengths=lengths, examples=args.examples, seg_len=seg_len,
+                      seed=args.seed, depths=depths, pairs=pairs, progress=not args.no_progress, label=args.label)
+  out = pathlib.Path(args.out) if args.out else report.eval_dir(model.run_dir)
+  path = report.save_results(out, results)
+  print(report.format_tables([results]))
+  plots = report.write_plots([report.load_results(path)], out)
+  print(f"results: {path}; plots: {', '.join(str(p) for p in plots)}")
+  return 0
+
+
+def _float01(text: str, flag: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    value = -1.0
+  if not 0.0 <= value <= 1.0:
+    raise ConfigError(f"{flag}: {text!r} is not a number in [0, 1]")
+  return value
+
+
+def _count(text: str, flag: str) -> int:
+  if not text.strip().isdigit() or int(text) < 1:
+    raise ConfigError(f"{flag}: {text!r} is not a positive integer")
+  return int(text)
+
+
+def _heldout_eval(model, args) -> int:
+  from longctx.training.loop import build_pipeline, evaluate
+
+  trainer = model.trainer(lanes=model.cfg.data.batch_size, seg_len=model.cfg.data.seg_len,
+                          segments=model.cfg.data.segments_per_step)
+  metrics = evaluate(trainer, build_pipeline(model.cfg), model.params, max_batches=args.max_batches)
+  print(f"eval @ step {model.step}: loss {metrics['loss']:.4f} | bits/token {metrics['bits_per_token']:.4f} | "
         f"ppl {metrics['perplexity']:.2f} | {int(metrics['tokens'])} held-out tokens")
   return 0
 

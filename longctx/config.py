@@ -64,7 +64,8 @@ class DataConfig:
     "stdlib"    the Python standard library's own source files (no download)
     "files"     local .txt / .jsonl / .parquet files (`paths`, `text_field`)
     "hub"       a Hugging Face hub dataset, streamed (`hub_name`, `hub_config`, `text_field`)
-    "synthetic" a generated long-context task (`task`: passkey, mqar, copy, qa1)
+    "synthetic" generated long-context tasks (`task`: passkey, mqar, copy, qa1, qa2, or a
+                comma-separated mixture such as "passkey,mqar,qa1,qa2"; see data/synthetic.py)
   """
 
   source: str = "stdlib"
@@ -76,7 +77,9 @@ class DataConfig:
   split: str = "train"
   eval_split: str = "validation"
   task: str = "passkey"
-  task_length: int = 1024  # synthetic: approximate document length in tokens
+  task_length: int = 1024  # synthetic: approximate document length in tokens (the maximum if a range)
+  task_min_length: int = 0  # synthetic: > 0 draws each length log-uniformly from [task_min_length, task_length]
+  prompt_loss_weight: float = 0.0  # synthetic: loss weight of prompt tokens (answers weigh 1; 0 = answer-only)
   num_docs: int = 0  # synthetic: documents per epoch (0 = 10_000); other sources: cap (0 = all)
   eval_fraction: float = 0.02  # stdlib/files without eval_paths: held-out fraction of documents
   tokenizer: str = "byte"  # "byte" or a path to a sentencepiece .model
@@ -96,6 +99,15 @@ class DataConfig:
       raise ConfigError("data.source='hub' needs data.hub_name (e.g. --set data.hub_name=deepmind/pg19)")
     if not 0.0 <= self.eval_fraction < 1.0:
       raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
+    if self.source == "synthetic":
+      from longctx.data.synthetic import parse_tasks
+
+      parse_tasks(self.task)
+      if not 0 <= self.task_min_length <= self.task_length:
+        raise ConfigError(f"data.task_min_length={self.task_min_length} must be in [0, data.task_length="
+                          f"{self.task_length}]")
+      if not 0.0 <= self.prompt_loss_weight <= 1.0:
+        raise ConfigError(f"data.prompt_loss_weight={self.prompt_loss_weight} must be in [0, 1]")
 
 
 @dataclasses.dataclass

@@ -224,7 +224,7 @@ def test_bad_sources_are_clear(tmp_path):
   (tmp_path / "empty.jsonl").write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": "  "}))
   with pytest.raises(DataError, match="contain no non-empty documents"):
     build_sources(DataConfig(source="files", paths=[str(tmp_path / "empty.jsonl")]), TOK)
-  with pytest.raises(ConfigError, match="data.task='nope' is not one of"):
+  with pytest.raises(ConfigError, match="data.task='nope'.*not in"):
     build_sources(DataConfig(source="synthetic", task="nope"), TOK)
 
 
@@ -245,10 +245,40 @@ def test_synthetic_answers_correct_by_construction(task):
     length = int(rng.integers(200, 2000))
     doc, meta = synthetic.make_example(task, rng=rng, length_tokens=length, tokenizer=TOK)
     assert synthetic.check_answer(task, meta["prompt"]) == meta["answers"]  # answers left out of the text
-    targets = TOK.decode(doc["tokens"][doc["target_mask"]])
-    assert targets.replace(".", "").split() == [a for a in meta["answers"]] or targets == "".join(meta["answers"])
-    assert doc["target_mask"][-1]  # EOS after the answer is a target
+    # The scored spans hold exactly the answers; the loss mask holds exactly answers + tails (+ EOS).
+    assert [TOK.decode(doc["tokens"][s:e]).strip() for s, e in meta["answer_spans"]] == meta["answers"]
+    in_span = np.zeros(len(doc["tokens"]), bool)
+    for s, e in meta["answer_spans"]:
+      in_span[s:e] = True
+    assert np.all(doc["target_mask"][in_span])
+    tails = TOK.decode(doc["tokens"][doc["target_mask"] & ~in_span][:-1])
+    assert set(tails) == {"."} and doc["target_mask"][-1] and not doc["target_mask"][0]
+    assert TOK.decode(doc["tokens"][1:-1]) == meta["text"]
     assert 0.6 * length < len(doc["tokens"]) < 1.4 * length + 40
+
+
+def test_synthetic_task_parameters():
+  for depth in (0.0, 0.5, 1.0):
+    _, meta = synthetic.make_example("passkey", rng=np.random.default_rng(1), length_tokens=2000, tokenizer=TOK,
+                                     depth=depth)
+    at = meta["text"].index("The pass key is")
+    assert abs(at / len(meta["text"]) - depth) < 0.1 and abs(meta["depth"] - depth) < 0.01
+  _, meta = synthetic.make_example("mqar", rng=np.random.default_rng(1), length_tokens=2000, tokenizer=TOK,
+                                   num_pairs=7)
+  assert meta["num_pairs"] == 7 and len(meta["answers"]) == 7 == len(meta["answer_spans"])
+  doc, _ = synthetic.make_example("qa1", rng=np.random.default_rng(1), length_tokens=300, tokenizer=TOK,
+                                  prompt_loss_weight=0.25)
+  np.testing.assert_array_equal(doc["loss_weight"], np.where(doc["target_mask"], 1.0, 0.25) * (np.arange(
+      len(doc["tokens"])) > 0))
+
+
+def test_qa2_needs_two_facts():
+  text = ("Mary went to the office. John went to the garden. Mary picked up the milk. Filler. Mary went to the "
+          "kitchen. John picked up the apple. John dropped the apple. John went to the hallway. Where is the milk?")
+  person, objects = synthetic._simulate(text)
+  assert person == {"Mary": "kitchen", "John": "hallway"}
+  assert objects == {"milk": "kitchen", "apple": "garden"}
+  assert synthetic.check_answer("qa2", text.replace("milk?", "apple? Answer:")) == ["garden"]
 
 
 @pytest.mark.parametrize("task", synthetic.TASKS)

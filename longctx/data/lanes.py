@@ -10,7 +10,8 @@ A batch holds K = `segments_per_step` consecutive segments of every lane:
 
     tokens       int32   [K, lanes, seg_len]
     labels       int32   [K, lanes, seg_len]  next token of the lane stream
-    loss_mask    float32 [K, lanes, seg_len]  1 iff the label is in the same document and a target
+    loss_mask    float32 [K, lanes, seg_len]  the label's loss weight: its document's `loss_weight`
+                                              (default `target_mask`), 0 across a document boundary
     segment_ids  int32   [K, lanes, seg_len]  document index inside the row (0 at the first token)
     reset        bool    [K, lanes]           the row's first token starts a document (or padding)
 
@@ -132,11 +133,11 @@ class LaneBatcher:
   def _read(self, lane: int, pos: _Lane, n: int):
     """The next `n` tokens of a lane from `pos` (not consumed).
 
-    Returns tokens, target_mask, doc_key (k of the document; -1 for padding),
+    Returns tokens, target weights, doc_key (k of the document; -1 for padding),
     starts (token opens a document or the padding), and the position after them.
     """
     tokens = np.full(n, self.pad_id, np.int32)
-    target = np.zeros(n, bool)
+    target = np.zeros(n, np.float32)
     doc_key = np.full(n, PAD_DOC, np.int64)
     starts = np.zeros(n, bool)
     k, offset, filled = pos.k, pos.offset, 0
@@ -148,7 +149,8 @@ class LaneBatcher:
       length = len(doc["tokens"])
       take = min(n - filled, length - offset)
       tokens[filled:filled + take] = doc["tokens"][offset:offset + take]
-      target[filled:filled + take] = doc["target_mask"][offset:offset + take]
+      weight = doc.get("loss_weight", doc["target_mask"])
+      target[filled:filled + take] = weight[offset:offset + take]
       doc_key[filled:filled + take] = k
       if offset == 0:
         starts[filled] = True
@@ -165,7 +167,7 @@ class LaneBatcher:
     labels = np.concatenate([tokens[1:], nxt_tok])
     label_key = np.concatenate([doc_key[1:], nxt_key])
     label_target = np.concatenate([target[1:], nxt_target])
-    loss = (label_key == doc_key) & (doc_key != PAD_DOC) & label_target
+    loss = ((label_key == doc_key) & (doc_key != PAD_DOC)) * label_target
     segment_ids = np.concatenate([[0], np.cumsum(starts[1:])]).astype(np.int32)
     reset = bool(starts[0])
     for k in range(pos.k, after.k):

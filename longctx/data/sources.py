@@ -2,7 +2,8 @@
 
 A document is `{"tokens": int32 [n], "target_mask": bool [n]}` with tokens =
 [BOS] + body + [EOS]; `target_mask[i]` says whether token i is a prediction
-target (predicted from the tokens before it); `target_mask[0]` is False.
+target (predicted from the tokens before it); `target_mask[0]` is False. An
+optional `loss_weight` float32 [n] replaces the mask's 0/1 loss weights.
 
 A source is deterministic given its seed: `get(epoch, i)` (random access, where
 the source allows) or `documents(epoch)` (sequential) yield the same documents
@@ -238,20 +239,31 @@ class HubSource(DocumentSource):
 
 
 class SyntheticSource(DocumentSource):
-  """Generated long-context task documents (see `synthetic.py`); random access, endless variety."""
+  """Generated long-context task documents (see `synthetic.py`); random access, endless variety.
 
-  def __init__(self, task: str, *, tokenizer, length: int, num_docs: int, seed: int):
+  `task` is one task or a comma-separated mixture (each document draws its task
+  uniformly); lengths are `length` tokens, or log-uniform in [min_length, length].
+  """
+
+  def __init__(self, task: str, *, tokenizer, length: int, num_docs: int, seed: int, min_length: int = 0,
+               prompt_loss_weight: float = 0.0):
     from longctx.data import synthetic
 
     super().__init__(seed=seed, shuffle=False)
-    synthetic.check_task(task)
-    self.task, self.tokenizer, self.length, self.num_docs = task, tokenizer, length, num_docs
+    self.tasks = synthetic.parse_tasks(task)
+    self.tokenizer, self.length, self.min_length, self.num_docs = tokenizer, length, min_length, num_docs
+    self.prompt_loss_weight = prompt_loss_weight
 
   def get(self, epoch: int, i: int) -> Document:
     from longctx.data import synthetic
 
     rng = np.random.default_rng([self.seed, epoch, i])
-    doc, _ = synthetic.make_example(self.task, rng=rng, length_tokens=self.length, tokenizer=self.tokenizer)
+    task = self.tasks[rng.integers(len(self.tasks))] if len(self.tasks) > 1 else self.tasks[0]
+    length = self.length
+    if self.min_length:
+      length = int(np.exp(rng.uniform(np.log(self.min_length), np.log(self.length))))
+    doc, _ = synthetic.make_example(task, rng=rng, length_tokens=length, tokenizer=self.tokenizer,
+                                    prompt_loss_weight=self.prompt_loss_weight)
     return doc
 
 
@@ -263,9 +275,10 @@ def build_sources(cfg: DataConfig, tokenizer) -> tuple[DocumentSource, DocumentS
   cap = lambda idx: idx[: cfg.num_docs] if cfg.num_docs else idx
   if cfg.source == "synthetic":
     n = cfg.num_docs or 10_000
-    return (SyntheticSource(cfg.task, tokenizer=tokenizer, length=cfg.task_length, num_docs=n, seed=cfg.seed),
-            SyntheticSource(cfg.task, tokenizer=tokenizer, length=cfg.task_length, num_docs=max(64, n // 50),
-                            seed=cfg.seed + 1_000_003))
+    make = lambda count, seed: SyntheticSource(
+        cfg.task, tokenizer=tokenizer, length=cfg.task_length, num_docs=count, seed=seed,
+        min_length=cfg.task_min_length, prompt_loss_weight=cfg.prompt_loss_weight)
+    return make(n, cfg.seed), make(max(64, n // 50), cfg.seed + 1_000_003)
   if cfg.source == "stdlib":
     files = stdlib_files()
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])

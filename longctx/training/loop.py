@@ -141,6 +141,7 @@ def run_training(cfg: Config, run_dir: str | pathlib.Path, *, stop_at_step: int 
   losses, last_saved, train_metrics, eval_metrics = [], latest, {}, {}
   bar = _progress(end, start, progress and is_host0)
   window_tokens, window_start = 0.0, time.perf_counter()
+  tokens_per_step = cfg.data.batch_size * cfg.data.segments_per_step * cfg.data.seg_len
   try:
     for step in range(start + 1, end + 1):
       batch = trainer.put_batch(next(lanes))
@@ -152,7 +153,7 @@ def run_training(cfg: Config, run_dir: str | pathlib.Path, *, stop_at_step: int 
             f"non-finite {bad} ({metrics[bad]}) at step {step}; last good checkpoint: step {last_saved}. "
             "Lower train.learning_rate or enable train.grad_clip, then rerun to resume")
       losses.append(metrics["loss"])
-      window_tokens += metrics["tokens"]
+      window_tokens += tokens_per_step  # every token read, targets or not
       bar.update(1)
       if step % tc.log_every == 0 or step == end:
         elapsed = time.perf_counter() - window_start

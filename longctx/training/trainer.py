@@ -104,6 +104,24 @@ class StepFunctions:
     state, nll, count = self.scan_segments(params, model_state, batch)
     return state, nll, count
 
+  def score_step(self, params, model_state, batch):
+    """Per-token scores of the K segments of `batch` (the streaming evaluation step).
+
+    Returns the new state, nll `[K, lanes, seg_len]` float32 of each label and
+    correct `[K, lanes, seg_len]` bool: the label is the argmax prediction.
+    """
+    p = cast_floats(params, self.compute_dtype)
+
+    def segment(state, seg):
+      model = nnx.merge(self.graphdef, p)
+      logits, state = model(seg["tokens"], state, reset=seg["reset"], segment_ids=seg["segment_ids"])
+      logits = logits.astype(jnp.float32)
+      nll = optax.softmax_cross_entropy_with_integer_labels(logits, seg["labels"])
+      return state, (nll, jnp.argmax(logits, axis=-1) == seg["labels"])
+
+    state, (nll, correct) = jax.lax.scan(segment, model_state, batch)
+    return state, nll, correct
+
 
 class Trainer:
   """Builds the mesh, shardings and compiled steps for one config.
@@ -152,6 +170,11 @@ class Trainer:
         self.fns.eval_step,
         in_shardings=(self.param_shardings, self.model_state_shardings, self.batch_shardings),
         out_shardings=(self.model_state_shardings, rep, rep), donate_argnums=(1,))
+    token_sharding = self.batch_shardings["tokens"]
+    self._score_step = jax.jit(
+        self.fns.score_step,
+        in_shardings=(self.param_shardings, self.model_state_shardings, self.batch_shardings),
+        out_shardings=(self.model_state_shardings, token_sharding, token_sharding), donate_argnums=(1,))
     self._init = jax.jit(self._init_fn, out_shardings=self.train_state_shardings)
     # init_state needs no weights (a contract of SegmentLM), so the abstract model can build it.
     self._init_model_state = jax.jit(lambda: abstract_model.init_state(self.cfg.data.batch_size),
@@ -245,7 +268,11 @@ class Trainer:
       raise TrainingError("evaluation saw no target tokens; the held-out set is empty or fully masked")
     loss = nll_total / count_total
     return {"loss": loss, "bits_per_token": loss / math.log(2), "perplexity": math.exp(min(loss, 50.0)),
-            "tokens": count_total, "batches": n}
+            "tokens": count_total, "batches": n}  # tokens: the summed loss weight (targets counted)
+
+  def score_step(self, params, model_state, batch: Batch):
+    """(state, nll, correct) of one batch; see `StepFunctions.score_step`."""
+    return self._score_step(params, model_state, batch)
 
   def compiled_train_step(self):
     """AOT-compiled train step (for memory analysis and benchmarks)."""
