@@ -1,15 +1,32 @@
-"""`longctx bench`: train-step throughput, FLOPs, MFU and memory, as ratios within one run.
+"""`longctx bench`: train and streaming-inference throughput, FLOPs, MFU and memory, as ratios in one run.
 
-MFU = achieved model FLOP/s / matmul peak, where the peak is measured in the
-same process (a large square matmul in the compute dtype), so the figure means
-the same thing on a laptop CPU and on a TPU. Absolute times are only worth
-quoting on a real accelerator; the ratios between rows are the figures to use.
+Two tables, one per kind of work:
+
+  train   per model, d_model and segment length: tokens/s of the full train step
+          (forward + backward + AdamW), 3x forward FLOPs per token.
+  stream  per model and total length (up to 1M tokens and beyond): tokens/s of
+          streaming inference, one segment at a time through the model state,
+          forward FLOPs per token; memory must not grow with the length.
+
+FLOPs per token are analytic (`SegmentLM.flops_per_token`): matmul FLOPs only,
+attention counted over the keys a query actually sees (a causal block
+counts half of its square). MFU = achieved model FLOP/s / a matmul peak
+measured in the same process (a large square matmul in the compute dtype),
+so the figure means the same thing on a laptop CPU and on a TPU. Memory is
+the compiled step's `memory_analysis()` (temporaries, arguments) and the
+process's peak RSS so far (lengths run in increasing order, so growth with
+the length would show). Absolute times are only worth quoting on a real
+accelerator; the ratio columns are the figures to use:
+
+  x base   tokens/s relative to the first --models entry at the same size and length
+  x first  (stream) tokens/s relative to the same model at the shortest length
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import resource
 import time
 
@@ -18,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longctx.config import Config, DataConfig, MeshConfig, TrainConfig
+from longctx.errors import ConfigError
 from longctx.models import get_model_class
 
 
@@ -39,38 +57,58 @@ def peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def current_rss_bytes() -> int:
+  try:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * resource.getpagesize()
+  except OSError:
+    return peak_rss_bytes()
+
+
 @dataclasses.dataclass
 class BenchResult:
+  kind: str  # "train" or "stream"
   model: str
   d_model: int
   seg_len: int
+  length: int  # tokens per lane: seg_len x segments per step (train) or the streamed total (stream)
   lanes: int
   params_m: float
-  step_s: float
+  seconds: float
   tokens_per_s: float
-  train_flops_per_token: float
+  flops_per_token: float
   mfu: float
   compiled_temp_mib: float
   compiled_args_mib: float
+  rss_mib: float
   peak_rss_mib: float
+  x_base: float = 1.0
+  x_first: float = 1.0
 
 
-def random_batch(cfg: Config, seed: int) -> dict[str, np.ndarray]:
+def random_batch(cfg: Config, seed: int, *, reset_first: bool = True) -> dict[str, np.ndarray]:
   d = cfg.data
   rng = np.random.default_rng(seed)
   shape = (d.segments_per_step, d.batch_size, d.seg_len)
   tokens = rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32)
+  reset = np.zeros(shape[:2], bool)
+  reset[0] = reset_first
   return {"tokens": tokens, "labels": np.roll(tokens, -1, axis=2), "loss_mask": np.ones(shape, np.float32),
-          "segment_ids": np.zeros(shape, np.int32),
-          "reset": np.broadcast_to((np.arange(shape[0]) == 0)[:, None], shape[:2]).copy()}
+          "segment_ids": np.zeros(shape, np.int32), "reset": reset}
+
+
+def _memory(compiled) -> tuple[float, float]:
+  mem = compiled.memory_analysis()
+  temp = (getattr(mem, "temp_size_in_bytes", 0) or 0) if mem is not None else 0
+  args = (getattr(mem, "argument_size_in_bytes", 0) or 0) if mem is not None else 0
+  return temp / 2**20, args / 2**20
 
 
 def bench_train_step(cfg: Config, *, steps: int, peak_flops: float) -> BenchResult:
   from longctx.training.trainer import Trainer
 
-  trainer = Trainer(cfg)
-  compiled = trainer.compiled_train_step()
-  mem = compiled.memory_analysis()
+  trainer = Trainer(cfg, devices=jax.devices()[:1])
+  temp, args = _memory(trainer.compiled_train_step())
   ts = trainer.init_train_state()
   batches = [trainer.put_batch(random_batch(cfg, i)) for i in range(2)]
   ts, m = trainer.train_step(ts, batches[0])  # compile + warm up
@@ -87,52 +125,147 @@ def bench_train_step(cfg: Config, *, steps: int, peak_flops: float) -> BenchResu
   flops = 3 * get_model_class(cfg.model.name).flops_per_token(cfg.model, seg_len=d.seg_len)
   tps = tokens / step_s
   return BenchResult(
-      model=cfg.model.name, d_model=cfg.model.d_model, seg_len=d.seg_len, lanes=d.batch_size,
-      params_m=trainer.num_params / 1e6, step_s=step_s, tokens_per_s=tps, train_flops_per_token=flops,
-      mfu=tps * flops / peak_flops,
-      compiled_temp_mib=(getattr(mem, "temp_size_in_bytes", 0) or 0) / 2**20,
-      compiled_args_mib=(getattr(mem, "argument_size_in_bytes", 0) or 0) / 2**20,
+      kind="train", model=cfg.model.name, d_model=cfg.model.d_model, seg_len=d.seg_len,
+      length=d.seg_len * d.segments_per_step, lanes=d.batch_size, params_m=trainer.num_params / 1e6,
+      seconds=step_s, tokens_per_s=tps, flops_per_token=flops, mfu=tps * flops / peak_flops,
+      compiled_temp_mib=temp, compiled_args_mib=args, rss_mib=current_rss_bytes() / 2**20,
       peak_rss_mib=peak_rss_bytes() / 2**20)
 
 
-def bench_config(model: str, *, d_model: int, seg_len: int, tokens_per_step: int, layers: int, window: int,
-                 dtype: str) -> Config:
+def bench_stream(cfg: Config, *, lengths: list[int], peak_flops: float, progress: bool = True,
+                 min_tokens: int = 65536) -> list[BenchResult]:
+  """Streaming inference over each total length, one segment per call, state carried (donated).
+
+  Short lengths are streamed repeatedly (fresh state each time) until `min_tokens`
+  tokens were timed, so every row's tokens/s averages over enough work.
+  """
+  from tqdm.auto import tqdm
+
+  from longctx.training.trainer import Trainer
+
+  trainer = Trainer(cfg, devices=jax.devices()[:1])
+  temp, args = _memory(trainer.compiled_score_step())
+  params = trainer.init_train_state()["params"]
+  d = cfg.data
+  first = trainer.put_batch(random_batch(cfg, 0, reset_first=True))
+  rest = [trainer.put_batch(random_batch(cfg, i, reset_first=False)) for i in (1, 2)]
+  state, *_ = trainer.score_step(params, trainer.init_model_state(), first)  # compile + warm up
+  jax.block_until_ready(state)
+  flops = get_model_class(cfg.model.name).flops_per_token(cfg.model, seg_len=d.seg_len)
+  out = []
+  for length in sorted(lengths):
+    calls = math.ceil(length / d.seg_len)
+    repeats = max(1, math.ceil(min_tokens / (calls * d.seg_len)))
+    bar = tqdm(total=calls * repeats, disable=not progress or calls < 64, unit="seg", dynamic_ncols=True,
+               desc=f"stream {cfg.model.name} {length} tokens", mininterval=1.0, leave=False)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+      state = trainer.init_model_state()
+      for c in range(calls):
+        state, nll, _ = trainer.score_step(params, state, first if c == 0 else rest[c % 2])
+        if c % 16 == 15:  # bound the async dispatch queue (and memory) without stalling each call
+          nll.block_until_ready()
+          bar.update(16)
+      jax.block_until_ready(state)
+    seconds = (time.perf_counter() - t0) / repeats
+    bar.close()
+    tps = calls * d.seg_len * d.batch_size / seconds
+    out.append(BenchResult(
+        kind="stream", model=cfg.model.name, d_model=cfg.model.d_model, seg_len=d.seg_len, length=length,
+        lanes=d.batch_size, params_m=trainer.num_params / 1e6, seconds=seconds, tokens_per_s=tps,
+        flops_per_token=flops, mfu=tps * flops / peak_flops, compiled_temp_mib=temp, compiled_args_mib=args,
+        rss_mib=current_rss_bytes() / 2**20, peak_rss_mib=peak_rss_bytes() / 2**20))
+  return out
+
+
+def bench_config(model: str, *, d_model: int, seg_len: int, lanes: int, layers: int, window: int, dtype: str,
+                 segments: int = 1) -> Config:
+  """A small one-device config of any registered model, sized by the common fields."""
   model_cls = get_model_class(model)
   heads = max(1, d_model // 64)
   kwargs = {"d_model": d_model, "num_layers": layers, "num_heads": heads, "vocab_size": 259}
   fields = {f.name for f in dataclasses.fields(model_cls.config_class)}
   if "window" in fields:
-    kwargs["window"] = min(window, seg_len)
+    kwargs["window"] = window
   return Config(model=model_cls.config_class(**kwargs),
-                data=DataConfig(batch_size=max(1, tokens_per_step // seg_len), seg_len=seg_len, segments_per_step=1),
+                data=DataConfig(batch_size=lanes, seg_len=seg_len, segments_per_step=segments),
                 train=TrainConfig(steps=1000, compute_dtype=dtype), mesh=MeshConfig(data=1)).validate()
 
 
-def format_table(results: list[BenchResult], peak_flops: float) -> str:
-  base = results[0]
-  head = (f"{'model':<12}{'d_model':>8}{'seg':>7}{'lanes':>6}{'params':>9}{'tok/s':>10}{'x base':>8}"
-          f"{'GFLOP/tok':>10}{'MFU':>7}{'temp MiB':>10}{'args MiB':>10}{'RSS MiB':>9}")
-  lines = [f"matmul peak (measured, this process): {peak_flops / 1e9:.1f} GFLOP/s", head, "-" * len(head)]
+def add_ratios(results: list[BenchResult]) -> None:
+  base_model = results[0].model if results else None
   for r in results:
-    lines.append(f"{r.model:<12}{r.d_model:>8}{r.seg_len:>7}{r.lanes:>6}{r.params_m:>8.2f}M{r.tokens_per_s:>10.0f}"
-                 f"{r.tokens_per_s / base.tokens_per_s:>8.2f}{r.train_flops_per_token / 1e9:>10.4f}"
-                 f"{100 * r.mfu:>6.1f}%{r.compiled_temp_mib:>10.1f}{r.compiled_args_mib:>10.1f}{r.peak_rss_mib:>9.0f}")
+    key = (r.kind, r.d_model, r.seg_len, r.length)
+    base = next((b for b in results if b.model == base_model and (b.kind, b.d_model, b.seg_len, b.length) == key),
+                None)
+    r.x_base = r.tokens_per_s / base.tokens_per_s if base else float("nan")
+    first = next(b for b in results if (b.kind, b.model, b.d_model, b.seg_len) == (r.kind, r.model, r.d_model,
+                                                                                      r.seg_len))
+    r.x_first = r.tokens_per_s / first.tokens_per_s
+
+
+def format_table(results: list[BenchResult], peak_flops: float) -> str:
+  from longctx.eval.streaming import format_length
+
+  lines = [f"matmul peak (measured, this process, {jax.default_backend()}): {peak_flops / 1e9:.1f} GFLOP/s"]
+  for kind, title in (("train", "train step (fwd + bwd + update)"), ("stream", "streaming inference")):
+    rows = [r for r in results if r.kind == kind]
+    if not rows:
+      continue
+    head = (f"{'model':<14}{'d_model':>8}{'seg':>6}{'length':>8}{'lanes':>6}{'params':>9}{'tok/s':>11}"
+            f"{'x base':>8}{'x first':>8}{'GFLOP/tok':>10}{'MFU':>7}{'temp MiB':>9}{'args MiB':>9}"
+            f"{'RSS MiB':>9}{'peak RSS':>9}")
+    lines += ["", title, head, "-" * len(head)]
+    for r in rows:
+      lines.append(
+          f"{r.model:<14}{r.d_model:>8}{r.seg_len:>6}{format_length(r.length):>8}{r.lanes:>6}{r.params_m:>8.2f}M"
+          f"{r.tokens_per_s:>11.0f}{r.x_base:>8.2f}{r.x_first:>8.2f}{r.flops_per_token / 1e9:>10.4f}"
+          f"{100 * r.mfu:>6.1f}%{r.compiled_temp_mib:>9.1f}{r.compiled_args_mib:>9.1f}{r.rss_mib:>9.0f}"
+          f"{r.peak_rss_mib:>9.0f}")
   return "\n".join(lines)
 
 
+def _ints(spec: str, flag: str) -> list[int]:
+  from longctx.eval.streaming import parse_lengths
+
+  values = parse_lengths(spec) if spec else []
+  if not values:
+    raise ConfigError(f"{flag} needs at least one value")
+  return values
+
+
 def run_bench_cli(args) -> int:
+  from longctx.models import list_models
+
+  models = [m.strip() for m in args.models.split(",") if m.strip()]
+  unknown = [m for m in models if m not in list_models()]
+  if not models or unknown:
+    raise ConfigError(f"--models {args.models!r}: {unknown or 'empty'} not in {sorted(list_models())}")
+  d_models = _ints(args.d_models, "--d-models")
+  seg_lens = _ints(args.seg_lens, "--seg-lens") if args.seg_lens else []
+  stream_lengths = _ints(args.stream_lengths, "--stream-lengths") if args.stream_lengths else []
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   peak = measure_matmul_peak(dtype=dtype)
-  results = []
-  for d_model in [int(x) for x in args.d_models.split(",")]:
-    for seg_len in [int(x) for x in args.seg_lens.split(",")]:
-      cfg = bench_config(args.model, d_model=d_model, seg_len=seg_len, tokens_per_step=args.tokens_per_step,
+  results: list[BenchResult] = []
+  for model in models:
+    if stream_lengths:  # first, so its peak RSS is its own
+      cfg = bench_config(model, d_model=d_models[0], seg_len=args.stream_seg_len, lanes=args.stream_lanes,
                          layers=args.layers, window=args.window, dtype=args.dtype)
-      results.append(bench_train_step(cfg, steps=args.steps, peak_flops=peak))
-      print(f"  {args.model} d_model={d_model} seg={seg_len}: {results[-1].tokens_per_s:.0f} tok/s", flush=True)
+      for r in bench_stream(cfg, lengths=stream_lengths, peak_flops=peak, progress=not args.no_progress):
+        results.append(r)
+        print(f"  stream {model} d_model={r.d_model} length={r.length}: {r.tokens_per_s:.0f} tok/s, "
+              f"peak RSS {r.peak_rss_mib:.0f} MiB", flush=True)
+    for d_model in d_models:
+      for seg_len in seg_lens:
+        cfg = bench_config(model, d_model=d_model, seg_len=seg_len, lanes=max(1, args.tokens_per_step // seg_len),
+                           layers=args.layers, window=min(args.window, seg_len), dtype=args.dtype)
+        results.append(bench_train_step(cfg, steps=args.steps, peak_flops=peak))
+        print(f"  train {model} d_model={d_model} seg={seg_len}: {results[-1].tokens_per_s:.0f} tok/s", flush=True)
+  add_ratios(results)
   print(format_table(results, peak))
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"matmul_peak_flops": peak, "backend": jax.default_backend(),
                  "results": [dataclasses.asdict(r) for r in results]}, f, indent=2)
+    print(f"wrote {args.json}")
   return 0

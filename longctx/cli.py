@@ -4,7 +4,8 @@
     longctx eval RUN_DIR [--task passkey,mqar,qa1,qa2,ppl --lengths 1k,4k,16k] [--compare RUN ...]
     longctx models
     longctx tokenizer train --input FILE [FILE ...] --vocab-size N --out PREFIX
-    longctx bench [--d-models 128,256,512] [--seg-lens 512,2048]
+    longctx bench [--models transformer,...] [--d-models 128,256,512] [--seg-lens 512,2048]
+                  [--stream-lengths 1k,16k,256k,1M]
 
 Errors caused by input end in one line `error: ...` and exit code 2.
 """
@@ -116,19 +117,37 @@ def _parser() -> argparse.ArgumentParser:
   tt.add_argument("--model-type", default="unigram", choices=("unigram", "bpe"), help="sentencepiece algorithm")
   tt.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet (default text)")
 
-  b = sub.add_parser("bench", help="measure train throughput, FLOPs, MFU and memory",
-                     description="Benchmark the train step per model size and segment length: tokens/s, "
-                     "FLOPs per token, MFU against a matmul peak measured in the same process, compiled memory "
-                     "and peak RSS, with ratios against the first configuration.")
-  b.add_argument("--model", default="transformer", help="registered model name (default transformer)")
-  b.add_argument("--d-models", default="128,256,512", help="comma-separated d_model values")
-  b.add_argument("--seg-lens", default="512,2048", help="comma-separated segment lengths")
-  b.add_argument("--tokens-per-step", type=int, default=8192, help="lanes x seg_len per step (default 8192)")
+  b = sub.add_parser(
+      "bench", help="measure train and streaming-inference throughput, FLOPs, MFU and memory",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Benchmark each model (random weights and tokens) in one process:\n"
+      "  train   tokens/s of the train step per d_model and segment length (--seg-lens)\n"
+      "  stream  tokens/s of streaming inference per total length (--stream-lengths, up to 1M and beyond),\n"
+      "          one segment at a time through the model state; memory should stay flat\n"
+      "with analytic FLOPs per token, MFU against a matmul peak measured in the same process, compiled memory "
+      "(memory_analysis) and peak RSS. Ratios: 'x base' against the first --models entry at the same size and "
+      "length, 'x first' against the same model at the shortest length.",
+      epilog="examples:\n"
+      "  longctx bench --d-models 128,256,512 --seg-lens 512,2048\n"
+      "  longctx bench --d-models 128 --seg-lens '' --stream-lengths 1k,16k,256k,1M --json bench.json")
+  b.add_argument("--models", "--model", dest="models", default="transformer",
+                 help="comma-separated registered models; the first is the baseline (default transformer)")
+  b.add_argument("--d-models", default="128,256,512", help="comma-separated d_model values (default 128,256,512)")
+  b.add_argument("--seg-lens", default="512,2048",
+                 help="train table: comma-separated segment lengths (default 512,2048; '' = no train table)")
+  b.add_argument("--tokens-per-step", type=int, default=8192,
+                 help="train table: lanes x seg_len per step (default 8192)")
+  b.add_argument("--stream-lengths", default="",
+                 help="stream table: comma-separated total lengths, e.g. 1k,16k,256k,1M (default: none); "
+                 "uses the first --d-models value")
+  b.add_argument("--stream-seg-len", type=int, default=1024, help="stream table: tokens per segment (default 1024)")
+  b.add_argument("--stream-lanes", type=int, default=1, help="stream table: streams in parallel (default 1)")
   b.add_argument("--layers", type=int, default=4, help="layers per model (default 4)")
   b.add_argument("--window", type=int, default=256, help="attention window (default 256)")
-  b.add_argument("--steps", type=int, default=5, help="timed steps per configuration (default 5)")
+  b.add_argument("--steps", type=int, default=5, help="train table: timed steps per configuration (default 5)")
   b.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
   b.add_argument("--json", default=None, help="also write the results to this JSON file")
+  b.add_argument("--no-progress", action="store_true", help="no progress bars")
   return p
 
 

@@ -35,13 +35,43 @@ def test_quickstart_end_to_end_shortened(tmp_path, capsys):
   code, out, err = run_cli(["eval", str(run_dir), "--max-batches", "2"], capsys)
   assert code == 0 and "eval @ step 40: loss" in out
 
+  # The long-context suite on the same run: tables, results.json (merged across calls), plots.
+  code, out, err = run_cli(["eval", str(run_dir), "--task", "passkey,qa2", "--lengths", "64,200", "--examples", "2",
+                            "--depths", "0,1", "--seg-len", "64", "--no-progress"], capsys)
+  assert code == 0, err
+  assert "passkey accuracy" in out and "qa2 accuracy" in out and "depth (rows) x length" in out
+  code, out, err = run_cli(["eval", str(run_dir / "checkpoints" / "40"), "--task", "ppl", "--lengths", "64,256",
+                            "--examples", "2", "--no-progress"], capsys)
+  assert code == 0, err
+  assert "bits/token by position" in out and "0-64" in out and "64-256" in out
+  results = json.loads((run_dir / "eval" / "results.json").read_text())
+  assert results["step"] == 40 and set(results["tasks"]) == {"passkey", "qa2", "ppl"}
+  assert len(results["tasks"]["passkey"]["accuracy"]) == 2  # two depths x two lengths
+  for png in ("accuracy_vs_length.png", "loss_vs_position.png", "passkey_heatmap.png"):
+    assert (run_dir / "eval" / png).stat().st_size > 1000
+  code, out, err = run_cli(["eval", "--compare", str(run_dir), str(run_dir / "eval" / "results.json"), "--out",
+                            str(tmp_path / "cmp")], capsys)
+  assert code == 0, err
+  assert out.count("transformer@40") >= 4 and (tmp_path / "cmp" / "accuracy_vs_length.png").exists()
+  for args, message in [
+      (["--task", "nope"], "--task 'nope': ['nope'] not in"),
+      (["--task", "passkey", "--lengths", "4q"], "length '4q' is not a number like 512, 4k or 1M"),
+      (["--task", "passkey", "--depths", "2"], "--depths: '2' is not a number in [0, 1]"),
+      (["--task", "mqar", "--pairs", "0"], "--pairs: '0' is not a positive integer"),
+      (["--compare", str(tmp_path)], "no results.json under"),
+  ]:
+    code, _, err = run_cli(["eval", *([] if args[0] == "--compare" else [str(run_dir)]), *args], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, (args, err)
+  code, _, err = run_cli(["eval", str(run_dir / "checkpoints" / "7")], capsys)
+  assert code == 2 and "no checkpoint for step 7" in err
+
 
 def test_models_lists_every_model(capsys):
   code, out, _ = run_cli(["models"], capsys)
   assert code == 0 and out.startswith("transformer") and "Transformer-XL" in out
 
 
-@pytest.mark.parametrize("recipe", sorted(str(p) for p in (ROOT / "recipes").glob("*.py")))
+@pytest.mark.parametrize("recipe", sorted(str(p) for p in (ROOT / "recipes").rglob("*.py")))
 def test_dry_run_of_every_recipe(recipe, capsys):
   code, out, err = run_cli(["train", recipe, "--dry-run"], capsys)
   assert code == 0, err

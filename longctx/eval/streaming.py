@@ -65,6 +65,7 @@ class TrainedModel:
   step: int
   run_dir: pathlib.Path
   tokenizer: Any
+  devices: Sequence[Any] | None = None  # None: every device (the mesh config must fit them)
   _trainers: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @property
@@ -83,7 +84,7 @@ class TrainedModel:
     if key not in self._trainers:
       data = dataclasses.replace(self.cfg.data, batch_size=lanes, seg_len=seg_len, segments_per_step=segments)
       cfg = config_lib.replace(self.cfg, data=data)
-      self._trainers[key] = Trainer(cfg)
+      self._trainers[key] = Trainer(cfg, devices=self.devices)
     return self._trainers[key]
 
 
@@ -150,14 +151,13 @@ def score_rows(model: TrainedModel, rows: Sequence[np.ndarray], *, seg_len: int,
   """
   if not rows:
     raise ConfigError("nothing to score: no rows")
-  from longctx.sharding import num_batch_shards
+  from longctx.sharding import make_mesh, num_batch_shards
 
   n_rows, longest = len(rows), max(len(r) for r in rows)
   n_segments = math.ceil(longest / seg_len)
   per_call = max(1, min(n_segments, TOKENS_PER_CALL // seg_len))
   n_calls = math.ceil(n_segments / per_call)
-  probe = model.trainer(lanes=1, seg_len=seg_len, segments=per_call)
-  shards = num_batch_shards(probe.mesh)
+  shards = num_batch_shards(make_mesh(model.cfg.mesh, model.devices))
   lanes = math.ceil(n_rows / shards) * shards
   trainer = model.trainer(lanes=lanes, seg_len=seg_len, segments=per_call)
   chunk = per_call * seg_len

@@ -278,6 +278,13 @@ class Trainer:
     """AOT-compiled train step (for memory analysis and benchmarks)."""
     return self._train_step.lower(self.abstract_train_state_sharded(), self.abstract_batch_sharded()).compile()
 
+  def compiled_score_step(self):
+    """AOT-compiled streaming step (for memory analysis and benchmarks)."""
+    params = self.abstract_train_state_sharded()["params"]
+    state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                         self.abstract_train_state["model_state"], self.model_state_shardings)
+    return self._score_step.lower(params, state, self.abstract_batch_sharded()).compile()
+
   def abstract_train_state_sharded(self):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         self.abstract_train_state, self.train_state_shardings)

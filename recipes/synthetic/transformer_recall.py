@@ -21,16 +21,16 @@ WINDOW = 128
 
 def recall_data() -> DataConfig:
   return DataConfig(source="synthetic", task="passkey,mqar,qa1,qa2", task_min_length=64, task_length=1024,
-                    prompt_loss_weight=0.1, tokenizer="byte", batch_size=16, seg_len=128, segments_per_step=2,
+                    prompt_loss_weight=0.5, tokenizer="byte", batch_size=16, seg_len=128, segments_per_step=2,
                     num_docs=100_000)
 
 
 def recall_train() -> TrainConfig:
-  return TrainConfig(steps=1500, learning_rate=2e-3, warmup_steps=100, log_every=25, eval_batches=16,
+  return TrainConfig(steps=1500, learning_rate=3e-3, warmup_steps=50, log_every=25, eval_batches=16,
                      checkpoint_every=250, weight_decay=0.05)
 
 
 def config() -> Config:
   return Config(
-      model=TransformerConfig(vocab_size=259, d_model=128, num_layers=4, num_heads=4, window=WINDOW),
+      model=TransformerConfig(vocab_size=259, d_model=128, num_layers=2, num_heads=4, window=WINDOW),
       data=recall_data(), train=recall_train(), mesh=MeshConfig(data=-1))

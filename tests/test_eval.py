@@ -1,0 +1,193 @@
+"""Eval suite: streaming scorer vs one pass, exact accuracy bookkeeping, results and plots, bench."""
+
+import json
+
+import numpy as np
+import pytest
+
+from longctx.config import Config, DataConfig, MeshConfig, TrainConfig
+from longctx.data import synthetic
+from longctx.data.tokenizers import ByteTokenizer
+from longctx.errors import ConfigError
+from longctx.eval import report, streaming, tasks
+from longctx.eval.streaming import TrainedModel, answer_hits, parse_lengths, score_rows
+from longctx.models import TransformerConfig
+from longctx.training.trainer import Trainer
+
+from conftest import rel_err
+
+TOK = ByteTokenizer()
+
+
+def tiny_model(tmp_path, *, mesh=MeshConfig(data=1), seed=0) -> TrainedModel:
+  import jax
+
+  devices = jax.devices()[: mesh.data * mesh.fsdp * mesh.tensor]
+  cfg = Config(model=TransformerConfig(vocab_size=259, d_model=32, num_layers=2, num_heads=2, window=24),
+               data=DataConfig(source="synthetic", batch_size=8, seg_len=16), train=TrainConfig(seed=seed),
+               mesh=mesh)
+  params = Trainer(cfg, devices=devices).init_train_state()["params"]
+  return TrainedModel(cfg=cfg, params=params, step=0, run_dir=tmp_path, tokenizer=TOK, devices=devices)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+  return tiny_model(tmp_path_factory.mktemp("model"))
+
+
+def random_rows(lengths, seed=0):
+  rng = np.random.default_rng(seed)
+  return [np.concatenate([[TOK.bos_id], rng.integers(0, 256, n - 1)]).astype(np.int32) for n in lengths]
+
+
+def test_streamed_scores_equal_one_pass(model, monkeypatch):
+  """Segments of 16 (4 per call, several calls in flight) = one 80-token segment, rows of unequal length."""
+  rows = random_rows([80, 53, 71])
+  nll_one, correct_one = score_rows(model, rows, seg_len=80, progress=False)
+  monkeypatch.setattr(streaming, "TOKENS_PER_CALL", 32)  # 2 segments per call -> 3 calls
+  nll_seg, correct_seg = score_rows(model, rows, seg_len=16, progress=False)
+  assert nll_one.shape == nll_seg.shape == (3, 80)
+  for b, r in enumerate(rows):
+    n = len(r) - 1  # entries that score a real next token
+    assert rel_err(nll_seg[b, :n], nll_one[b, :n]) < 1e-5
+    np.testing.assert_array_equal(correct_seg[b, :n], correct_one[b, :n])
+  # And each row alone gives its own scores: rows never see each other.
+  nll_alone, _ = score_rows(model, rows[1:2], seg_len=16, progress=False)
+  assert rel_err(nll_alone[0, :52], nll_one[1, :52]) < 1e-5
+
+
+def test_scores_match_the_direct_loss(model):
+  """score_rows' nll is the model's next-token cross-entropy computed directly in one call."""
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+
+  rows = random_rows([40])
+  nll, correct = score_rows(model, rows, seg_len=8, progress=False)
+  trainer = model.trainer(lanes=1, seg_len=8, segments=1)
+  net = nnx.merge(trainer.graphdef, model.params)
+  state = net.init_state(1)
+  logits, _ = net(jnp.asarray(rows[0][None]), state, reset=jnp.ones((1,), bool))
+  want = optax.softmax_cross_entropy_with_integer_labels(logits[0, :-1], jnp.asarray(rows[0][1:]))
+  assert rel_err(nll[0, :39], want) < 1e-5
+  np.testing.assert_array_equal(correct[0, :39], np.argmax(logits[0, :-1], -1) == rows[0][1:])
+
+
+def test_sharded_scoring_equals_one_device(tmp_path, model, eight_devices):
+  sharded = tiny_model(tmp_path, mesh=MeshConfig(data=2, tensor=2, fsdp=2))
+  rows = random_rows([40, 33, 21])
+  a, ca = score_rows(model, rows, seg_len=8, progress=False)
+  b, cb = score_rows(sharded, rows, seg_len=8, progress=False)
+  assert rel_err(b, a) < 1e-5
+  np.testing.assert_array_equal(ca, cb)
+
+
+def test_answer_hits_is_exact():
+  # tokens:   0    1    2    3    4    5    6    7
+  # correct[t] scores token t+1; answer spans [3, 5) and [6, 8).
+  correct = np.array([False, False, True, True, False, True, True, False])
+  assert answer_hits(correct, [(3, 5), (6, 8)]) == [True, True]
+  correct[3] = False  # token 4 mispredicted -> first answer wrong
+  assert answer_hits(correct, [(3, 5), (6, 8)]) == [False, True]
+  assert answer_hits(correct, [(1, 2)]) == [False] and answer_hits(correct, [(3, 4)]) == [True]
+
+
+def test_recall_accuracy_bookkeeping(model, monkeypatch):
+  """A scorer that is right exactly on chosen rows gives exactly the expected depth x length grid."""
+  examples, depths, lengths = 4, [0.0, 0.5, 1.0], [100, 300]
+  right_rows = {100: {0, 1, 2, 3, 5}, 300: {8, 11}}  # row = depth_index * examples + i
+
+  def fake_score(m, rows, *, seg_len, progress, desc):
+    n = len(rows[0])
+    length = 100 if n < 200 else 300
+    correct = np.zeros((len(rows), max(len(r) for r in rows)), bool)
+    for b in right_rows[length]:
+      correct[b] = True
+    return np.zeros(correct.shape, np.float32), correct
+
+  monkeypatch.setattr(tasks, "score_rows", fake_score)
+  out = tasks.eval_recall(model, "passkey", lengths=lengths, examples=examples, seg_len=16, depths=depths,
+                          progress=False)
+  np.testing.assert_allclose(out["accuracy"], [[1.0, 0.0], [0.25, 0.0], [0.0, 0.5]])
+  np.testing.assert_allclose(out["by_length"], [5 / 12, 2 / 12])
+  assert out["cells"] == "depth" and out["cell_values"] == depths and out["answers"] == [12, 12]
+
+
+def test_recall_examples_deterministic_and_correct():
+  a, meta_a = tasks.recall_examples("mqar", length=400, cells=[4, 8], examples=2, seed=3, tokenizer=TOK)
+  b, _ = tasks.recall_examples("mqar", length=400, cells=[4, 8], examples=2, seed=3, tokenizer=TOK)
+  c, _ = tasks.recall_examples("mqar", length=400, cells=[4, 8], examples=2, seed=4, tokenizer=TOK)
+  assert all(np.array_equal(x, y) for x, y in zip(a, b)) and not all(np.array_equal(x, y) for x, y in zip(a, c))
+  assert [m["num_pairs"] for m in meta_a] == [4, 4, 8, 8]
+  for m in meta_a:
+    assert synthetic.check_answer("mqar", m["prompt"]) == m["answers"]
+
+
+def test_perfect_scorer_gets_full_accuracy_on_real_spans(model, monkeypatch):
+  """With a scorer that predicts every next token, every task's spans score 100%; with none, 0%."""
+  for value in (True, False):
+    monkeypatch.setattr(tasks, "score_rows", lambda m, rows, **kw: (
+        np.zeros((len(rows), max(map(len, rows))), np.float32),
+        np.full((len(rows), max(map(len, rows))), value)))
+    for task in synthetic.TASKS:
+      out = tasks.eval_recall(model, task, lengths=[200], examples=2, seg_len=16, progress=False)
+      assert out["by_length"] == [1.0 if value else 0.0]
+
+
+def test_position_loss_bins(model):
+  class Docs:
+    def documents(self, epoch):
+      for n in (90, 40, 130):
+        r = random_rows([n], seed=n)[0]
+        yield {"tokens": r, "target_mask": np.arange(n) > 0}
+
+  out = tasks.eval_position_loss(model, Docs(), lengths=[32, 64, 100], examples=2, seg_len=16, progress=False)
+  assert out["documents"] == 2 and out["doc_tokens"] == [101, 90]  # the two longest, cut to 100 + 1
+  assert out["range_edges"] == [0, 32, 64, 100]
+  assert out["range_tokens"] == [64.0, 64.0, 36 + 25.0]  # 100 and 89 scored next tokens
+  assert sum(out["tokens"]) == 100 + 89
+  assert all(np.isfinite(x) for x in out["range_bits_per_token"])
+
+
+def test_parse_lengths():
+  assert parse_lengths("512,4k, 1M") == [512, 4096, 1048576]
+  assert streaming.format_length(4096) == "4k" and streaming.format_length(1000) == "1000"
+  with pytest.raises(ConfigError, match="'4q' is not a number like 512, 4k or 1M"):
+    parse_lengths("4q")
+
+
+def test_results_merge_tables_and_plots(tmp_path):
+  base = {"model": "transformer", "step": 5, "window": 128, "label": "", "tasks": {}}
+  passkey = {"lengths": [128, 512], "by_length": [1.0, 0.2], "chance": 0.0, "cells": "depth",
+             "cell_values": [0.0, 1.0], "accuracy": [[1.0, 0.0], [1.0, 0.4]]}
+  ppl = {"bin_edges": [0, 1, 2, 4], "bits_per_token": [8.0, 4.0, None], "tokens": [2, 2, 0],
+         "range_edges": [0, 2, 4], "range_bits_per_token": [6.0, None], "range_tokens": [4, 0]}
+  report.save_results(tmp_path, {**base, "tasks": {"passkey": passkey}})
+  report.save_results(tmp_path, {**base, "tasks": {"ppl": ppl}})
+  merged = report.load_results(tmp_path)
+  assert set(merged["tasks"]) == {"passkey", "ppl"}
+  table = report.format_tables([merged, {**merged, "label": "other"}])
+  assert "transformer@5" in table and "other" in table and "100.0%" in table and "20.0%" in table
+  assert "0-2" in table and "6.0000" in table
+  made = report.write_plots([merged], tmp_path)
+  assert {p.name for p in made} == {"accuracy_vs_length.png", "loss_vs_position.png", "passkey_heatmap.png"}
+  assert all(p.stat().st_size > 1000 for p in made)
+  (tmp_path / "results.json").write_text("{broken")
+  with pytest.raises(Exception, match="not valid JSON"):
+    report.load_results(tmp_path)
+
+
+def test_bench_train_and_stream_tables(tmp_path, capsys):
+  from longctx import cli
+
+  out_json = tmp_path / "bench.json"
+  code = cli.main(["bench", "--d-models", "32", "--seg-lens", "64", "--tokens-per-step", "128", "--layers", "1",
+                   "--steps", "1", "--window", "32", "--stream-lengths", "128,1k", "--stream-seg-len", "64",
+                   "--no-progress", "--json", str(out_json)])
+  out = capsys.readouterr().out
+  assert code == 0 and "streaming inference" in out and "train step" in out
+  rows = json.loads(out_json.read_text())["results"]
+  assert [(r["kind"], r["length"]) for r in rows] == [("stream", 128), ("stream", 1024), ("train", 64)]
+  for r in rows:
+    assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1.5 and r["flops_per_token"] > 0 and r["peak_rss_mib"] > 0
+  assert rows[0]["x_first"] == 1.0 and rows[1]["x_first"] > 0
