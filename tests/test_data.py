@@ -110,6 +110,16 @@ def test_answer_only_targets_pass_through_lanes():
   batch = next(lb)
   targets = batch["labels"][batch["loss_mask"] > 0]
   assert TOK.decode(targets) == f" {meta['answers'][0]}."
+  # With a prompt loss weight, prompt labels weigh it, answers 1, padding and BOS 0.
+  doc, meta = synthetic.make_example("passkey", rng=np.random.default_rng(0), length_tokens=200, tokenizer=TOK,
+                                     prompt_loss_weight=0.3)
+  batch = next(LaneBatcher(One(shuffle=False), num_lanes=1, seg_len=64, segments_per_step=5, repeat=False,
+                           pad_id=TOK.pad_id))
+  n = len(doc["tokens"]) - 1  # labels of the document: tokens 1..n
+  weights = batch["loss_mask"].reshape(-1)
+  np.testing.assert_allclose(weights[:n], np.where(doc["target_mask"][1:], 1.0, 0.3))
+  assert np.all(weights[n:] == 0)
+  assert TOK.decode(batch["labels"].reshape(-1)[:n][weights[:n] == 1]) == f" {meta['answers'][0]}."
 
 
 def test_deterministic_and_restorable():
