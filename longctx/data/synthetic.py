@@ -51,6 +51,9 @@ NOISE = ("and", "then", "so", "well", "now", "also")
 CHANCE = {"passkey": 1 / 90_000, "mqar": 1 / 90, "copy": 0.0, "qa1": 1 / len(PLACES), "qa2": 1 / len(PLACES)}
 
 
+_ROLE_IDS = {"prompt": 0, "answer": 1, "tail": 2}
+
+
 def parse_tasks(spec: str) -> tuple[str, ...]:
   """`"passkey"` or a mixture `"passkey,mqar,qa1"` -> a tuple of known task names."""
   tasks = tuple(t.strip() for t in spec.split(",") if t.strip())
@@ -103,15 +106,15 @@ def make_example(task: str, *, rng: np.random.Generator, length_tokens: int, tok
     if text:
       t = tokenizer.encode(text)
       ids.append(np.asarray(t, np.int32))
-      roles.append(np.full(len(t), "pat".index(role[0]), np.int8))  # 0 prompt, 1 answer, 2 tail
+      roles.append(np.full(len(t), _ROLE_IDS[role], np.int8))
   body, role = np.concatenate(ids), np.concatenate(roles)
-  doc = make_document(body, tokenizer, target_mask=role > 0)
+  doc = make_document(body, tokenizer, target_mask=role != _ROLE_IDS["prompt"])
   if prompt_loss_weight:
     weight = np.where(doc["target_mask"], 1.0, prompt_loss_weight).astype(np.float32)
     weight[0] = 0.0  # BOS is never predicted
     doc["loss_weight"] = weight
   # Answer spans in document positions (BOS shifts the body by one).
-  is_answer = np.concatenate([[0], (role == 1).astype(np.int8), [0]])
+  is_answer = np.concatenate([[0], (role == _ROLE_IDS["answer"]).astype(np.int8), [0]])
   edges = np.flatnonzero(np.diff(is_answer))
   spans = [(int(s) + 1, int(e) + 1) for s, e in zip(edges[::2], edges[1::2])]
   meta = {"task": task, "answers": answers, "answer_spans": spans, **params,
