@@ -280,10 +280,8 @@ class Trainer:
 
   def compiled_score_step(self):
     """AOT-compiled streaming step (for memory analysis and benchmarks)."""
-    params = self.abstract_train_state_sharded()["params"]
-    state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                         self.abstract_train_state["model_state"], self.model_state_shardings)
-    return self._score_step.lower(params, state, self.abstract_batch_sharded()).compile()
+    ts = self.abstract_train_state_sharded()
+    return self._score_step.lower(ts["params"], ts["model_state"], self.abstract_batch_sharded()).compile()
 
   def abstract_train_state_sharded(self):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
