@@ -10,6 +10,10 @@ from longctx.models import rmt  # noqa: F401  (registers "rmt")
 from longctx.models.rmt import RMT, RMTConfig
 from longctx.models import memorizing  # noqa: F401  (registers "memorizing")
 from longctx.models.memorizing import Memorizing, MemorizingConfig
+from longctx.models import block_recurrent  # noqa: F401  (registers "block_recurrent")
+from longctx.models.block_recurrent import BlockRecurrent, BlockRecurrentConfig
+from longctx.models import melodi  # noqa: F401  (registers "melodi")
+from longctx.models.melodi import Melodi, MelodiConfig
 
 
 def build_model(cfg, *, rngs: nnx.Rngs) -> SegmentLM:

@@ -1,0 +1,177 @@
+"""MELODI: the model contract, its masks, the long-term FIFO and the memory footprint."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import model_contract as contract
+import longctx.models.melodi  # noqa: F401  (registers "melodi")
+from longctx.errors import ConfigError, LongctxError
+from longctx.models import create_model, list_models
+from longctx.models.melodi import Melodi, MelodiConfig, fifo_append, long_mask, melodi_mask
+
+VOCAB, BLOCK, S, U, M, A = 50, 8, 4, 4, 12, 4
+
+
+def tiny(**kw):
+  cfg = MelodiConfig(**{**dict(vocab_size=VOCAB, d_model=32, num_layers=2, num_heads=4, block_len=BLOCK,
+                               short_memory=S, summary_tokens=U, long_memory_size=M, long_append=A), **kw})
+  cfg.validate()
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def model():
+  return create_model(tiny(), seed=0)
+
+
+@pytest.fixture(scope="module")
+def step(model):
+  return contract.make_step(model)
+
+
+def test_registered(model):
+  assert "melodi" in list_models()
+  assert model.cfg.resolved_long_layer == 1  # the middle of 2 layers
+  state = model.init_state(3)
+  shapes = jax.tree.map(lambda x: (x.shape, x.dtype.name), state)
+  assert shapes == {"memory": {"short": ((3, 2, S, 32), "float32"), "short_valid": ((3,), "bool"),
+                               "long": ((3, M, 32), "float32"), "long_valid": ((3, M), "bool")}}
+
+
+def test_segments_of_whole_blocks_equal_one_pass(model, step):
+  contract.segment_invariance(model, step, n=32, segs=[8, 16], vocab=VOCAB)
+  ids = (jnp.arange(32) >= 16).astype(jnp.int32)[None].repeat(2, 0)  # a document starts at a block
+  contract.segment_invariance(model, step, n=32, segs=[8, 16], vocab=VOCAB, segment_ids=ids)
+
+
+def test_reset_isolation(model, step):
+  contract.reset_isolation(model, step, seg=BLOCK, vocab=VOCAB)
+
+
+@pytest.mark.parametrize("boundary", [8, 13])  # at a block start, and inside a block
+def test_no_leak_across_documents(model, step, boundary):
+  contract.no_leak_across_documents(model, step, seg=16, boundary=boundary, vocab=VOCAB)
+
+
+def test_memory_carries_beyond_the_window(model, step):
+  # No XL cache: everything a window knows of earlier windows comes through the memory.
+  contract.memory_carries(model, step, seg=BLOCK, vocab=VOCAB, horizon=BLOCK)
+
+
+def test_gradients_flow_through_the_memory(model):
+  contract.gradients_reach(model, seg=BLOCK, vocab=VOCAB,
+                           names=["summary_tokens", "mix_short", "mix_summary", "mix_long", "long_gate"])
+
+
+def test_long_memory_is_a_fifo(model, step):
+  """Window by window, the FIFO drops its oldest A entries and appends the window's A at the end."""
+  n = 4  # 16 entries appended into 12 slots: wraps
+  tokens = contract.randint(11, (2, n * BLOCK), VOCAB)
+  state = model.init_state(2)
+  appended, sim = [], []  # sim: numpy FIFO of (entry, valid) built from each window's appended entries
+  sim_mem, sim_valid = np.zeros((2, M, 32), np.float32), np.zeros((2, M), bool)
+  for k in range(n):
+    _, state = step(tokens[:, k * BLOCK:(k + 1) * BLOCK], state, jnp.array([k == 0] * 2),
+                    jnp.zeros((2, BLOCK), jnp.int32))
+    mem, valid = np.asarray(state["memory"]["long"]), np.asarray(state["memory"]["long_valid"])
+    appended.append(mem[:, -A:])
+    sim_mem = np.concatenate([sim_mem[:, A:], appended[-1]], axis=1)
+    sim_valid = np.concatenate([sim_valid[:, A:], np.ones((2, A), bool)], axis=1)
+    np.testing.assert_array_equal(mem, sim_mem)
+    np.testing.assert_array_equal(valid, sim_valid)
+    np.testing.assert_array_equal(valid[0], np.arange(M) >= M - min(M, A * (k + 1)))
+  np.testing.assert_array_equal(mem, np.concatenate(appended[-(M // A):], axis=1))  # the last 3 windows, in order
+  assert all(np.abs(a).sum() > 0 for a in appended) and not np.array_equal(appended[-1], appended[-2])
+  # One pass over the 4 windows ends in the same FIFO.
+  _, one = step(tokens, model.init_state(2), jnp.array([True, True]), jnp.zeros(tokens.shape, jnp.int32))
+  np.testing.assert_allclose(np.asarray(one["memory"]["long"]), mem, rtol=1e-5, atol=1e-6)
+
+
+def test_fifo_append():
+  mem = jnp.arange(2 * 5 * 1, dtype=jnp.float32).reshape(2, 5, 1)
+  valid = jnp.array([[False, False, True, True, True]] * 2)
+  new = -jnp.ones((2, 2, 1))
+  out, out_valid = fifo_append(mem, valid, new)
+  np.testing.assert_array_equal(np.asarray(out)[0, :, 0], [2, 3, 4, -1, -1])
+  np.testing.assert_array_equal(np.asarray(out_valid)[0], [True, True, True, True, True])
+
+
+def test_masks():
+  q_doc = jnp.array([[0, 0, 1, 1]])  # a document starts inside the window
+  mask = np.asarray(melodi_mask(q_doc, jnp.array([True]), short_memory=2, summary_tokens=2))[0]
+  assert mask.shape == (4 + 2, 2 + 4 + 2)
+  tok, summ = mask[:4], mask[4:]
+  np.testing.assert_array_equal(tok[:, :2], [[1, 1], [1, 1], [0, 0], [0, 0]])  # memory: document 0 only
+  np.testing.assert_array_equal(tok[:, 2:6], [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]])
+  np.testing.assert_array_equal(tok[:, 6:], np.zeros((4, 2)))  # tokens never see summary tokens
+  # Summary tokens: no memory (they belong to document 1), the last document's tokens, causal among themselves.
+  np.testing.assert_array_equal(summ, [[0, 0, 0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 1, 1, 1, 1]])
+  one_doc = np.asarray(melodi_mask(jnp.zeros((1, 3), jnp.int32), jnp.array([True]), short_memory=1,
+                                   summary_tokens=1))[0]
+  np.testing.assert_array_equal(one_doc, [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+  empty = np.asarray(melodi_mask(jnp.zeros((1, 3), jnp.int32), jnp.array([False]), short_memory=1,
+                                 summary_tokens=1))[0]
+  assert not empty[:, 0].any()  # never-written short memory is never attended
+  lm = np.asarray(long_mask(q_doc, jnp.array([[False, True, True]]), summary_tokens=2))[0]
+  np.testing.assert_array_equal(lm, [[0, 1, 1]] * 2 + [[0, 0, 0]] * 4)
+
+
+def test_without_long_memory_and_unequal_short_summary():
+  cfg = tiny(long_memory_size=0, short_memory=3, num_layers=1)
+  m = create_model(cfg, seed=1)
+  state = m.init_state(2)
+  assert set(state["memory"]) == {"short", "short_valid"} and m.mix_long is None
+  assert m.mix_short[0].norm_x is None  # S != U: a plain linear mixer, as meliad
+  logits, state = m(jnp.ones((2, 16), jnp.int32), state, reset=jnp.ones((2,), bool))
+  assert logits.shape == (2, 16, VOCAB) and np.all(np.isfinite(np.asarray(logits)))
+  assert state["memory"]["short"].shape == (2, 1, 3, 32) and bool(state["memory"]["short_valid"].all())
+
+
+def test_sharded_matches_one_device(eight_devices):
+  cfg = MelodiConfig(vocab_size=259, d_model=32, num_layers=2, num_heads=4, block_len=16, short_memory=4,
+                     summary_tokens=4, long_memory_size=12, long_append=4)
+  contract.sharded_matches_one_device(cfg, eight_devices, seg_len=32, align=16)
+
+
+def state_bytes(model, batch=1):
+  state = jax.eval_shape(lambda: model.init_state(batch))
+  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
+
+
+def test_state_bytes_per_lane(model):
+  assert Melodi.state_bytes_per_lane(model.cfg) == state_bytes(model)
+  assert Melodi.state_bytes_per_lane(tiny(long_memory_size=0)) == 4 * 2 * S * 32 + 1
+  # Reference scale (base_melodi.gin) against a Memorizing Transformer with 64K (key, value) pairs in one layer.
+  from longctx.models.memorizing import MemorizingConfig
+  from longctx.models import build_model
+  ref = MelodiConfig(vocab_size=256, d_model=1024, num_layers=12, num_heads=8, block_len=512, short_memory=64,
+                     summary_tokens=64, long_memory_size=4096, long_append=32, long_layer=6)
+  mem = MemorizingConfig(vocab_size=256, d_model=1024, num_layers=12, num_heads=8, window=512, block_len=512,
+                         memory_size=65536, knn_layers=[6])
+  melodi_bytes = Melodi.state_bytes_per_lane(ref)
+  memorizing_bytes = state_bytes(nnx.eval_shape(lambda: build_model(mem, rngs=nnx.Rngs(0))))
+  assert melodi_bytes == 4 * (12 * 64 + 4096) * 1024 + 4096 + 1
+  assert memorizing_bytes / melodi_bytes > 8
+
+
+def test_flops_per_token(model):
+  cfg = model.cfg
+  f = Melodi.flops_per_token(cfg, seg_len=32)
+  no_long = Melodi.flops_per_token(tiny(long_memory_size=0), seg_len=32)
+  assert f > no_long > 2 * cfg.d_model * VOCAB
+
+
+def test_errors_are_clear(model):
+  with pytest.raises(LongctxError, match="not a multiple of model.block_len=8"):
+    model(jnp.zeros((2, 12), jnp.int32), model.init_state(2), reset=jnp.ones((2,), bool))
+  for kw, key in [(dict(short_memory=0), "model.short_memory"), (dict(summary_tokens=0), "model.summary_tokens"),
+                  (dict(long_memory_size=-1), "model.long_memory_size"), (dict(long_append=0), "model.long_append"),
+                  (dict(long_append=13), "model.long_append"), (dict(long_layer=2), "model.long_layer"),
+                  (dict(long_layer=-2), "model.long_layer")]:
+    with pytest.raises(ConfigError, match=key):
+      tiny(**kw)
