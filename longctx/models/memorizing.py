@@ -77,7 +77,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from longctx.errors import ConfigError
-from longctx.layers import RMSNorm, rotary, sliding_window_attention
+from longctx.layers import RMSNorm
 from longctx.layers.attention import NEG_INF
 from longctx.models.blockwise import BlockwiseConfig, BlockwiseLM, last_doc_mask
 from longctx.models.registry import register_model
@@ -272,17 +272,7 @@ class KNNAttention(Attention):
     Returns the output `[b, L, d_model]` and the block's unrotated k, v `[b, L, kv, d]`.
     """
     cfg = self.cfg
-    q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(x.dtype))
-    k = jnp.einsum("bsd,dhk->bshk", x, self.wk[...].astype(x.dtype))
-    v = jnp.einsum("bsd,dhk->bshk", x, self.wv[...].astype(x.dtype))
-    window, seg = cache_k.shape[1], x.shape[1]
-    k_all = jnp.concatenate([cache_k.astype(k.dtype), k], axis=1)
-    v_all = jnp.concatenate([cache_v.astype(v.dtype), v], axis=1)
-    positions = jnp.arange(window + seg)
-    q_rot = rotary(q, positions[window:], base=cfg.rope_base)
-    k_rot = rotary(k_all, positions, base=cfg.rope_base)
-    y_local = sliding_window_attention(q_rot, k_rot, v_all, q_doc=q_doc, k_doc=k_doc, window=cfg.window,
-                                       block=cfg.attention_block or None)
+    y_local, q, k, v = self.attend(x, cache_k=cache_k, cache_v=cache_v, q_doc=q_doc, k_doc=k_doc)
     y_mem = knn_attention(l2_normalize(q), memory["k"], memory["v"], memory["valid"],
                           jnp.abs(self.knn_scale[...]), top_k=cfg.top_k, method=cfg.retrieval,
                           recall_target=cfg.recall_target, query_chunk=cfg.knn_query_chunk)

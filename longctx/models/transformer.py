@@ -66,6 +66,15 @@ class Attention(nnx.Module):
     Returns the output `[batch, seg, d_model]` and the new (unrotated) k, v
     of the segment `[batch, seg, kv_heads, head_dim]`.
     """
+    out, _, k, v = self.attend(x, cache_k=cache_k, cache_v=cache_v, q_doc=q_doc, k_doc=k_doc)
+    return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(x.dtype)), k, v
+
+  def attend(self, x, *, cache_k, cache_v, q_doc, k_doc):
+    """The windowed attention before the output projection.
+
+    Returns the per-head output `[batch, seg, heads, head_dim]` and the segment's
+    unrotated q `[batch, seg, heads, head_dim]`, k, v `[batch, seg, kv_heads, head_dim]`.
+    """
     cfg = self.cfg
     q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(x.dtype))
     k = jnp.einsum("bsd,dhk->bshk", x, self.wk[...].astype(x.dtype))
@@ -78,7 +87,7 @@ class Attention(nnx.Module):
     k_rot = rotary(k_all, positions, base=cfg.rope_base)
     out = sliding_window_attention(q_rot, k_rot, v_all, q_doc=q_doc, k_doc=k_doc, window=cfg.window,
                                    block=cfg.attention_block or None)
-    return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(x.dtype)), k, v
+    return out, q, k, v
 
 
 class Block(nnx.Module):
