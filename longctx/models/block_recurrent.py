@@ -84,7 +84,8 @@ from flax import nnx
 
 from longctx.errors import ConfigError
 from longctx.layers import GatedMLP, RMSNorm, masked_attention, param
-from longctx.models.blockwise import BlockwiseConfig, BlockwiseLM, last_doc_mask
+from longctx.models.blockwise import (BlockwiseConfig, BlockwiseLM, check_layer_list, last_doc_mask,
+                                      resolve_layer_list)
 from longctx.models.registry import register_model
 from longctx.models.transformer import Attention, Block, Embedding
 
@@ -102,15 +103,7 @@ class BlockRecurrentConfig(BlockwiseConfig):
 
   def validate(self) -> None:
     super().validate()
-    n = self.num_layers
-    if not self.recurrent_layers:
-      raise ConfigError("model.recurrent_layers must name at least one layer (e.g. [-2], the second-to-last)")
-    bad = [i for i in self.recurrent_layers if not -n <= i < n]
-    if bad:
-      raise ConfigError(f"model.recurrent_layers={self.recurrent_layers}: layer index {bad[0]} is out of range "
-                        f"for model.num_layers={n} (valid: {-n}..{n - 1})")
-    if len(set(self.resolved_recurrent_layers)) != len(self.recurrent_layers):
-      raise ConfigError(f"model.recurrent_layers={self.recurrent_layers} names a layer twice")
+    check_layer_list("recurrent_layers", self.recurrent_layers, self.num_layers)
     if self.num_states < 1:
       raise ConfigError(f"model.num_states={self.num_states} must be >= 1")
     if self.gate not in GATES:
@@ -121,7 +114,7 @@ class BlockRecurrentConfig(BlockwiseConfig):
 
   @property
   def resolved_recurrent_layers(self) -> tuple[int, ...]:
-    return tuple(sorted(i % self.num_layers for i in self.recurrent_layers))
+    return resolve_layer_list(self.recurrent_layers, self.num_layers)
 
 
 # ----------------------------------------------------------------------------- pure functions

@@ -140,6 +140,24 @@ class BlockwiseLM(SegmentLM):
     return self.embedding.logits(self.final_norm(x)), state
 
 
+def check_layer_list(key: str, layers: list[int], num_layers: int) -> None:
+  """Validate `model.<key>`, a non-empty list of distinct layer indices (negative counts from the top)."""
+  n = num_layers
+  if not layers:
+    raise ConfigError(f"model.{key} must name at least one layer (e.g. [-2], the second-to-last)")
+  bad = [i for i in layers if not -n <= i < n]
+  if bad:
+    raise ConfigError(f"model.{key}={layers}: layer index {bad[0]} is out of range for model.num_layers={n} "
+                      f"(valid: {-n}..{n - 1})")
+  if len(set(resolve_layer_list(layers, n))) != len(layers):
+    raise ConfigError(f"model.{key}={layers} names a layer twice")
+
+
+def resolve_layer_list(layers: list[int], num_layers: int) -> tuple[int, ...]:
+  """Layer indices made non-negative and sorted."""
+  return tuple(sorted(i % num_layers for i in layers))
+
+
 def last_doc_mask(q_doc: jax.Array) -> jax.Array:
   """`[batch, block]` bool: the token belongs to the block's last document (the one memory writes may see)."""
   return q_doc == q_doc[:, -1:]

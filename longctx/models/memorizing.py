@@ -79,7 +79,8 @@ from flax import nnx
 from longctx.errors import ConfigError
 from longctx.layers import RMSNorm
 from longctx.layers.attention import NEG_INF
-from longctx.models.blockwise import BlockwiseConfig, BlockwiseLM, last_doc_mask
+from longctx.models.blockwise import (BlockwiseConfig, BlockwiseLM, check_layer_list, last_doc_mask,
+                                      resolve_layer_list)
 from longctx.models.registry import register_model
 from longctx.models.transformer import Attention, Block, Embedding
 
@@ -102,15 +103,7 @@ class MemorizingConfig(BlockwiseConfig):
 
   def validate(self) -> None:
     super().validate()
-    n = self.num_layers
-    if not self.knn_layers:
-      raise ConfigError("model.knn_layers must name at least one layer (e.g. [-2], the second-to-last)")
-    bad = [i for i in self.knn_layers if not -n <= i < n]
-    if bad:
-      raise ConfigError(f"model.knn_layers={self.knn_layers}: layer index {bad[0]} is out of range for "
-                        f"model.num_layers={n} (valid: {-n}..{n - 1})")
-    if len(set(self.resolved_knn_layers)) != len(self.knn_layers):
-      raise ConfigError(f"model.knn_layers={self.knn_layers} names a layer twice")
+    check_layer_list("knn_layers", self.knn_layers, self.num_layers)
     if self.memory_size < 1:
       raise ConfigError(f"model.memory_size={self.memory_size} must be >= 1")
     if not 1 <= self.top_k <= self.memory_size:
@@ -129,7 +122,7 @@ class MemorizingConfig(BlockwiseConfig):
 
   @property
   def resolved_knn_layers(self) -> tuple[int, ...]:
-    return tuple(sorted(i % self.num_layers for i in self.knn_layers))
+    return resolve_layer_list(self.knn_layers, self.num_layers)
 
 
 # ----------------------------------------------------------------------------- pure functions
