@@ -32,6 +32,7 @@ LOGICAL_RULES: dict[str, str | None] = {
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,
+    "conv": None,
     "layers": None,
     "state": None,
     "memory": None,

@@ -34,8 +34,8 @@ def step(model):
 
 
 @pytest.fixture(scope="module")
-def lstm_model():  # the other gate, with the state FFN (its own gate), on the last layer
-  return create_model(tiny_config(gate="lstm", state_ffn=True, recurrent_layers=[1]), seed=1)
+def lstm_model():  # the other gate, with the state FFN (its own gate), on the last layer, and a token conv
+  return create_model(tiny_config(gate="lstm", state_ffn=True, recurrent_layers=[1], embed_conv=3), seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,9 @@ def test_gradients_flow_through_the_recurrence(model):
 def test_lstm_gate_model_contract(lstm_model, lstm_step):
   contract.segment_invariance(lstm_model, lstm_step, n=16, segs=[8], vocab=VOCAB)
   contract.no_leak_across_documents(lstm_model, lstm_step, seg=16, boundary=13, vocab=VOCAB)
-  contract.memory_carries(lstm_model, lstm_step, seg=BLOCK, vocab=VOCAB, horizon=LAYERS * WINDOW)
+  contract.reset_isolation(lstm_model, lstm_step, seg=BLOCK, vocab=VOCAB)
+  contract.memory_carries(lstm_model, lstm_step, seg=BLOCK, vocab=VOCAB,
+                          horizon=LAYERS * WINDOW + lstm_model.embedding.history_len)
   flat = contract.gradients_reach(lstm_model, seg=BLOCK, vocab=VOCAB,
                                   names=["initial_state", "state_ids", "state_gate", "state_ffn_gate"])
   assert {"w_input", "b_input", "w_forget", "b_forget"} <= {p.split("'")[-2] for p in flat if "state_gate" in p}
@@ -96,7 +98,7 @@ def test_lstm_gate_model_contract(lstm_model, lstm_step):
 
 def test_sharded_matches_one_device(eight_devices):
   cfg = BlockRecurrentConfig(vocab_size=259, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, window=16,
-                             block_len=16, num_states=4)
+                             block_len=16, num_states=4, embed_conv=4)
   contract.sharded_matches_one_device(cfg, eight_devices, seg_len=32, align=16)
 
 

@@ -121,6 +121,16 @@ def test_masks():
   np.testing.assert_array_equal(lm, [[0, 1, 1]] * 2 + [[0, 0, 0]] * 4)
 
 
+def test_embed_conv_keeps_the_contract():
+  """With the token conv (history in the state, outside the memory), MELODI still streams exactly."""
+  m = create_model(tiny(embed_conv=3), seed=2)
+  conv_step = contract.make_step(m)
+  assert set(m.init_state(2)) == {"memory", "prev_tokens", "prev_valid"}
+  contract.segment_invariance(m, conv_step, n=32, segs=[8, 16], vocab=VOCAB)
+  contract.no_leak_across_documents(m, conv_step, seg=16, boundary=13, vocab=VOCAB)
+  contract.reset_isolation(m, conv_step, seg=BLOCK, vocab=VOCAB)
+
+
 def test_without_long_memory_and_unequal_short_summary():
   cfg = tiny(long_memory_size=0, short_memory=3, num_layers=1)
   m = create_model(cfg, seed=1)

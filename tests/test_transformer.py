@@ -17,9 +17,11 @@ def randint(seed, shape, high=50):
   return jnp.asarray(np.random.default_rng(seed).integers(0, high, shape, dtype=np.int32))
 
 
-@pytest.fixture(scope="module")
-def model():
-  cfg = TransformerConfig(vocab_size=50, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, window=WINDOW)
+@pytest.fixture(scope="module", params=[0, 4], ids=["plain", "embed_conv4"])
+def model(request):
+  """The baseline, without and with the causal token conv over embeddings (which adds state)."""
+  cfg = TransformerConfig(vocab_size=50, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, window=WINDOW,
+                          embed_conv=request.param)
   cfg.validate()
   return create_model(cfg, seed=0)
 
@@ -122,9 +124,9 @@ def test_window_limits_what_is_seen(model, step):
   tokens = randint(7, (1, 24))
   base = stream(model, step, tokens, 24)
   far = tokens.at[0, 2].set((tokens[0, 2] + 1) % 50)
-  # Position 2 is visible (through layers) to positions <= 2 + 2 * WINDOW.
+  # Position 2 is visible (through layers and the token conv) to positions <= 2 + 2 * WINDOW + K-1.
   changed = stream(model, step, far, 24)
-  horizon = 2 + 2 * WINDOW
+  horizon = 2 + 2 * WINDOW + model.embedding.history_len
   np.testing.assert_array_equal(np.asarray(base[0, horizon + 1:]), np.asarray(changed[0, horizon + 1:]))
   assert not np.allclose(np.asarray(base[0, 3]), np.asarray(changed[0, 3]))
 
@@ -160,4 +162,24 @@ def test_memory_contract_check_fails_for_the_baseline(model, step):
   import model_contract as contract
 
   with pytest.raises(AssertionError, match="memory carries nothing"):
-    contract.memory_carries(model, step, seg=WINDOW, vocab=50, horizon=2 * WINDOW)
+    contract.memory_carries(model, step, seg=WINDOW, vocab=50, horizon=2 * WINDOW + model.embedding.history_len)
+
+
+def test_token_conv_matches_numpy():
+  """y_t = e_t + sum_j kernel_j e_{t-j}, dropping taps that reach into another document or an empty slot."""
+  from longctx.models.transformer import token_conv
+
+  rng = np.random.default_rng(0)
+  taps, seq, d = 4, 11, 5
+  e = rng.normal(size=(2, taps - 1 + seq, d)).astype(np.float32)
+  kernel = rng.normal(size=(taps, d)).astype(np.float32)
+  doc = np.zeros((2, taps - 1 + seq), np.int32)
+  doc[0, :2] = -1  # row 0: only one history slot is filled
+  doc[1, taps - 1 + 6:] = 1  # row 1: a document starts at segment position 6
+  want = np.zeros((2, seq, d), np.float32)
+  for b in range(2):
+    for t in range(seq):
+      i = taps - 1 + t
+      want[b, t] = e[b, i] + sum(kernel[j] * e[b, i - j] for j in range(taps) if doc[b, i - j] == doc[b, i])
+  got = np.asarray(token_conv(jnp.asarray(e), jnp.asarray(kernel), jnp.asarray(doc)))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -88,11 +88,12 @@ class BlockwiseLM(SegmentLM):
 
   def init_state(self, batch_size: int) -> State:
     cfg = self.cfg
+    history = self.embedding.init_history(batch_size)
     if not self.xl_cache:
-      return {"memory": self.init_memory(batch_size)}
+      return {"memory": self.init_memory(batch_size), **history}
     kv_shape = (batch_size, cfg.num_layers, cfg.window, cfg.num_kv_heads or cfg.num_heads, cfg.resolved_head_dim)
     return {"k": jnp.zeros(kv_shape, jnp.float32), "v": jnp.zeros(kv_shape, jnp.float32),
-            "valid": jnp.zeros((batch_size, cfg.window), bool), "memory": self.init_memory(batch_size)}
+            "valid": jnp.zeros((batch_size, cfg.window), bool), "memory": self.init_memory(batch_size), **history}
 
   def __call__(self, tokens, state, *, reset, segment_ids=None):
     self.check_segment_shapes(tokens, reset)
@@ -106,20 +107,23 @@ class BlockwiseLM(SegmentLM):
     fresh["memory"] = self.fresh_memory(fresh["memory"])
     state = reset_rows(state, fresh, reset)
     ids = jnp.zeros(tokens.shape, jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    dtype = self.embedding.table[...].dtype
+    # The token history (embed_conv) is per segment; the scan carries the rest of the state.
+    x, history = self.embedding.embed_segment(tokens, state, ids - ids[:, :1], dtype)
+    state = {key: val for key, val in state.items() if key not in history}
+    fresh = {key: val for key, val in fresh.items() if key not in history}
     n = s // block
-    tok_blocks = tokens.reshape(b, n, block).swapaxes(0, 1)  # [n, b, block]
+    x_blocks = x.reshape(b, n, block, -1).swapaxes(0, 1)  # [n, b, block, d_model]
     id_blocks = ids.reshape(b, n, block).swapaxes(0, 1)
     prev_last = jnp.concatenate([id_blocks[:1, :, 0], id_blocks[:-1, :, -1]], axis=0)
     block_reset = id_blocks[:, :, 0] != prev_last  # a document starts at the block's first token
-    dtype = self.embedding.table[...].dtype
 
     def body(state, inputs):
-      tok, blk_ids, rst = inputs
+      x, blk_ids, rst = inputs
       state = reset_rows(state, fresh, rst)
       q_doc = blk_ids - blk_ids[:, :1]
       starts_inside = q_doc[:, -1] > 0
       memory = reset_rows(state["memory"], fresh["memory"], starts_inside)
-      x = self.embedding.embed(tok, dtype)
       if not self.xl_cache:
         x, _, new_memory = self.forward_block(x, memory=memory, caches=None, q_doc=q_doc, k_doc=q_doc)
         return {"memory": jax.tree.map(lambda new, old: new.astype(old.dtype), new_memory, state["memory"])}, x
@@ -135,9 +139,9 @@ class BlockwiseLM(SegmentLM):
       }
       return new_state, x
 
-    state, xs = jax.lax.scan(body, state, (tok_blocks, id_blocks, block_reset))
+    state, xs = jax.lax.scan(body, state, (x_blocks, id_blocks, block_reset))
     x = xs.swapaxes(0, 1).reshape(b, s, -1)
-    return self.embedding.logits(self.final_norm(x)), state
+    return self.embedding.logits(self.final_norm(x)), {**state, **history}
 
 
 def check_layer_list(key: str, layers: list[int], num_layers: int) -> None:

@@ -250,7 +250,7 @@ class Melodi(BlockwiseLM):
     self.blocks = nnx.List([Block(cfg, rngs=rngs, attention_cls=LongMemoryAttention if i == long else MelodiAttention)
                             for i in range(n)])
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-    self.summary_tokens = param(rngs, (U, cfg.d_model), ("memory", "embed"), fan_in=1, scale=0.25 ** 2)
+    self.summary_tokens = param(rngs, (U, cfg.d_model), ("memory", "embed"), fan_in=cfg.d_model)
     self.mix_short = nnx.List([TokenMixing(cfg, S, norm_residual=S == U, rngs=rngs) for _ in range(n)])
     self.mix_summary = nnx.List([TokenMixing(cfg, U, norm_residual=True, rngs=rngs) for _ in range(n - 1)])
     self.mix_long = (TokenMixing(cfg, cfg.long_append, norm_residual=False, rngs=rngs)

@@ -107,7 +107,7 @@ class RMT(BlockwiseLM):
     self.embedding = Embedding(cfg, rngs=rngs)
     self.blocks = nnx.List([Block(cfg, rngs=rngs, attention_cls=MemoryAttention) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-    self.memory_init = param(rngs, (cfg.num_memory, cfg.d_model), ("memory", "embed"), fan_in=1)
+    self.memory_init = param(rngs, (cfg.num_memory, cfg.d_model), ("memory", "embed"), fan_in=cfg.d_model)
     self.memory_out_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.memory_norm else None
 
   def init_memory(self, batch_size: int):

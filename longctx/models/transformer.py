@@ -6,9 +6,17 @@ document; the state caches the last `window` (unrotated) keys and values of
 every layer, so a stream cut into any segments gives the same logits as one
 long pass. Positions are rotary, relative inside [cache; segment].
 
+With `embed_conv = K > 1` every token's input embedding also mixes in the
+K-1 tokens before it (`token_conv`), so the first attention layer can already
+match "the token after X" (induction, associative recall) instead of having to
+build a previous-token head from rotary positions first; on the synthetic
+recall tasks this turns copying from not learned in 1000 steps into learned
+in ~500.
+
 State (every leaf batch-first):
   k, v:  [batch, layers, window, kv_heads, head_dim]  cached keys / values
   valid: [batch, window] bool  cache slot belongs to the document still open
+  prev_tokens, prev_valid: [batch, K-1]  the last K-1 tokens (only with embed_conv > 1)
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ class TransformerConfig(ModelConfig):
   num_kv_heads: int = 0  # 0 = num_heads (multi-head); fewer = grouped-query attention
   rope_base: float = 10000.0
   attention_block: int = 0  # query block of the blockwise path (0 = window)
+  embed_conv: int = 0  # width of a causal depthwise conv over token embeddings (0 = off; 4 helps recall)
 
   def validate(self) -> None:
     super().validate()
@@ -43,6 +52,8 @@ class TransformerConfig(ModelConfig):
       raise ConfigError(f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads={kv}")
     if self.resolved_head_dim % 2:
       raise ConfigError(f"head_dim={self.resolved_head_dim} must be even for rotary positions")
+    if self.embed_conv < 0:
+      raise ConfigError(f"model.embed_conv={self.embed_conv} must be >= 0 (0 = off, e.g. 4)")
     if self.attention_block and self.attention_block < self.window:
       raise ConfigError(f"model.attention_block={self.attention_block} must be 0 or >= model.window={self.window}")
 
@@ -106,23 +117,86 @@ class Block(nnx.Module):
     return x, k, v
 
 
+def token_conv(e: jax.Array, kernel: jax.Array, doc: jax.Array) -> jax.Array:
+  """Causal depthwise convolution with a residual, within documents.
+
+      y_t = e_t + sum_{j=0}^{K-1} kernel_j * e_{t-j}   (terms from another document dropped)
+
+  Args:
+    e: `[batch, K-1 + seq, d]` embeddings of the K-1 previous tokens, then the segment.
+    kernel: `[K, d]`; tap j multiplies the input j steps back.
+    doc: `[batch, K-1 + seq]` document ids (-1: no token there).
+  Returns:
+    `[batch, seq, d]`.
+  """
+  taps = kernel.shape[0]
+  seq = e.shape[1] - (taps - 1)
+  x_doc = doc[:, taps - 1:]
+  y = e[:, taps - 1:]
+  for j in range(taps):
+    start = taps - 1 - j
+    same = (doc[:, start:start + seq] == x_doc)[..., None]
+    y = y + jnp.where(same, e[:, start:start + seq] * kernel[j].astype(e.dtype), 0)
+  return y
+
+
+def token_history(tokens: jax.Array, q_doc: jax.Array, prev_tokens: jax.Array, prev_valid: jax.Array):
+  """The last K-1 tokens after a segment, valid where they belong to its last document.
+
+  tokens, q_doc `[batch, seq]`; prev_tokens, prev_valid `[batch, K-1]`.
+  """
+  n = prev_tokens.shape[1]
+  all_tokens = jnp.concatenate([prev_tokens, tokens], axis=1)[:, -n:]
+  all_doc = jnp.concatenate([jnp.where(prev_valid, 0, -1), q_doc], axis=1)[:, -n:]
+  return all_tokens, all_doc == q_doc[:, -1:]
+
+
 class Embedding(nnx.Module):
-  """Token embedding `[vocab, d_model]` with an optional untied output head."""
+  """Token embedding `[vocab, d_model]`, optional causal token conv, optional untied output head."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.table = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), fan_in=1)
+    self.table = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), fan_in=cfg.d_model)
     self.head = None if cfg.tie_embeddings else param(
         rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), fan_in=cfg.d_model)
-    self.tied_scale = cfg.d_model ** -0.5
+    taps = getattr(cfg, "embed_conv", 0)
+    self.conv = param(rngs, (taps, cfg.d_model), ("conv", "embed"), fan_in=taps) if taps else None
+
+  @property
+  def history_len(self) -> int:
+    """Previous tokens the embedding of a token depends on (K-1 with a conv of width K)."""
+    return 0 if self.conv is None else self.conv.shape[0] - 1
+
+  def init_history(self, batch_size: int) -> dict:
+    """State entries for the token history (empty without a conv)."""
+    n = self.history_len
+    if not n:
+      return {}
+    return {"prev_tokens": jnp.zeros((batch_size, n), jnp.int32), "prev_valid": jnp.zeros((batch_size, n), bool)}
 
   def embed(self, tokens: jax.Array, dtype) -> jax.Array:
+    """Plain lookup `[batch, seq] -> [batch, seq, d_model]` (no conv)."""
     return jnp.take(self.table[...], tokens, axis=0).astype(dtype)
+
+  def embed_segment(self, tokens: jax.Array, state: dict, q_doc: jax.Array, dtype) -> tuple[jax.Array, dict]:
+    """Embed a segment, conv included; returns `[batch, seq, d_model]` and the new history entries.
+
+    state: holds `prev_tokens`, `prev_valid` when there is a conv (`init_history`);
+    q_doc `[batch, seq]` document ids (0 = the document the history belongs to).
+    """
+    if self.conv is None:
+      return self.embed(tokens, dtype), {}
+    prev_tokens, prev_valid = state["prev_tokens"], state["prev_valid"]
+    e = self.embed(jnp.concatenate([prev_tokens, tokens], axis=1), dtype)
+    doc = jnp.concatenate([jnp.where(prev_valid, 0, -1), q_doc], axis=1)
+    x = token_conv(e, self.conv[...], doc)
+    new_tokens, new_valid = token_history(tokens, q_doc, prev_tokens, prev_valid)
+    return x, {"prev_tokens": new_tokens, "prev_valid": new_valid}
 
   def logits(self, x: jax.Array) -> jax.Array:
     """`[batch, seq, d_model] -> [batch, seq, vocab]` in float32."""
     if self.head is None:
       w = self.table[...].astype(x.dtype)
-      return jnp.einsum("bsd,vd->bsv", x, w, preferred_element_type=jnp.float32) * self.tied_scale
+      return jnp.einsum("bsd,vd->bsv", x, w, preferred_element_type=jnp.float32)
     return jnp.einsum("bsd,dv->bsv", x, self.head[...].astype(x.dtype), preferred_element_type=jnp.float32)
 
 
@@ -173,6 +247,7 @@ class Transformer(SegmentLM):
         "k": jnp.zeros(kv_shape, jnp.float32),
         "v": jnp.zeros(kv_shape, jnp.float32),
         "valid": jnp.zeros((batch_size, cfg.window), bool),
+        **self.embedding.init_history(batch_size),
     }
 
   def __call__(self, tokens, state, *, reset, segment_ids=None):
@@ -182,7 +257,7 @@ class Transformer(SegmentLM):
     # Cache slots are visible only to the document that continues into this segment (id 0).
     k_doc = jnp.concatenate([jnp.where(state["valid"], 0, -1), q_doc], axis=1)
     dtype = self.embedding.table[...].dtype
-    x = self.embedding.embed(tokens, dtype)
+    x, history = self.embedding.embed_segment(tokens, state, q_doc, dtype)
     new_k, new_v = [], []
     for i, block in enumerate(self.blocks):
       x, k, v = block(x, cache_k=state["k"][:, i], cache_v=state["v"][:, i], q_doc=q_doc, k_doc=k_doc)
@@ -190,7 +265,7 @@ class Transformer(SegmentLM):
       new_v.append(roll_cache(state["v"][:, i], v))
     logits = self.embedding.logits(self.final_norm(x))
     valid = roll_cache_valid(state["valid"], q_doc)
-    return logits, {"k": jnp.stack(new_k, axis=1), "v": jnp.stack(new_v, axis=1), "valid": valid}
+    return logits, {"k": jnp.stack(new_k, axis=1), "v": jnp.stack(new_v, axis=1), "valid": valid, **history}
 
   @classmethod
   def flops_per_token(cls, cfg: TransformerConfig, *, seg_len: int) -> float:
@@ -200,4 +275,5 @@ class Transformer(SegmentLM):
     mlp = 2 * 3 * d * cfg.resolved_d_ff
     attn = 2 * 2 * h * hd * cfg.window  # QK^T and PV over the visible window
     head = 2 * d * cfg.vocab_size
-    return float(L * (proj + mlp + attn) + head)
+    conv = 2 * cfg.embed_conv * d
+    return float(L * (proj + mlp + attn) + head + conv)
