@@ -66,7 +66,8 @@ class DataConfig:
     "files"     local .txt / .jsonl / .parquet files (`paths`, `text_field`)
     "hub"       a Hugging Face hub dataset, streamed (`hub_name`, `hub_config`, `text_field`)
     "synthetic" generated long-context tasks (`task`: passkey, mqar, copy, qa1, qa2, or a
-                comma-separated mixture such as "passkey,mqar,qa1,qa2"; see data/synthetic.py)
+                comma-separated mixture such as "passkey,mqar,qa1,qa2", where naming a task twice
+                draws it twice as often; see data/synthetic.py)
   """
 
   source: str = "stdlib"
@@ -77,7 +78,7 @@ class DataConfig:
   text_field: str = "text"
   split: str = "train"
   eval_split: str = "validation"
-  task: str = "passkey"
+  task: str = "passkey"  # synthetic: a task or a mixture "a,b,c"; a task named n times is drawn n times as often
   task_length: int = 1024  # synthetic: approximate document length in tokens (the maximum if a range)
   task_min_length: int = 0  # synthetic: > 0 draws each length log-uniformly from [task_min_length, task_length]
   prompt_loss_weight: float = 0.0  # synthetic: loss weight of prompt tokens (answers weigh 1; 0 = answer-only)

@@ -327,3 +327,14 @@ def test_qa2_needs_two_facts():
 def test_synthetic_deterministic(task):
   make = lambda: synthetic.make_example(task, rng=np.random.default_rng(11), length_tokens=500, tokenizer=TOK)[0]
   np.testing.assert_array_equal(make()["tokens"], make()["tokens"])
+
+
+def test_synthetic_mixture_weights_by_repetition():
+  """A task named twice in the mixture is drawn twice as often (counted from the generated text)."""
+  from longctx.data.sources import SyntheticSource
+
+  src = SyntheticSource("copy,copy,qa1", tokenizer=TOK, length=64, num_docs=600, seed=0)
+  texts = [TOK.decode([int(t) for t in src.get(0, i)["tokens"]]) for i in range(600)]
+  copies = sum("Repeat the code:" in t for t in texts)
+  assert copies + sum("Answer:" in t for t in texts) == 600
+  assert 0.6 < copies / 600 < 0.73

@@ -6,7 +6,7 @@ segments of 8 lanes, so gradients flow through the recurrent state across 4
 blocks. LSTM gates (the paper's better variant on PG-19).
 
     longctx train recipes/synthetic/block_recurrent_recall.py --run-dir runs/recall/block_recurrent
-    longctx eval runs/recall/block_recurrent --task passkey,mqar,qa1,qa2 --lengths 128,512,2k,8k
+    longctx eval runs/recall/block_recurrent --task passkey,mqar,copy,qa1,qa2 --lengths 128,512,2k,8k
 """
 
 from _recall import BACKBONE, MESH, WINDOW, recall_data, recall_train

@@ -7,7 +7,7 @@ segments of 8 lanes. The FIFO gains 16 entries per window, so it spans the
 last 32 windows (4096 tokens).
 
     longctx train recipes/synthetic/melodi_recall.py --run-dir runs/recall/melodi
-    longctx eval runs/recall/melodi --task passkey,mqar,qa1,qa2 --lengths 128,512,2k,8k
+    longctx eval runs/recall/melodi --task passkey,mqar,copy,qa1,qa2 --lengths 128,512,2k,8k
 """
 
 from _recall import BACKBONE, MESH, WINDOW, recall_data, recall_train

@@ -6,7 +6,7 @@ memory holds every past key of a training document (2048 > 1024 tokens), retriev
 exactly (top-32).
 
     longctx train recipes/synthetic/memorizing_recall.py --run-dir runs/recall/memorizing
-    longctx eval runs/recall/memorizing --task passkey,mqar,qa1,qa2 --lengths 128,512,2k,8k \
+    longctx eval runs/recall/memorizing --task passkey,mqar,copy,qa1,qa2 --lengths 128,512,2k,8k \
         --set model.memory_size=8192   # the memory is state, not weights: size it for the longest input
 """
 

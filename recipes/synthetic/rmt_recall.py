@@ -5,7 +5,7 @@ to 1024 tokens (8 blocks) and are aligned to whole blocks; each step reads 4
 segments of 8 lanes, so gradients flow through the memory across 4 blocks.
 
     longctx train recipes/synthetic/rmt_recall.py --run-dir runs/recall/rmt
-    longctx eval runs/recall/rmt --task passkey,mqar,qa1,qa2 --lengths 128,512,2k,8k \\
+    longctx eval runs/recall/rmt --task passkey,mqar,copy,qa1,qa2 --lengths 128,512,2k,8k \\
         --compare runs/recall/transformer
 """
 

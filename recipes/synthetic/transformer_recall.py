@@ -6,7 +6,7 @@ of 64-256 tokens, where most evidence is inside the window (shared settings in
 `_recall.py`).
 
     longctx train recipes/synthetic/transformer_recall.py --run-dir runs/recall/transformer
-    longctx eval runs/recall/transformer --task passkey,mqar,qa1,qa2 --lengths 128,512,2k,8k
+    longctx eval runs/recall/transformer --task passkey,mqar,copy,qa1,qa2 --lengths 128,512,2k,8k
 """
 
 from _recall import BACKBONE, MESH, recall_data, recall_train
