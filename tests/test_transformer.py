@@ -183,3 +183,11 @@ def test_token_conv_matches_numpy():
       want[b, t] = e[b, i] + sum(kernel[j] * e[b, i - j] for j in range(taps) if doc[b, i - j] == doc[b, i])
   got = np.asarray(token_conv(jnp.asarray(e), jnp.asarray(kernel), jnp.asarray(doc)))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("width", [-1, 1])
+def test_embed_conv_width_is_checked(width):
+  from longctx.errors import ConfigError
+
+  with pytest.raises(ConfigError, match=r"model.embed_conv=.* must be 0 \(off\) or a width >= 2"):
+    TransformerConfig(embed_conv=width).validate()

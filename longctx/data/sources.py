@@ -242,7 +242,8 @@ class SyntheticSource(DocumentSource):
   """Generated long-context task documents (see `synthetic.py`); random access, endless variety.
 
   `task` is one task or a comma-separated mixture (each document draws one of
-  the listed names uniformly, so a task listed twice is drawn twice as often); lengths are `length` tokens, or log-uniform in [min_length, length].
+  the listed names uniformly, so a task listed twice is drawn twice as often);
+  lengths are `length` tokens, or log-uniform in [min_length, length].
   """
 
   def __init__(self, task: str, *, tokenizer, length: int, num_docs: int, seed: int, min_length: int = 0,

@@ -52,8 +52,8 @@ class TransformerConfig(ModelConfig):
       raise ConfigError(f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads={kv}")
     if self.resolved_head_dim % 2:
       raise ConfigError(f"head_dim={self.resolved_head_dim} must be even for rotary positions")
-    if self.embed_conv < 0:
-      raise ConfigError(f"model.embed_conv={self.embed_conv} must be >= 0 (0 = off, e.g. 4)")
+    if self.embed_conv < 0 or self.embed_conv == 1:
+      raise ConfigError(f"model.embed_conv={self.embed_conv} must be 0 (off) or a width >= 2 (e.g. 4)")
     if self.attention_block and self.attention_block < self.window:
       raise ConfigError(f"model.attention_block={self.attention_block} must be 0 or >= model.window={self.window}")
 
