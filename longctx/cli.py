@@ -13,7 +13,6 @@ Errors caused by input end in one line `error: ...` and exit code 2.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import sys

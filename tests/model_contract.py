@@ -7,6 +7,9 @@ Each function takes a model (or its config) and asserts one contract:
   memory_carries         with reset off, the next segment does depend on the previous one (memory is used)
   gradients_reach        the loss of a later segment has a gradient w.r.t. named parameters (through the state)
   sharded_matches_one_device  the train step on an 8-device mesh equals 1 device
+
+`BlockwiseContract` bundles the first four as test methods for the blockwise memory models (RMT,
+Block-Recurrent, Memorizing, MELODI); a test module subclasses it and sets the sizes.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from conftest import rel_err
@@ -172,3 +176,35 @@ def sharded_matches_one_device(model_cfg, devices, *, seg_len, steps=2, align=0,
     else:
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   return results
+
+
+class BlockwiseContract:
+  """The contract tests of a blockwise memory model. Subclass as `TestContract` in the model's test
+  module, which provides the `model` and `step` fixtures, and set:
+
+    VOCAB    the model's vocabulary size
+    BLOCK    its block length (segments are whole blocks)
+    HORIZON  how far back the model reaches without its memory (num_layers x window with an XL cache,
+             the block length without one), plus the token-conv history when that is on
+  """
+  VOCAB: int
+  BLOCK: int
+  HORIZON: int
+
+  def test_segments_of_whole_blocks_equal_one_pass(self, model, step):
+    n = 4 * self.BLOCK  # a memory smaller than 4 blocks wraps around here
+    segs = [self.BLOCK, 2 * self.BLOCK]
+    segment_invariance(model, step, n=n, segs=segs, vocab=self.VOCAB)
+    ids = (jnp.arange(n) >= 2 * self.BLOCK).astype(jnp.int32)[None].repeat(2, 0)  # a document starts at a block
+    segment_invariance(model, step, n=n, segs=segs, vocab=self.VOCAB, segment_ids=ids)
+
+  def test_reset_isolation(self, model, step):
+    reset_isolation(model, step, seg=self.BLOCK, vocab=self.VOCAB)
+
+  @pytest.mark.parametrize("where", ["block_start", "inside_block"])
+  def test_no_leak_across_documents(self, model, step, where):
+    boundary = self.BLOCK if where == "block_start" else self.BLOCK + self.BLOCK // 2 + 1
+    no_leak_across_documents(model, step, seg=2 * self.BLOCK, boundary=boundary, vocab=self.VOCAB)
+
+  def test_memory_carries_beyond_the_horizon(self, model, step):
+    memory_carries(model, step, seg=self.BLOCK, vocab=self.VOCAB, horizon=self.HORIZON)

@@ -33,16 +33,6 @@ def step(model):
   return contract.make_step(model)
 
 
-@pytest.fixture(scope="module")
-def lstm_model():  # the other gate, with the state FFN (its own gate), on the last layer, and a token conv
-  return create_model(tiny_config(gate="lstm", state_ffn=True, recurrent_layers=[1], embed_conv=3), seed=1)
-
-
-@pytest.fixture(scope="module")
-def lstm_step(lstm_model):
-  return contract.make_step(lstm_model)
-
-
 def test_registered():
   assert "block_recurrent" in list_models()
 
@@ -58,23 +48,9 @@ def test_memory_shape(model):
 # ----------------------------------------------------------------------------- the model contract
 
 
-def test_segments_of_whole_blocks_equal_one_pass(model, step):
-  contract.segment_invariance(model, step, n=32, segs=[8, 16], vocab=VOCAB)
-  ids = (jnp.arange(32) >= 16).astype(jnp.int32)[None].repeat(2, 0)  # a document starts at a block
-  contract.segment_invariance(model, step, n=32, segs=[8, 16], vocab=VOCAB, segment_ids=ids)
-
-
-def test_reset_isolation(model, step):
-  contract.reset_isolation(model, step, seg=BLOCK, vocab=VOCAB)
-
-
-@pytest.mark.parametrize("boundary", [8, 13])  # at a block start, and inside a block
-def test_no_leak_across_documents(model, step, boundary):
-  contract.no_leak_across_documents(model, step, seg=16, boundary=boundary, vocab=VOCAB)
-
-
-def test_memory_carries_beyond_the_window(model, step):
-  contract.memory_carries(model, step, seg=BLOCK, vocab=VOCAB, horizon=LAYERS * WINDOW)
+class TestContract(contract.BlockwiseContract):
+  VOCAB, BLOCK = VOCAB, BLOCK
+  HORIZON = LAYERS * WINDOW  # the XL cache
 
 
 def test_gradients_flow_through_the_recurrence(model):
@@ -85,15 +61,25 @@ def test_gradients_flow_through_the_recurrence(model):
   assert not any("state" in p for p in flat if p.startswith("['blocks'][1]"))  # layer 1 is a baseline block
 
 
-def test_lstm_gate_model_contract(lstm_model, lstm_step):
-  contract.segment_invariance(lstm_model, lstm_step, n=16, segs=[8], vocab=VOCAB)
-  contract.no_leak_across_documents(lstm_model, lstm_step, seg=16, boundary=13, vocab=VOCAB)
-  contract.reset_isolation(lstm_model, lstm_step, seg=BLOCK, vocab=VOCAB)
-  contract.memory_carries(lstm_model, lstm_step, seg=BLOCK, vocab=VOCAB,
-                          horizon=LAYERS * WINDOW + lstm_model.embedding.history_len)
-  flat = contract.gradients_reach(lstm_model, seg=BLOCK, vocab=VOCAB,
-                                  names=["initial_state", "state_ids", "state_gate", "state_ffn_gate"])
-  assert {"w_input", "b_input", "w_forget", "b_forget"} <= {p.split("'")[-2] for p in flat if "state_gate" in p}
+class TestLstmContract(contract.BlockwiseContract):
+  """The other gate, with the state FFN (its own gate), on the last layer, and a token conv."""
+  VOCAB, BLOCK = VOCAB, BLOCK
+  HORIZON = LAYERS * WINDOW + 2  # the XL cache, plus the conv's history of embed_conv - 1 tokens
+
+  @pytest.fixture(scope="class")
+  @classmethod
+  def model(cls):
+    return create_model(tiny_config(gate="lstm", state_ffn=True, recurrent_layers=[1], embed_conv=3), seed=1)
+
+  @pytest.fixture(scope="class")
+  @classmethod
+  def step(cls, model):
+    return contract.make_step(model)
+
+  def test_gradients_flow_through_the_recurrence(self, model):
+    flat = contract.gradients_reach(model, seg=BLOCK, vocab=VOCAB,
+                                    names=["initial_state", "state_ids", "state_gate", "state_ffn_gate"])
+    assert {"w_input", "b_input", "w_forget", "b_forget"} <= {p.split("'")[-2] for p in flat if "state_gate" in p}
 
 
 def test_sharded_matches_one_device(eight_devices):

@@ -43,24 +43,9 @@ def test_registered(model):
                                "long": ((3, M, 32), "float32"), "long_valid": ((3, M), "bool")}}
 
 
-def test_segments_of_whole_blocks_equal_one_pass(model, step):
-  contract.segment_invariance(model, step, n=32, segs=[8, 16], vocab=VOCAB)
-  ids = (jnp.arange(32) >= 16).astype(jnp.int32)[None].repeat(2, 0)  # a document starts at a block
-  contract.segment_invariance(model, step, n=32, segs=[8, 16], vocab=VOCAB, segment_ids=ids)
-
-
-def test_reset_isolation(model, step):
-  contract.reset_isolation(model, step, seg=BLOCK, vocab=VOCAB)
-
-
-@pytest.mark.parametrize("boundary", [8, 13])  # at a block start, and inside a block
-def test_no_leak_across_documents(model, step, boundary):
-  contract.no_leak_across_documents(model, step, seg=16, boundary=boundary, vocab=VOCAB)
-
-
-def test_memory_carries_beyond_the_window(model, step):
-  # No XL cache: everything a window knows of earlier windows comes through the memory.
-  contract.memory_carries(model, step, seg=BLOCK, vocab=VOCAB, horizon=BLOCK)
+class TestContract(contract.BlockwiseContract):
+  VOCAB, BLOCK = VOCAB, BLOCK
+  HORIZON = BLOCK  # no XL cache: all a window knows of earlier ones comes through the memory
 
 
 def test_gradients_flow_through_the_memory(model):
@@ -73,7 +58,7 @@ def test_long_memory_is_a_fifo(model, step):
   n = 4  # 16 entries appended into 12 slots: wraps
   tokens = contract.randint(11, (2, n * BLOCK), VOCAB)
   state = model.init_state(2)
-  appended, sim = [], []  # sim: numpy FIFO of (entry, valid) built from each window's appended entries
+  appended = []  # sim_*: a numpy FIFO of (entry, valid) built from each window's appended entries
   sim_mem, sim_valid = np.zeros((2, M, 32), np.float32), np.zeros((2, M), bool)
   for k in range(n):
     _, state = step(tokens[:, k * BLOCK:(k + 1) * BLOCK], state, jnp.array([k == 0] * 2),
@@ -121,14 +106,22 @@ def test_masks():
   np.testing.assert_array_equal(lm, [[0, 1, 1]] * 2 + [[0, 0, 0]] * 4)
 
 
-def test_embed_conv_keeps_the_contract():
-  """With the token conv (history in the state, outside the memory), MELODI still streams exactly."""
-  m = create_model(tiny(embed_conv=3), seed=2)
-  conv_step = contract.make_step(m)
-  assert set(m.init_state(2)) == {"memory", "prev_tokens", "prev_valid"}
-  contract.segment_invariance(m, conv_step, n=32, segs=[8, 16], vocab=VOCAB)
-  contract.no_leak_across_documents(m, conv_step, seg=16, boundary=13, vocab=VOCAB)
-  contract.reset_isolation(m, conv_step, seg=BLOCK, vocab=VOCAB)
+class TestEmbedConvContract(contract.BlockwiseContract):
+  """With the token conv (its history in the state, beside the memory), MELODI still keeps the contract."""
+  VOCAB, BLOCK = VOCAB, BLOCK
+  HORIZON = BLOCK + 2  # the block, plus the conv's history of embed_conv - 1 tokens
+
+  @pytest.fixture(scope="class")
+  @classmethod
+  def model(cls):
+    m = create_model(tiny(embed_conv=3), seed=2)
+    assert set(m.init_state(2)) == {"memory", "prev_tokens", "prev_valid"}
+    return m
+
+  @pytest.fixture(scope="class")
+  @classmethod
+  def step(cls, model):
+    return contract.make_step(model)
 
 
 def test_without_long_memory_and_unequal_short_summary():

@@ -42,24 +42,9 @@ def test_registered():
 # ----------------------------------------------------------------------------- the model contract
 
 
-def test_segments_of_whole_blocks_equal_one_pass(model, step):
-  # 32 tokens = 4 blocks write 32 entries into a ring of 24: the buffer wraps.
-  contract.segment_invariance(model, step, n=32, segs=[8, 16], vocab=VOCAB)
-  ids = (jnp.arange(32) >= 16).astype(jnp.int32)[None].repeat(2, 0)  # a document starts at a block
-  contract.segment_invariance(model, step, n=32, segs=[8, 16], vocab=VOCAB, segment_ids=ids)
-
-
-def test_reset_isolation(model, step):
-  contract.reset_isolation(model, step, seg=BLOCK, vocab=VOCAB)
-
-
-@pytest.mark.parametrize("boundary", [8, 13])  # at a block start, and inside a block
-def test_no_leak_across_documents(model, step, boundary):
-  contract.no_leak_across_documents(model, step, seg=16, boundary=boundary, vocab=VOCAB)
-
-
-def test_memory_carries_beyond_the_window(model, step):
-  contract.memory_carries(model, step, seg=BLOCK, vocab=VOCAB, horizon=2 * WINDOW)
+class TestContract(contract.BlockwiseContract):  # 4 blocks write 32 entries into a ring of 24: it wraps
+  VOCAB, BLOCK = VOCAB, BLOCK
+  HORIZON = 2 * WINDOW  # the XL cache: num_layers x window
 
 
 def test_gradients_reach_gate_scale_and_query(model):

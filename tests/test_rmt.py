@@ -29,23 +29,9 @@ def test_registered():
   assert "rmt" in list_models()
 
 
-def test_segments_of_whole_blocks_equal_one_pass(model, step):
-  contract.segment_invariance(model, step, n=32, segs=[8, 16], vocab=VOCAB)
-  ids = (jnp.arange(32) >= 16).astype(jnp.int32)[None].repeat(2, 0)  # a document starts at a block
-  contract.segment_invariance(model, step, n=32, segs=[8, 16], vocab=VOCAB, segment_ids=ids)
-
-
-def test_reset_isolation(model, step):
-  contract.reset_isolation(model, step, seg=BLOCK, vocab=VOCAB)
-
-
-@pytest.mark.parametrize("boundary", [8, 13])  # at a block start, and inside a block
-def test_no_leak_across_documents(model, step, boundary):
-  contract.no_leak_across_documents(model, step, seg=16, boundary=boundary, vocab=VOCAB)
-
-
-def test_memory_carries_beyond_the_window(model, step):
-  contract.memory_carries(model, step, seg=BLOCK, vocab=VOCAB, horizon=2 * WINDOW)
+class TestContract(contract.BlockwiseContract):
+  VOCAB, BLOCK = VOCAB, BLOCK
+  HORIZON = 2 * WINDOW  # the XL cache: num_layers x window
 
 
 def test_gradients_flow_through_the_memory(model):

@@ -1,6 +1,5 @@
 """The shared training loop: sharded == unsharded, exact resume, quickstart end to end."""
 
-import json
 
 import jax
 import numpy as np
