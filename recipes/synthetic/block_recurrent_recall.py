@@ -1,9 +1,8 @@
-"""Synthetic recall with the Block-Recurrent Transformer (64 recurrent states in layer 3 of 4, blocks of WINDOW).
+"""Synthetic recall with the Block-Recurrent Transformer (64 recurrent states in layer 1 of 2, blocks of WINDOW).
 
-Same backbone, window and steps as the control (`_recall.py`). Documents run
-to 1024 tokens (8 blocks) and are aligned to whole blocks; each step reads 4
-segments of 8 lanes, so gradients flow through the recurrent state across 4
-blocks. LSTM gates (the paper's better variant on PG-19).
+Same backbone, window and steps as the control (`_recall.py`). Same documents
+as the control (up to 256 tokens, 2 blocks); 16 lanes of 2 segments per step,
+so gradients flow through the recurrent state across 2 blocks. LSTM gates (the paper's better variant on PG-19).
 
     longctx train recipes/synthetic/block_recurrent_recall.py --run-dir runs/recall/block_recurrent
     longctx eval runs/recall/block_recurrent --task passkey,mqar,copy,qa1,qa2 --lengths 128,512,2k,8k
@@ -18,5 +17,5 @@ from longctx.models import BlockRecurrentConfig
 def config() -> Config:
   return Config(model=BlockRecurrentConfig(**BACKBONE, block_len=WINDOW, recurrent_layers=[-2], num_states=64,
                                            gate="lstm"),
-                data=recall_data(max_length=1024, lanes=8, segments=4, align=WINDOW), train=recall_train(),
+                data=recall_data(), train=recall_train(),
                 mesh=MESH)

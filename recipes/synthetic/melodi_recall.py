@@ -1,9 +1,9 @@
-"""Synthetic recall with MELODI (32 short-term slots per layer, a 512-entry long-term FIFO in layer 2 of 4).
+"""Synthetic recall with MELODI (32 short-term slots per layer, a 512-entry long-term FIFO in layer 2 of 2).
 
 Same backbone, window and steps as the control (`_recall.py`): windows of
-WINDOW tokens, no XL cache (the short-term memory replaces it). Documents run
-to 1024 tokens (8 windows), aligned to whole windows; each step reads 4
-segments of 8 lanes. The FIFO gains 16 entries per window, so it spans the
+WINDOW tokens, no XL cache (the short-term memory replaces it). Same documents
+as the control (up to 256 tokens, 2 windows), 16 lanes of 2 segments per
+step. The FIFO gains 16 entries per window, so it spans the
 last 32 windows (4096 tokens).
 
     longctx train recipes/synthetic/melodi_recall.py --run-dir runs/recall/melodi
@@ -19,5 +19,5 @@ from longctx.models import MelodiConfig
 def config() -> Config:
   return Config(model=MelodiConfig(**BACKBONE, block_len=WINDOW, short_memory=32, summary_tokens=32,
                                    long_memory_size=512, long_append=16),
-                data=recall_data(max_length=1024, lanes=8, segments=4, align=WINDOW), train=recall_train(),
+                data=recall_data(), train=recall_train(),
                 mesh=MESH)

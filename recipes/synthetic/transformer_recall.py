@@ -16,5 +16,5 @@ from longctx.models import TransformerConfig
 
 
 def config() -> Config:
-  return Config(model=TransformerConfig(**BACKBONE), data=recall_data(max_length=256), train=recall_train(),
+  return Config(model=TransformerConfig(**BACKBONE), data=recall_data(), train=recall_train(),
                 mesh=MESH)
