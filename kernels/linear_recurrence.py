@@ -1,0 +1,435 @@
+"""Chunked linear recurrence: the one primitive under RetNet, Mamba-2, GLA, Infini-attention and DeltaNet.
+
+Per batch row and head, with a state `S [key_dim, value_dim]`:
+
+    decay form:  S_t = a_t * S_{t-1} + k_t^T v_t                      o_t = q_t S_t
+    delta rule:  S_t = a_t * (S_{t-1} - beta_t k_t^T (k_t S_{t-1})) + beta_t k_t^T v_t
+
+`a_t = exp(log_decay_t)` is one scalar per head (RetNet, Mamba-2), one value per
+key channel (GLA; multiplies the rows of S), or 1 (no decay: Infini-attention).
+The output is inclusive: token t reads the state after its own update. The
+delta rule (DeltaNet; Gated DeltaNet with a scalar decay) writes
+`beta_t (v_t - k_t S)` so that `k_t S_t` moves toward `v_t`.
+
+Shapes (batch, seq, heads first, like the attention layers):
+  q, k:          [batch, seq, heads, key_dim]
+  v:             [batch, seq, heads, value_dim]
+  log_decay:     None, [batch, seq, heads] or [batch, seq, heads, key_dim]; <= 0
+  beta:          None or [batch, seq, heads] (delta rule when given)
+  segment_ids:   None or [batch, seq] int, non-decreasing along seq: a token's state
+                 holds only its own document. The initial state belongs to the
+                 document of the first token; the final state is the state of the
+                 last document (the one still open at the end of the sequence).
+  initial_state: None (zeros) or [batch, heads, key_dim, value_dim]
+Returns `o [batch, seq, heads, value_dim]` (dtype of v) and the final state
+`[batch, heads, key_dim, value_dim]` float32. All arithmetic is float32.
+
+Three implementations behind `impl` (CONVENTIONS.md §3):
+  "reference"  a `lax.scan` over tokens: the definition, slow and obvious.
+  "xla"        chunked: inside a chunk of `chunk_size` tokens a masked (decayed)
+               quadratic product, between chunks a `lax.scan` passing the state.
+               Decay ratios are formed as exp(cum_i - cum_j) with the mask
+               applied before exp, so every exponent is <= 0 and nothing
+               overflows, whatever the decay. The delta rule solves the chunk's
+               unit lower-triangular system (the WY/UT form of DeltaNet).
+  "pallas"     the chunk step as a Pallas kernel: grid (batch, heads, chunks),
+               the chunk axis sequential with the state resident in VMEM scratch
+               (the design of axlearn's SSD kernel). Mosaic TPU; `interpret=True`
+               automatically off TPU. Its backward pass is the VJP of the "xla"
+               path (recomputed, no saved intermediates) through `custom_vjp`.
+
+`sequence_parallel_linear_recurrence` runs the same op on a sequence sharded
+over a mesh axis inside `jax.shard_map`: each shard runs the chunked pass from
+a zero state, the shards exchange (final state, state transition) with one
+all_gather, each shard folds its predecessors into its true initial state, and
+a cheap correction adds that state's contribution (the decay forms), or the
+shard re-runs its pass from it (the delta rule, whose outputs depend on the
+state through the chunk solve).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+IMPLS = ("reference", "xla", "pallas")
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check(q, k, v, log_decay, beta, segment_ids, initial_state) -> str:
+  """Validate shapes; returns the decay kind: "none", "scalar" or "vector"."""
+  if q.ndim != 4 or k.shape != q.shape:
+    raise ValueError(f"q and k must both be [batch, seq, heads, key_dim]; got {q.shape} and {k.shape}")
+  b, t, h, dk = q.shape
+  if v.ndim != 4 or v.shape[:3] != (b, t, h):
+    raise ValueError(f"v must be [batch, seq, heads, value_dim] = [{b}, {t}, {h}, *]; got {v.shape}")
+  kind = "none"
+  if log_decay is not None:
+    if log_decay.shape == (b, t, h):
+      kind = "scalar"
+    elif log_decay.shape == (b, t, h, dk):
+      kind = "vector"
+    else:
+      raise ValueError(f"log_decay must be [batch, seq, heads] = {(b, t, h)} (one decay per head) or "
+                       f"[batch, seq, heads, key_dim] = {(b, t, h, dk)} (per key channel); got {log_decay.shape}")
+  if beta is not None:
+    if beta.shape != (b, t, h):
+      raise ValueError(f"beta must be [batch, seq, heads] = {(b, t, h)}; got {beta.shape}")
+    if kind == "vector":
+      raise ValueError("the delta rule (beta) takes no decay or one decay per head, not a per-channel decay")
+  if segment_ids is not None and segment_ids.shape != (b, t):
+    raise ValueError(f"segment_ids must be [batch, seq] = {(b, t)}; got {segment_ids.shape}")
+  if initial_state is not None and initial_state.shape != (b, h, dk, v.shape[-1]):
+    raise ValueError(f"initial_state must be [batch, heads, key_dim, value_dim] = {(b, h, dk, v.shape[-1])}; "
+                     f"got {initial_state.shape}")
+  return kind
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def linear_recurrence_reference(q, k, v, *, log_decay=None, beta=None, segment_ids=None, initial_state=None):
+  """The recurrence one token at a time (`lax.scan` over seq). Same contract as `linear_recurrence`."""
+  kind = _check(q, k, v, log_decay, beta, segment_ids, initial_state)
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  f32 = lambda x: x.astype(jnp.float32)
+  s0 = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else f32(initial_state)
+  doc = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  log_a = jnp.zeros((b, t, h), jnp.float32) if log_decay is None else f32(log_decay)
+  bt = jnp.zeros((b, t, h), jnp.float32) if beta is None else f32(beta)
+
+  def step(carry, xs):
+    s, prev_doc = carry
+    q_t, k_t, v_t, la_t, b_t, d_t = xs  # [b, h, dk], [b, h, dk], [b, h, dv], [b, h(, dk)], [b, h], [b]
+    s = jnp.where((d_t != prev_doc)[:, None, None, None], 0.0, s)  # a new document starts from zeros
+    a = jnp.exp(la_t)
+    a = a[..., None] if kind == "vector" else a[..., None, None]
+    if beta is None:
+      s = a * s + k_t[..., :, None] * v_t[..., None, :]
+    else:
+      ks = jnp.einsum("bhk,bhkv->bhv", k_t, s)
+      s = a * (s - b_t[..., None, None] * k_t[..., :, None] * ks[..., None, :]) \
+          + b_t[..., None, None] * k_t[..., :, None] * v_t[..., None, :]
+    return (s, d_t), jnp.einsum("bhk,bhkv->bhv", q_t, s)
+
+  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (f32(q), f32(k), f32(v), log_a, bt, doc))
+  (s, _), o = lax.scan(step, (s0, doc[:, 0]), xs)
+  return jnp.moveaxis(o, 0, 1).astype(v.dtype), s
+
+
+# ----------------------------------------------------------------------------- one chunk (shared math)
+
+
+def _chunk_step(s, prev_doc, q, k, v, log_a, beta, doc, *, kind: str, solve, in_kernel: bool = False):
+  """One chunk of the recurrence for a batch of independent (row, head) problems.
+
+  Args (leading dims `...` are any batch of problems; C the chunk length):
+    s: state `[..., dk, dv]` on entry; prev_doc `[...]`: the document it belongs to.
+    q, k `[..., C, dk]`, v `[..., C, dv]`; log_a `[..., C]` (scalar/none) or
+    `[..., C, dk]` (vector); beta `[..., C]` or None; doc `[..., C]`.
+    solve: `(m [..., C, C] unit lower triangular, rhs [..., C, dv]) -> m^-1 rhs`.
+    in_kernel: form the cumulative decay with a triangular matmul (no scan inside a kernel).
+  Returns the outputs `[..., C, dv]` and the state after the chunk.
+  """
+  c = q.shape[-2]
+  causal = jnp.tril(jnp.ones((c, c), bool))
+  same = (doc[..., :, None] == doc[..., None, :]) & causal  # [..., C(i), C(j)]: j visible to i
+  sees_state = doc == prev_doc[..., None]  # [..., C]: token still in the document the state holds
+  last_doc = doc[..., -1:]
+  to_last = doc == last_doc  # [..., C]: token's write survives to the end of the chunk
+  keep_state = (last_doc[..., 0] == prev_doc)[..., None, None]
+  # Inclusive log decay from the chunk start.
+  if in_kernel:
+    tri = causal.astype(jnp.float32)
+    cum = (jnp.dot(tri, log_a, precision=lax.Precision.HIGHEST) if kind == "vector"
+           else jnp.dot(tri, log_a[:, None], precision=lax.Precision.HIGHEST)[:, 0])
+  else:
+    cum = jnp.cumsum(log_a, axis=-2 if kind == "vector" else -1)
+
+  if kind == "vector":
+    # Per-channel decay: A_ij = sum_d q_id k_jd exp(cum_id - cum_jd), exponent masked to <= 0 before exp.
+    diff = cum[..., :, None, :] - cum[..., None, :, :]  # [..., C, C, dk]
+    ratio = jnp.exp(jnp.where(same[..., None], diff, -jnp.inf))
+    scores = jnp.einsum("...id,...jd,...ijd->...ij", q, k, ratio)
+    q_in = q * jnp.exp(cum) * sees_state[..., None]
+    out = jnp.einsum("...ij,...jv->...iv", scores, v) + jnp.einsum("...id,...dv->...iv", q_in, s)
+    k_out = k * jnp.exp(jnp.where(to_last[..., None], cum[..., -1:, :] - cum, -jnp.inf))
+    s_new = jnp.exp(cum[..., -1, :])[..., :, None] * s * keep_state \
+        + jnp.einsum("...jd,...jv->...dv", k_out, v)
+    return out, s_new
+
+  gamma = jnp.exp(cum) * sees_state  # [..., C]: decay from the chunk start, 0 past a document start
+  decay = jnp.exp(jnp.where(same, cum[..., :, None] - cum[..., None, :], -jnp.inf))  # [..., C, C]
+  to_end = jnp.exp(jnp.where(to_last, cum[..., -1:] - cum, -jnp.inf))  # [..., C]
+  s_decayed = jnp.exp(cum[..., -1])[..., None, None] * s * keep_state
+  qk = jnp.einsum("...id,...jd->...ij", q, k) * decay
+  if beta is None:
+    out = jnp.einsum("...ij,...jv->...iv", qk, v) + gamma[..., None] * jnp.einsum("...id,...dv->...iv", q, s)
+    return out, s_decayed + jnp.einsum("...jd,...jv->...dv", k * to_end[..., None], v)
+  # Delta rule, u_j = beta_j (v_j - a_j k_j S_{j-1}):  (I + diag(beta) strict_lower(decay * K K^T)) U
+  #   = diag(beta) (V - diag(gamma) K S0);  O = diag(gamma) Q S0 + (decay * Q K^T) U.
+  kk = jnp.einsum("...id,...jd->...ij", k, k) * decay * (1.0 - jnp.eye(c))
+  m = jnp.eye(c) + beta[..., :, None] * kk
+  rhs = beta[..., None] * (v - gamma[..., None] * jnp.einsum("...jd,...dv->...jv", k, s))
+  u = solve(m, rhs)
+  out = jnp.einsum("...ij,...jv->...iv", qk, u) + gamma[..., None] * jnp.einsum("...id,...dv->...iv", q, s)
+  return out, s_decayed + jnp.einsum("...jd,...jv->...dv", k * to_end[..., None], u)
+
+
+def _solve_unit_lower(m, rhs):
+  """`m^-1 rhs` for unit lower-triangular `m [..., C, C]` (a triangular solve)."""
+  return jax.scipy.linalg.solve_triangular(m, rhs, lower=True, unit_diagonal=True)
+
+
+def _solve_unit_lower_by_doubling(m, rhs):
+  """The same with matmuls only (for kernels without a triangular solve).
+
+  m = I + N with N strictly lower, so N^C = 0 and m^-1 = (I - N)(I + N^2)(I + N^4)... (log2 C factors).
+  """
+  c = m.shape[-1]
+  x = jnp.eye(c, dtype=m.dtype) - m  # -N
+  inv = jnp.eye(c, dtype=m.dtype) + x
+  power = 1
+  while 2 * power < c:
+    x = x @ x
+    inv = inv + inv @ x  # inv @ (I + x)
+    power *= 2
+  return inv @ rhs
+
+
+# ----------------------------------------------------------------------------- xla (chunked)
+
+
+def _to_chunks(x, n, c):
+  """`[batch, n*c, heads, ...]` -> `[n, batch, heads, c, ...]`."""
+  b, _, h = x.shape[:3]
+  x = x.reshape((b, n, c, h) + x.shape[3:])
+  return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)
+
+
+def _pad_inputs(q, k, v, log_decay, beta, segment_ids, chunk_size):
+  """float32 inputs padded to whole chunks; padding tokens change nothing (k = v = 0, decay 1, beta 0)."""
+  b, t, h, _ = q.shape
+  n = -(-t // chunk_size)
+  pad = n * chunk_size - t
+  f32 = lambda x: x.astype(jnp.float32)
+  padded = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+  log_a = jnp.zeros((b, t, h), jnp.float32) if log_decay is None else f32(log_decay)
+  bt = None if beta is None else padded(f32(beta))
+  doc = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  doc = jnp.pad(doc, [(0, 0), (0, pad)], mode="edge")
+  return n, padded(f32(q)), padded(f32(k)), padded(f32(v)), padded(log_a), bt, doc
+
+
+def _linear_recurrence_xla(q, k, v, log_decay, beta, segment_ids, initial_state, *, kind, chunk_size):
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  n, q, k, v, log_a, bt, doc = _pad_inputs(q, k, v, log_decay, beta, segment_ids, chunk_size)
+  s0 = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
+  c = chunk_size
+  doc_chunks = jnp.broadcast_to(jnp.moveaxis(doc.reshape(b, n, 1, c), 1, 0), (n, b, h, c))
+  xs = (_to_chunks(q, n, c), _to_chunks(k, n, c), _to_chunks(v, n, c), _to_chunks(log_a, n, c),
+        None if bt is None else _to_chunks(bt, n, c), doc_chunks)
+
+  def step(carry, x):
+    s, prev_doc = carry
+    qc, kc, vc, lac, bc, dc = x
+    out, s = _chunk_step(s, prev_doc, qc, kc, vc, lac, bc, dc, kind=kind, solve=_solve_unit_lower)
+    return (s, dc[..., -1]), out
+
+  first_doc = jnp.broadcast_to(doc[:, :1], (b, h))
+  (s, _), out = lax.scan(step, (s0, first_doc), xs)  # out [n, b, h, c, dv]
+  out = jnp.moveaxis(out, 0, 2).reshape(b, h, n * c, dv)[:, :, :t]
+  return jnp.swapaxes(out, 1, 2), s
+
+
+# ----------------------------------------------------------------------------- pallas
+
+
+def _pallas_kernel(*refs, kind: str, has_beta: bool):
+  q_ref, k_ref, v_ref, la_ref, *rest = refs
+  beta_ref = rest.pop(0) if has_beta else None
+  doc_ref, s0_ref, o_ref, s_out_ref, s_scr, doc_scr = rest
+  chunk = pl.program_id(2)
+
+  @pl.when(chunk == 0)
+  def _():
+    s_scr[...] = s0_ref[...].astype(jnp.float32)
+    doc_scr[...] = doc_ref[0:1, :]
+
+  la = la_ref[...] if kind == "vector" else la_ref[:, 0]
+  beta = beta_ref[:, 0] if has_beta else None
+  doc = doc_ref[:, 0]
+  out, s = _chunk_step(s_scr[...], doc_scr[0, 0], q_ref[...].astype(jnp.float32), k_ref[...].astype(jnp.float32),
+                       v_ref[...].astype(jnp.float32), la, beta, doc, kind=kind,
+                       solve=_solve_unit_lower_by_doubling, in_kernel=True)
+  o_ref[...] = out.astype(o_ref.dtype)
+  s_scr[...] = s
+  doc_scr[...] = doc_ref[-1:, :]
+
+  @pl.when(chunk == pl.num_programs(2) - 1)
+  def _():
+    s_out_ref[...] = s
+
+
+def _linear_recurrence_pallas_fwd(q, k, v, log_decay, beta, segment_ids, initial_state, *, kind, chunk_size,
+                                  interpret):
+  from jax.experimental.pallas import tpu as pltpu
+
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  out_dtype = v.dtype
+  n, q, k, v, log_a, bt, doc = _pad_inputs(q, k, v, log_decay, beta, segment_ids, chunk_size)
+  s0 = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
+  c = chunk_size
+  bhtd = lambda x: jnp.swapaxes(x, 1, 2)  # [b, t, h, d] -> [b, h, t, d]
+  seq_block = lambda d: pl.BlockSpec((None, None, c, d), lambda i, j, ch: (i, j, ch, 0))
+  inputs = [bhtd(q), bhtd(k), bhtd(v), bhtd(log_a if kind == "vector" else log_a[..., None])]
+  specs = [seq_block(dk), seq_block(dk), seq_block(dv), seq_block(dk if kind == "vector" else 1)]
+  if bt is not None:
+    inputs.append(bhtd(bt[..., None]))
+    specs.append(seq_block(1))
+  inputs += [doc[..., None], s0]
+  specs += [pl.BlockSpec((None, c, 1), lambda i, j, ch: (i, ch, 0)),
+            pl.BlockSpec((None, None, dk, dv), lambda i, j, ch: (i, j, 0, 0))]
+  out, s = pl.pallas_call(
+      functools.partial(_pallas_kernel, kind=kind, has_beta=bt is not None),
+      grid=(b, h, n),
+      in_specs=specs,
+      out_specs=[seq_block(dv), pl.BlockSpec((None, None, dk, dv), lambda i, j, ch: (i, j, 0, 0))],
+      out_shape=[jax.ShapeDtypeStruct((b, h, n * c, dv), out_dtype), jax.ShapeDtypeStruct((b, h, dk, dv), jnp.float32)],
+      scratch_shapes=[pltpu.VMEM((dk, dv), jnp.float32), pltpu.VMEM((1, 1), jnp.int32)],
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+      interpret=interpret,
+  )(*inputs)
+  return jnp.swapaxes(out[:, :, :t], 1, 2), s
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _linear_recurrence_pallas(q, k, v, log_decay, beta, segment_ids, initial_state, kind, chunk_size, interpret):
+  return _linear_recurrence_pallas_fwd(q, k, v, log_decay, beta, segment_ids, initial_state, kind=kind,
+                                       chunk_size=chunk_size, interpret=interpret)
+
+
+def _pallas_vjp_fwd(q, k, v, log_decay, beta, segment_ids, initial_state, kind, chunk_size, interpret):
+  out = _linear_recurrence_pallas(q, k, v, log_decay, beta, segment_ids, initial_state, kind, chunk_size, interpret)
+  return out, (q, k, v, log_decay, beta, segment_ids, initial_state)
+
+
+def _pallas_vjp_bwd(kind, chunk_size, interpret, residuals, cotangents):
+  q, k, v, log_decay, beta, segment_ids, initial_state = residuals
+  diff = lambda q, k, v, la, bt, s0: _linear_recurrence_xla(q, k, v, la, bt, segment_ids, s0, kind=kind,
+                                                            chunk_size=chunk_size)
+  _, vjp = jax.vjp(diff, q, k, v, log_decay, beta, initial_state)
+  grads = vjp(cotangents)
+  seg_grad = None if segment_ids is None else jnp.zeros(segment_ids.shape, jax.dtypes.float0)
+  return grads[:5] + (seg_grad,) + grads[5:]
+
+
+_linear_recurrence_pallas.defvjp(_pallas_vjp_fwd, _pallas_vjp_bwd)
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def linear_recurrence(q, k, v, *, log_decay=None, beta=None, segment_ids=None, initial_state=None,
+                      impl: str = "xla", chunk_size: int = 64, interpret: bool | None = None):
+  """o_t = q_t S_t over a sequence; see the module docstring for the recurrence and shapes.
+
+  Args:
+    impl: "reference" (token scan), "xla" (chunked, pure jnp) or "pallas".
+    chunk_size: tokens per chunk ("xla", "pallas"); the sequence needs not be a multiple.
+    interpret: run the Pallas kernel in interpret mode; None = unless on TPU.
+  Returns:
+    `(o [batch, seq, heads, value_dim], final_state [batch, heads, key_dim, value_dim])`.
+  """
+  kind = _check(q, k, v, log_decay, beta, segment_ids, initial_state)
+  if impl == "reference":
+    return linear_recurrence_reference(q, k, v, log_decay=log_decay, beta=beta, segment_ids=segment_ids,
+                                       initial_state=initial_state)
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+  if impl == "xla":
+    return _linear_recurrence_xla(q, k, v, log_decay, beta, segment_ids, initial_state, kind=kind,
+                                  chunk_size=chunk_size)
+  if impl == "pallas":
+    if interpret is None:
+      interpret = jax.default_backend() != "tpu"
+    return _linear_recurrence_pallas(q, k, v, log_decay, beta, segment_ids, initial_state, kind, chunk_size,
+                                     interpret)
+  raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+
+
+# ----------------------------------------------------------------------------- sequence parallel
+
+
+def sequence_parallel_linear_recurrence(q, k, v, *, axis_name: str, log_decay=None, beta=None, segment_ids=None,
+                                        initial_state=None, impl: str = "xla", chunk_size: int = 64):
+  """`linear_recurrence` on a sequence sharded over mesh axis `axis_name`; call inside `jax.shard_map`.
+
+  Every argument is this shard's block along seq (`initial_state` the state
+  entering the whole sequence, the same on every shard). Returns this shard's
+  outputs and the final state of the whole sequence (the same on every shard).
+
+  The state after a shard is an affine function of the state entering it,
+  `S_out = P S_in + S_local`, where `S_local` is the shard's result from a zero
+  state. P is `diag(exp(total log decay))` (zero if a document starts in the
+  shard) for the decay forms, and a `[key_dim, key_dim]` matrix for the delta
+  rule, found by running the shard's pass on the identity with v = 0. One
+  all_gather of (P, S_local) lets every shard fold its predecessors into its
+  entering state.
+  """
+  kind = _check(q, k, v, log_decay, beta, segment_ids, initial_state)
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  run = functools.partial(linear_recurrence, impl=impl, chunk_size=chunk_size)
+  doc = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  me = lax.axis_index(axis_name)
+  # The document open when this shard starts: the previous shard's last one (the first shard's: its first token's).
+  last_docs = lax.all_gather(doc[:, -1], axis_name)  # [shards, b]
+  entering_doc = jnp.where(me == 0, doc[:, 0], last_docs[jnp.maximum(me - 1, 0)])
+  enters = doc == entering_doc[:, None]  # [b, t]: tokens that see the entering state
+  keeps = enters[:, -1]  # [b]: the entering state survives the whole shard
+
+  out_local, s_local = run(q, k, v, log_decay=log_decay, beta=beta, segment_ids=doc)
+  if beta is None:
+    la = jnp.zeros((b, t, h), jnp.float32) if log_decay is None else log_decay.astype(jnp.float32)
+    total = jnp.exp(jnp.sum(la, axis=1))  # [b, h(, dk)]
+    total = total[..., None] if kind == "vector" else total[..., None, None]
+    transition = jnp.broadcast_to(total, (b, h, dk, 1)) * keeps[:, None, None, None]  # diag(P) as [.., dk, 1]
+    apply = lambda p, s: p * s
+  else:
+    eye = jnp.broadcast_to(jnp.eye(dk, dtype=jnp.float32), (b, h, dk, dk)) * enters[:, 0, None, None, None]
+    zeros = jnp.zeros((b, t, h, dk), jnp.float32)
+    _, transition = run(q, k, zeros, log_decay=log_decay, beta=beta, segment_ids=doc, initial_state=eye)
+    transition = transition * keeps[:, None, None, None]
+    apply = lambda p, s: jnp.einsum("bhij,bhjv->bhiv", p, s)
+
+  # Entering states of every shard: S(0) = initial, S(r + 1) = P(r) S(r) + S_local(r).
+  all_p = lax.all_gather(transition, axis_name)
+  all_s = lax.all_gather(s_local, axis_name)
+  entering = [jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None
+              else initial_state.astype(jnp.float32)]
+  for r in range(all_s.shape[0]):  # the shard count is static and small
+    entering.append(apply(all_p[r], entering[-1]) + all_s[r])
+  s_in = jnp.stack(entering[:-1])[me] * enters[:, 0, None, None, None]
+
+  if beta is None:
+    # Decay forms: the entering state adds q_t diag(exp(cum_t)) S_in to the tokens of the entering document.
+    cum = jnp.exp(jnp.cumsum(la, axis=1))
+    q_in = q.astype(jnp.float32) * (cum if kind == "vector" else cum[..., None]) * enters[:, :, None, None]
+    out = out_local.astype(jnp.float32) + jnp.einsum("bthd,bhdv->bthv", q_in, s_in)
+    return out.astype(v.dtype), entering[-1]
+  # Delta rule: the outputs depend on the entering state through the chunk solve; run again from it.
+  out, _ = run(q, k, v, log_decay=log_decay, beta=beta, segment_ids=doc, initial_state=s_in)
+  return out, entering[-1]
+
+
+__all__ = ["IMPLS", "linear_recurrence", "linear_recurrence_reference", "sequence_parallel_linear_recurrence"]
