@@ -28,6 +28,11 @@ Three implementations behind `impl` (CONVENTIONS.md §3):
   "reference"  a `lax.scan` over tokens: the definition, slow and obvious.
   "xla"        chunked: inside a chunk of `chunk_size` tokens a masked (decayed)
                quadratic product, between chunks a `lax.scan` passing the state.
+               With no decay or one per head, every chunk's parts are batched
+               matmuls over all chunks at once and the scan only applies
+               `S <- trans S + write` (the SSD / DeltaNet chunkwise algorithm);
+               per-channel decays need [C, C, key_dim] ratios, so those chunks
+               are computed one at a time inside the scan.
                Decay ratios are formed as exp(cum_i - cum_j) with the mask
                applied before exp, so every exponent is <= 0 and nothing
                overflows, whatever the decay. The delta rule solves the chunk's
@@ -183,6 +188,43 @@ def _chunk_step(s, prev_doc, q, k, v, log_a, beta, doc, *, kind: str, solve, in_
   return out, s_decayed + jnp.einsum("...jd,...jv->...dv", k * to_end[..., None], u)
 
 
+def _chunk_parts(prev_doc, q, k, v, log_a, beta, doc, *, solve):
+  """Everything of a chunk that does not depend on the state entering it (no decay / one per head).
+
+  Same arguments as `_chunk_step`, without the state. The chunk is affine in its entering state S:
+      out    = intra + read @ S            intra [..., C, dv], read [..., C, dk]
+      S_next = trans * S + write           trans [...] (decay forms) or trans @ S + write, trans
+                                           [..., dk, dk] (delta rule); write [..., dk, dv]
+  so every chunk's parts are computed at once and only the cheap state pass is sequential.
+  """
+  c = q.shape[-2]
+  causal = jnp.tril(jnp.ones((c, c), bool))
+  same = (doc[..., :, None] == doc[..., None, :]) & causal
+  sees_state = doc == prev_doc[..., None]
+  to_last = doc == doc[..., -1:]
+  keep = doc[..., -1] == prev_doc
+  cum = jnp.cumsum(log_a, axis=-1)
+  gamma = jnp.exp(cum) * sees_state
+  decay = jnp.exp(jnp.where(same, cum[..., :, None] - cum[..., None, :], -jnp.inf))
+  to_end = jnp.exp(jnp.where(to_last, cum[..., -1:] - cum, -jnp.inf))
+  carry = jnp.exp(cum[..., -1]) * keep
+  qk = jnp.einsum("...id,...jd->...ij", q, k) * decay
+  k_end = k * to_end[..., None]
+  if beta is None:
+    return (jnp.einsum("...ij,...jv->...iv", qk, v), q * gamma[..., None], carry,
+            jnp.einsum("...jd,...jv->...dv", k_end, v))
+  # Delta rule: U = U0 - W S with (I + diag(beta) strict_lower(decay * K K^T)) [U0, W] = diag(beta) [V, diag(gamma) K].
+  dv = v.shape[-1]
+  kk = jnp.einsum("...id,...jd->...ij", k, k) * decay * (1.0 - jnp.eye(c))
+  m = jnp.eye(c) + beta[..., :, None] * kk
+  sol = solve(m, beta[..., None] * jnp.concatenate([v, gamma[..., None] * k], axis=-1))
+  u0, w = sol[..., :dv], sol[..., dv:]
+  read = gamma[..., None] * q - jnp.einsum("...ij,...jd->...id", qk, w)
+  trans = carry[..., None, None] * jnp.eye(k.shape[-1]) - jnp.einsum("...jd,...je->...de", k_end, w)
+  return (jnp.einsum("...ij,...jv->...iv", qk, u0), read, trans,
+          jnp.einsum("...jd,...jv->...dv", k_end, u0))
+
+
 def _solve_unit_lower(m, rhs):
   """`m^-1 rhs` for unit lower-triangular `m [..., C, C]` (a triangular solve)."""
   return jax.scipy.linalg.solve_triangular(m, rhs, lower=True, unit_diagonal=True)
@@ -234,9 +276,34 @@ def _linear_recurrence_xla(q, k, v, log_decay, beta, segment_ids, initial_state,
   n, q, k, v, log_a, bt, doc = _pad_inputs(q, k, v, log_decay, beta, segment_ids, chunk_size)
   s0 = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
   c = chunk_size
+  if kind != "vector":
+    # All chunks at once (batched matmuls), then a scan that only passes the state between chunks.
+    in_chunks = lambda x: jnp.moveaxis(_to_chunks(x, n, c), 0, 2)  # [b, h, n, c, ...]
+    doc_c = doc.reshape(b, 1, n, c)
+    prev_doc = jnp.concatenate([doc_c[..., :1, 0], doc_c[..., :-1, -1]], axis=-1)  # [b, 1, n]
+    intra, read, trans, write = _chunk_parts(
+        prev_doc, in_chunks(q), in_chunks(k), in_chunks(v), in_chunks(log_a),
+        None if bt is None else in_chunks(bt), doc_c, solve=_solve_unit_lower)
+    trans = jnp.broadcast_to(trans, (b, h, n) + trans.shape[3:])
+    if bt is None:
+      apply = lambda tr, s: tr[..., None, None] * s
+    else:
+      apply = lambda tr, s: jnp.einsum("bhde,bhev->bhdv", tr, s)
+
+    def pass_state(s, x):
+      tr, wr = x
+      return apply(tr, s) + wr, s
+
+    s, entering = lax.scan(pass_state, s0, (jnp.moveaxis(trans, 2, 0), jnp.moveaxis(write, 2, 0)))
+    out = intra + jnp.einsum("bhncd,nbhdv->bhncv", read, entering)
+    out = out.reshape(b, h, n * c, dv)[:, :, :t]
+    return jnp.swapaxes(out, 1, 2), s
+
+  # Per-channel decay: the intra-chunk term needs [C, C, key_dim] decay ratios, so chunks are done one at a
+  # time inside the scan (memory of one chunk, not of the whole sequence).
   doc_chunks = jnp.broadcast_to(jnp.moveaxis(doc.reshape(b, n, 1, c), 1, 0), (n, b, h, c))
   xs = (_to_chunks(q, n, c), _to_chunks(k, n, c), _to_chunks(v, n, c), _to_chunks(log_a, n, c),
-        None if bt is None else _to_chunks(bt, n, c), doc_chunks)
+        None, doc_chunks)
 
   def step(carry, x):
     s, prev_doc = carry

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import model_contract as contract
 from conftest import rel_err
 from longctx.errors import LongctxError
 from longctx.models import TransformerConfig, create_model, list_models
@@ -29,13 +30,7 @@ def model(request):
 @pytest.fixture(scope="module")
 def step(model):
   """One jitted segment step, shared by the tests (compiled once per input shape)."""
-  graphdef, params = nnx.split(model)
-
-  @jax.jit
-  def run(tokens, state, reset, segment_ids):
-    return nnx.merge(graphdef, params)(tokens, state, reset=reset, segment_ids=segment_ids)
-
-  return run
+  return contract.make_step(model)
 
 
 def stream(model, step, tokens, seg, *, segment_ids=None, reset_first=True):

@@ -14,6 +14,8 @@ from longctx.models import block_recurrent  # noqa: F401  (registers "block_recu
 from longctx.models.block_recurrent import BlockRecurrent, BlockRecurrentConfig
 from longctx.models import melodi  # noqa: F401  (registers "melodi")
 from longctx.models.melodi import Melodi, MelodiConfig
+from longctx.models import retnet  # noqa: F401  (registers "retnet")
+from longctx.models.retnet import RetNet, RetNetConfig
 
 
 def build_model(cfg, *, rngs: nnx.Rngs) -> SegmentLM:
