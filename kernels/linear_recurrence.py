@@ -132,6 +132,17 @@ def linear_recurrence_reference(q, k, v, *, log_decay=None, beta=None, segment_i
 # ----------------------------------------------------------------------------- one chunk (shared math)
 
 
+def _cumulative(log_a, causal, *, vector: bool, in_kernel: bool):
+  """Inclusive log decay from the chunk start along the chunk axis; in a kernel a triangular matmul
+  (no scan there; the kernel sees one chunk, `[C]` or `[C, dk]`)."""
+  if not in_kernel:
+    return jnp.cumsum(log_a, axis=-2 if vector else -1)
+  tri = causal.astype(jnp.float32)
+  if vector:
+    return jnp.dot(tri, log_a, precision=lax.Precision.HIGHEST)
+  return jnp.dot(tri, log_a[:, None], precision=lax.Precision.HIGHEST)[:, 0]
+
+
 def _chunk_step(s, prev_doc, q, k, v, log_a, beta, doc, *, kind: str, solve, in_kernel: bool = False):
   """One chunk of the recurrence for a batch of independent (row, head) problems.
 
@@ -139,10 +150,16 @@ def _chunk_step(s, prev_doc, q, k, v, log_a, beta, doc, *, kind: str, solve, in_
     s: state `[..., dk, dv]` on entry; prev_doc `[...]`: the document it belongs to.
     q, k `[..., C, dk]`, v `[..., C, dv]`; log_a `[..., C]` (scalar/none) or
     `[..., C, dk]` (vector); beta `[..., C]` or None; doc `[..., C]`.
-    solve: `(m [..., C, C] unit lower triangular, rhs [..., C, dv]) -> m^-1 rhs`.
+    solve: `(m [..., C, C] unit lower triangular, rhs [..., C, n]) -> m^-1 rhs`.
     in_kernel: form the cumulative decay with a triangular matmul (no scan inside a kernel).
   Returns the outputs `[..., C, dv]` and the state after the chunk.
   """
+  if kind != "vector":
+    intra, read, trans, write = _chunk_parts(prev_doc, q, k, v, log_a, beta, doc, solve=solve, in_kernel=in_kernel)
+    s_new = (trans[..., None, None] * s if beta is None else jnp.einsum("...de,...ev->...dv", trans, s)) + write
+    return intra + jnp.einsum("...id,...dv->...iv", read, s), s_new
+
+  # Per-channel decay: A_ij = sum_d q_id k_jd exp(cum_id - cum_jd), exponent masked to <= 0 before exp.
   c = q.shape[-2]
   causal = jnp.tril(jnp.ones((c, c), bool))
   same = (doc[..., :, None] == doc[..., None, :]) & causal  # [..., C(i), C(j)]: j visible to i
@@ -150,45 +167,18 @@ def _chunk_step(s, prev_doc, q, k, v, log_a, beta, doc, *, kind: str, solve, in_
   last_doc = doc[..., -1:]
   to_last = doc == last_doc  # [..., C]: token's write survives to the end of the chunk
   keep_state = (last_doc[..., 0] == prev_doc)[..., None, None]
-  # Inclusive log decay from the chunk start.
-  if in_kernel:
-    tri = causal.astype(jnp.float32)
-    cum = (jnp.dot(tri, log_a, precision=lax.Precision.HIGHEST) if kind == "vector"
-           else jnp.dot(tri, log_a[:, None], precision=lax.Precision.HIGHEST)[:, 0])
-  else:
-    cum = jnp.cumsum(log_a, axis=-2 if kind == "vector" else -1)
-
-  if kind == "vector":
-    # Per-channel decay: A_ij = sum_d q_id k_jd exp(cum_id - cum_jd), exponent masked to <= 0 before exp.
-    diff = cum[..., :, None, :] - cum[..., None, :, :]  # [..., C, C, dk]
-    ratio = jnp.exp(jnp.where(same[..., None], diff, -jnp.inf))
-    scores = jnp.einsum("...id,...jd,...ijd->...ij", q, k, ratio)
-    q_in = q * jnp.exp(cum) * sees_state[..., None]
-    out = jnp.einsum("...ij,...jv->...iv", scores, v) + jnp.einsum("...id,...dv->...iv", q_in, s)
-    k_out = k * jnp.exp(jnp.where(to_last[..., None], cum[..., -1:, :] - cum, -jnp.inf))
-    s_new = jnp.exp(cum[..., -1, :])[..., :, None] * s * keep_state \
-        + jnp.einsum("...jd,...jv->...dv", k_out, v)
-    return out, s_new
-
-  gamma = jnp.exp(cum) * sees_state  # [..., C]: decay from the chunk start, 0 past a document start
-  decay = jnp.exp(jnp.where(same, cum[..., :, None] - cum[..., None, :], -jnp.inf))  # [..., C, C]
-  to_end = jnp.exp(jnp.where(to_last, cum[..., -1:] - cum, -jnp.inf))  # [..., C]
-  s_decayed = jnp.exp(cum[..., -1])[..., None, None] * s * keep_state
-  qk = jnp.einsum("...id,...jd->...ij", q, k) * decay
-  if beta is None:
-    out = jnp.einsum("...ij,...jv->...iv", qk, v) + gamma[..., None] * jnp.einsum("...id,...dv->...iv", q, s)
-    return out, s_decayed + jnp.einsum("...jd,...jv->...dv", k * to_end[..., None], v)
-  # Delta rule, u_j = beta_j (v_j - a_j k_j S_{j-1}):  (I + diag(beta) strict_lower(decay * K K^T)) U
-  #   = diag(beta) (V - diag(gamma) K S0);  O = diag(gamma) Q S0 + (decay * Q K^T) U.
-  kk = jnp.einsum("...id,...jd->...ij", k, k) * decay * (1.0 - jnp.eye(c))
-  m = jnp.eye(c) + beta[..., :, None] * kk
-  rhs = beta[..., None] * (v - gamma[..., None] * jnp.einsum("...jd,...dv->...jv", k, s))
-  u = solve(m, rhs)
-  out = jnp.einsum("...ij,...jv->...iv", qk, u) + gamma[..., None] * jnp.einsum("...id,...dv->...iv", q, s)
-  return out, s_decayed + jnp.einsum("...jd,...jv->...dv", k * to_end[..., None], u)
+  cum = _cumulative(log_a, causal, vector=True, in_kernel=in_kernel)
+  diff = cum[..., :, None, :] - cum[..., None, :, :]  # [..., C, C, dk]
+  ratio = jnp.exp(jnp.where(same[..., None], diff, -jnp.inf))
+  scores = jnp.einsum("...id,...jd,...ijd->...ij", q, k, ratio)
+  q_in = q * jnp.exp(cum) * sees_state[..., None]
+  out = jnp.einsum("...ij,...jv->...iv", scores, v) + jnp.einsum("...id,...dv->...iv", q_in, s)
+  k_out = k * jnp.exp(jnp.where(to_last[..., None], cum[..., -1:, :] - cum, -jnp.inf))
+  s_new = jnp.exp(cum[..., -1, :])[..., :, None] * s * keep_state + jnp.einsum("...jd,...jv->...dv", k_out, v)
+  return out, s_new
 
 
-def _chunk_parts(prev_doc, q, k, v, log_a, beta, doc, *, solve):
+def _chunk_parts(prev_doc, q, k, v, log_a, beta, doc, *, solve, in_kernel: bool = False):
   """Everything of a chunk that does not depend on the state entering it (no decay / one per head).
 
   Same arguments as `_chunk_step`, without the state. The chunk is affine in its entering state S:
@@ -203,7 +193,7 @@ def _chunk_parts(prev_doc, q, k, v, log_a, beta, doc, *, solve):
   sees_state = doc == prev_doc[..., None]
   to_last = doc == doc[..., -1:]
   keep = doc[..., -1] == prev_doc
-  cum = jnp.cumsum(log_a, axis=-1)
+  cum = _cumulative(log_a, causal, vector=False, in_kernel=in_kernel)
   gamma = jnp.exp(cum) * sees_state
   decay = jnp.exp(jnp.where(same, cum[..., :, None] - cum[..., None, :], -jnp.inf))
   to_end = jnp.exp(jnp.where(to_last, cum[..., -1:] - cum, -jnp.inf))
