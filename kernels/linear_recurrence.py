@@ -132,18 +132,22 @@ def linear_recurrence_reference(q, k, v, *, log_decay=None, beta=None, segment_i
 # ----------------------------------------------------------------------------- one chunk (shared math)
 
 
-def _cumulative(log_a, causal, *, vector: bool, in_kernel: bool):
-  """Inclusive log decay from the chunk start along the chunk axis; in a kernel a triangular matmul
-  (no scan there; the kernel sees one chunk, `[C]` or `[C, dk]`)."""
-  if not in_kernel:
-    return jnp.cumsum(log_a, axis=-2 if vector else -1)
-  tri = causal.astype(jnp.float32)
+def _cumulative(log_a, same, *, vector: bool):
+  """Inclusive log decay from the chunk start or the document start, whichever is later.
+
+  cum_i = sum of log_a_j over j <= i in the chunk with doc_j == doc_i, formed as a masked triangular
+  matmul (no scan, so it also runs inside a kernel). Leaving the other documents' terms out (exact zeros)
+  rather than subtracting their prefix makes a document's outputs bitwise independent of the documents
+  before it, even with data-dependent decays. `same [..., C, C]`; log_a `[..., C]` or `[..., C, dk]`.
+  """
+  mask = same.astype(jnp.float32)
   if vector:
-    return jnp.dot(tri, log_a, precision=lax.Precision.HIGHEST)
-  return jnp.dot(tri, log_a[:, None], precision=lax.Precision.HIGHEST)[:, 0]
+    return jnp.einsum("...ij,...jd->...id", mask, log_a, precision=lax.Precision.HIGHEST)
+  # A matrix-matrix product with a trailing unit axis: the form a Mosaic kernel lowers.
+  return jnp.einsum("...ij,...jk->...ik", mask, log_a[..., None], precision=lax.Precision.HIGHEST)[..., 0]
 
 
-def _chunk_step(s, prev_doc, q, k, v, log_a, beta, doc, *, kind: str, solve, in_kernel: bool = False):
+def _chunk_step(s, prev_doc, q, k, v, log_a, beta, doc, *, kind: str, solve):
   """One chunk of the recurrence for a batch of independent (row, head) problems.
 
   Args (leading dims `...` are any batch of problems; C the chunk length):
@@ -151,11 +155,10 @@ def _chunk_step(s, prev_doc, q, k, v, log_a, beta, doc, *, kind: str, solve, in_
     q, k `[..., C, dk]`, v `[..., C, dv]`; log_a `[..., C]` (scalar/none) or
     `[..., C, dk]` (vector); beta `[..., C]` or None; doc `[..., C]`.
     solve: `(m [..., C, C] unit lower triangular, rhs [..., C, n]) -> m^-1 rhs`.
-    in_kernel: form the cumulative decay with a triangular matmul (no scan inside a kernel).
   Returns the outputs `[..., C, dv]` and the state after the chunk.
   """
   if kind != "vector":
-    intra, read, trans, write = _chunk_parts(prev_doc, q, k, v, log_a, beta, doc, solve=solve, in_kernel=in_kernel)
+    intra, read, trans, write = _chunk_parts(prev_doc, q, k, v, log_a, beta, doc, solve=solve)
     s_new = (trans[..., None, None] * s if beta is None else jnp.einsum("...de,...ev->...dv", trans, s)) + write
     return intra + jnp.einsum("...id,...dv->...iv", read, s), s_new
 
@@ -167,7 +170,7 @@ def _chunk_step(s, prev_doc, q, k, v, log_a, beta, doc, *, kind: str, solve, in_
   last_doc = doc[..., -1:]
   to_last = doc == last_doc  # [..., C]: token's write survives to the end of the chunk
   keep_state = (last_doc[..., 0] == prev_doc)[..., None, None]
-  cum = _cumulative(log_a, causal, vector=True, in_kernel=in_kernel)
+  cum = _cumulative(log_a, same, vector=True)
   diff = cum[..., :, None, :] - cum[..., None, :, :]  # [..., C, C, dk]
   ratio = jnp.exp(jnp.where(same[..., None], diff, -jnp.inf))
   scores = jnp.einsum("...id,...jd,...ijd->...ij", q, k, ratio)
@@ -178,7 +181,7 @@ def _chunk_step(s, prev_doc, q, k, v, log_a, beta, doc, *, kind: str, solve, in_
   return out, s_new
 
 
-def _chunk_parts(prev_doc, q, k, v, log_a, beta, doc, *, solve, in_kernel: bool = False):
+def _chunk_parts(prev_doc, q, k, v, log_a, beta, doc, *, solve):
   """Everything of a chunk that does not depend on the state entering it (no decay / one per head).
 
   Same arguments as `_chunk_step`, without the state. The chunk is affine in its entering state S:
@@ -193,7 +196,7 @@ def _chunk_parts(prev_doc, q, k, v, log_a, beta, doc, *, solve, in_kernel: bool 
   sees_state = doc == prev_doc[..., None]
   to_last = doc == doc[..., -1:]
   keep = doc[..., -1] == prev_doc
-  cum = _cumulative(log_a, causal, vector=False, in_kernel=in_kernel)
+  cum = _cumulative(log_a, same, vector=False)
   gamma = jnp.exp(cum) * sees_state
   decay = jnp.exp(jnp.where(same, cum[..., :, None] - cum[..., None, :], -jnp.inf))
   to_end = jnp.exp(jnp.where(to_last, cum[..., -1:] - cum, -jnp.inf))
@@ -326,7 +329,7 @@ def _pallas_kernel(*refs, kind: str, has_beta: bool):
   doc = doc_ref[:, 0]
   out, s = _chunk_step(s_scr[...], doc_scr[0, 0], q_ref[...].astype(jnp.float32), k_ref[...].astype(jnp.float32),
                        v_ref[...].astype(jnp.float32), la, beta, doc, kind=kind,
-                       solve=_solve_unit_lower_by_doubling, in_kernel=True)
+                       solve=_solve_unit_lower_by_doubling)
   o_ref[...] = out.astype(o_ref.dtype)
   s_scr[...] = s
   doc_scr[...] = doc_ref[-1:, :]

@@ -85,6 +85,24 @@ def _loss(fn, inputs, w_out, w_state):
   return jnp.sum(out * w_out) + jnp.sum(state * w_state)
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("decay,delta", [("scalar", False), ("vector", False), ("scalar", True)])
+def test_a_document_is_bitwise_independent_of_the_one_before(impl, decay, delta):
+  """A document starting mid-chunk (token 13, chunk 8) gives the same bits whatever came before it,
+  with data-dependent decays: the in-chunk cumulative decay never includes another document's terms."""
+  inputs = _inputs(5, decay=decay, delta=delta, batch=1, seq=30, docs=False, initial=True)
+  inputs["segment_ids"] = jnp.asarray((np.arange(30) >= 13)[None].astype(np.int32))
+  other = dict(inputs)
+  for name in ("q", "k", "v", "log_decay", "beta"):
+    if inputs[name] is not None:
+      other[name] = inputs[name].at[:, :13].set(inputs[name][:, :13] * 1.37 - 0.011)
+  other["initial_state"] = inputs["initial_state"] * 3.1
+  (out, state), (out2, state2) = _run(impl, 8, inputs), _run(impl, 8, other)
+  np.testing.assert_array_equal(np.asarray(out[:, 13:]), np.asarray(out2[:, 13:]))
+  np.testing.assert_array_equal(np.asarray(state), np.asarray(state2))
+  assert not np.allclose(np.asarray(out[:, :13]), np.asarray(out2[:, :13]))
+
+
 @pytest.mark.parametrize("impl,decay,delta", [("xla", "scalar", False), ("xla", "vector", False),
                                               ("xla", "scalar", True), ("pallas", "scalar", False),
                                               ("pallas", "none", True)])

@@ -16,6 +16,10 @@ from longctx.models import melodi  # noqa: F401  (registers "melodi")
 from longctx.models.melodi import Melodi, MelodiConfig
 from longctx.models import retnet  # noqa: F401  (registers "retnet")
 from longctx.models.retnet import RetNet, RetNetConfig
+from longctx.models import mamba  # noqa: F401  (registers "mamba")
+from longctx.models.mamba import Mamba, MambaConfig
+from longctx.models import mamba2  # noqa: F401  (registers "mamba2")
+from longctx.models.mamba2 import Mamba2, Mamba2Config
 
 
 def build_model(cfg, *, rngs: nnx.Rngs) -> SegmentLM:
