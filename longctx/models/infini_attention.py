@@ -1,0 +1,332 @@
+"""Infini-attention (Munkhdalai et al. 2024, "Leave No Context Behind"): softmax attention inside a block
+plus a compressive memory of every earlier block of the document.
+
+A document is cut into blocks of `block_len` tokens counted from its first
+token (the paper's segments). In every layer and head, with the feature map
+s(x) = ELU(x) + 1 and M_0 = 0, z_0 = 0 at the document's start, block s reads
+
+    A_mem   = s(Q_s) M_{s-1} / (s(Q_s) z_{s-1})                       (eq. 3; 0 while the memory is empty)
+    A_local = causal softmax attention of Q_s over K_s, V_s           (the block's own tokens only)
+    A       = sigmoid(beta) A_mem + (1 - sigmoid(beta)) A_local       (eq. 6; beta one learned scalar per head)
+
+and only then takes in the block's keys and values (eq. 4, 5):
+
+    linear: M_s = M_{s-1} + s(K_s)^T V_s
+    delta:  M_s = M_{s-1} + s(K_s)^T (V_s - s(K_s) M_{s-1} / (s(K_s) z_{s-1}))
+    both:   z_s = z_{s-1} + sum_t s(K_s)_t
+
+`memory_update` picks the rule. The heads' outputs A are concatenated and
+projected by W_o. M `[head_dim, head_dim]` and z `[head_dim]` are float32 per
+layer and head, so the state is flat in the stream length. The gate follows
+the paper: sigmoid(beta) -> 1 reads the memory only. (lucidrains/infini-
+transformer-pytorch weights the memory by 1 - sigmoid(beta), the reverse.)
+
+Documents. Blocks are aligned with each document's start, so a document's
+logits do not depend on where in a lane it starts or how the lane is cut into
+segments; `data.align_documents` is not needed. A document that starts inside
+a segment reads the empty memory and attends only to its own keys.
+
+Streaming, any segment length, token by token included. A segment is read in
+chunks of c tokens, c the largest divisor of the segment length up to
+`block_len` (block_len for segments of whole blocks, 1 for one token), by a
+`lax.scan` over chunks. The state holds, per layer, the memory as of the start
+of the current block, what the current block's tokens so far will add to it
+(since every key of a block is written against the same M_{s-1}, the delta
+rule's terms are known as soon as the key is), and the block's keys and values
+so far (for the local attention); plus the in-block position of the next token.
+In a chunk of c <= block_len tokens the continuing document crosses at most
+one block boundary and a document that starts in the chunk none, so a token
+reads one of three memories: the block-start one (label 0), the one after the
+block that completes in this chunk (label 1), or the empty memory of a new
+document (label >= 2); its local attention sees the buffer and the chunk tokens
+with its own label. When whole-block segments begin at a block start, the
+buffer half of the local attention is empty but still computed (twice the
+attention FLOPs of the block alone; `flops_per_token` counts them).
+
+Choices the paper leaves open, and deviations:
+  * the local attention uses rotary positions inside the block (base `rope_base`);
+    the memory reads and writes the unrotated s(q), s(k) (a position-free store);
+  * eps = 1e-6 is added to both denominators so the empty memory reads 0;
+  * beta starts at `gate_init` (0: an even mix; the paper gives no init); one memory per head, no GQA;
+  * the zoo's backbone (pre-RMSNorm residual blocks, gated MLP, optional token
+    conv `embed_conv`), so comparisons change only the token mixer;
+  * not `kernels.linear_recurrence`: it reads the memory inclusive of each token,
+    while here a block reads only earlier blocks; plain einsums do the reads and writes.
+
+State (every leaf batch-first):
+  mem:    [batch, layers, heads, head_dim, head_dim] float32  M at the current block's start
+  z:      [batch, layers, heads, head_dim] float32           z at the current block's start
+  dmem, dz:  same shapes  what the current block's tokens so far add to M, z
+  buf_k, buf_v: [batch, layers, block_len, heads, head_dim] float32  the current block's unrotated
+          keys and values, slot = in-block position (slots >= offset are zero)
+  offset: [batch] int32  in-block position of the next token
+  prev_tokens, prev_valid: [batch, K-1]  token history (only with embed_conv > 1)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from longctx.config import ModelConfig
+from longctx.errors import ConfigError
+from longctx.layers import GatedMLP, RMSNorm, masked_attention, param, rotary
+from longctx.models.base import SegmentLM, reset_rows
+from longctx.models.registry import register_model
+from longctx.models.transformer import Embedding
+
+MEMORY_UPDATES = ("linear", "delta")
+EPS = 1e-6
+LAYER_KEYS = ("mem", "z", "dmem", "dz", "buf_k", "buf_v")  # state leaves with a layer axis
+
+
+@dataclasses.dataclass
+class InfiniAttentionConfig(ModelConfig):
+  name: str = "infini_attention"
+  block_len: int = 128  # the paper's segment: local attention inside a block, memory of the earlier ones
+  memory_update: str = "linear"  # "linear" (eq. 4) or "delta" (the delta rule, eq. 5)
+  gate_init: float = 0.0  # beta of every head at init: sigmoid(0) = an even mix of memory and local attention
+  rope_base: float = 10000.0
+  embed_conv: int = 0  # width of a causal depthwise conv over token embeddings (0 = off)
+
+  def validate(self) -> None:
+    super().validate()
+    if self.block_len < 1:
+      raise ConfigError(f"model.block_len={self.block_len} must be >= 1 (tokens per block, e.g. 128)")
+    if self.memory_update not in MEMORY_UPDATES:
+      raise ConfigError(f"model.memory_update={self.memory_update!r} is not one of {MEMORY_UPDATES}")
+    if self.resolved_head_dim % 2:
+      raise ConfigError(f"head_dim={self.resolved_head_dim} must be even for rotary positions")
+    if self.embed_conv < 0 or self.embed_conv == 1:
+      raise ConfigError(f"model.embed_conv={self.embed_conv} must be 0 (off) or a width >= 2 (e.g. 4)")
+
+
+def feature_map(x: jax.Array) -> jax.Array:
+  """s(x) = ELU(x) + 1 > 0."""
+  return jax.nn.elu(x) + 1.0
+
+
+def memory_read(sq: jax.Array, mem: jax.Array, z: jax.Array) -> jax.Array:
+  """s(q) M / (s(q) z + eps): `sq [batch, n, heads, dk]`, `mem [batch, heads, dk, dv]`, `z [batch, heads, dk]`
+  -> `[batch, n, heads, dv]`."""
+  num = jnp.einsum("bnhk,bhkv->bnhv", sq, mem)
+  den = jnp.einsum("bnhk,bhk->bnh", sq, z)
+  return num / (den[..., None] + EPS)
+
+
+def memory_write(mem: jax.Array, z: jax.Array, sk: jax.Array, v: jax.Array, mask: jax.Array, *,
+                 rule: str) -> tuple[jax.Array, jax.Array]:
+  """What the keys `sk [batch, n, heads, dk]` (= s(k)) and values `v [batch, n, heads, dv]` where
+  `mask [batch, n]` add to the block-start memory `mem`, `z`: (dM `[batch, heads, dk, dv]`, dz `[batch, heads, dk]`).
+
+  linear: dM = s(K)^T V;  delta: dM = s(K)^T (V - s(K) M / (s(K) z));  dz = sum_t s(K)_t.
+  """
+  sk = jnp.where(mask[:, :, None, None], sk, 0.0)
+  if rule == "delta":
+    v = v - memory_read(sk, mem, z)
+  return jnp.einsum("bnhk,bnhv->bhkv", sk, v), jnp.sum(sk, axis=1)
+
+
+def chunk_layout(offset: jax.Array, q_doc: jax.Array, *, block_len: int) -> tuple[jax.Array, jax.Array]:
+  """Where each token of a chunk of c <= block_len tokens sits.
+
+  Args:
+    offset: `[batch]` in-block position of the chunk's first token, if it continues the state's document.
+    q_doc: `[batch, c]` document ids (0 = the state's document, increasing at every document start).
+  Returns:
+    pos `[batch, c]` in-block position; label `[batch, c]`: 0 = the state's current block, 1 = the next
+    block of that document, 2 + i = the first block of the document starting at chunk index i > 0.
+  """
+  c = q_doc.shape[1]
+  idx = jnp.arange(c)[None]
+  starts = jnp.concatenate([jnp.ones_like(q_doc[:, :1], bool), q_doc[:, 1:] != q_doc[:, :-1]], axis=1)
+  start_idx = lax.cummax(jnp.where(starts, idx, 0), axis=1)
+  in_doc = jnp.where(q_doc == 0, offset[:, None] + idx, idx - start_idx)
+  return in_doc % block_len, jnp.where(q_doc == 0, in_doc // block_len, 2 + start_idx)
+
+
+def infini_attention(q, k, v, *, memory: dict, offset, pos, label, beta, rule: str, rope_base: float):
+  """One layer's Infini-attention over a chunk of c <= block_len tokens.
+
+  Args:
+    q, k, v: `[batch, c, heads, head_dim]` unrotated.
+    memory: this layer's state: mem `[batch, heads, dk, dv]`, z `[batch, heads, dk]`, dmem, dz (same),
+      buf_k, buf_v `[batch, block_len, heads, head_dim]` (see the module docstring), float32.
+    offset: `[batch]`; pos, label: `[batch, c]` from `chunk_layout`.
+    beta: `[heads]` gate logits.
+  Returns:
+    The heads' output `[batch, c, heads, head_dim]` float32 and the layer's new memory.
+  """
+  f32 = lambda a: a.astype(jnp.float32)
+  b, c = q.shape[:2]
+  block = memory["buf_k"].shape[1]
+  slots = jnp.arange(block)
+  buf_valid = slots[None] < offset[:, None]  # [b, block]
+
+  # Local attention over [buffer; chunk]: same block label, causal (the buffer precedes the chunk).
+  k_all = jnp.concatenate([memory["buf_k"].astype(k.dtype), k], axis=1)
+  v_all = jnp.concatenate([memory["buf_v"].astype(v.dtype), v], axis=1)
+  k_pos = jnp.concatenate([jnp.broadcast_to(slots, (b, block)), pos], axis=1)
+  k_label = jnp.concatenate([jnp.where(buf_valid, 0, -1), label], axis=1)
+  causal = jnp.arange(block + c)[None, :] <= block + jnp.arange(c)[:, None]  # [c, block + c]
+  mask = causal[None] & (label[:, :, None] == k_label[:, None, :])
+  local = masked_attention(rotary(q, pos, base=rope_base), rotary(k_all, k_pos, base=rope_base), v_all, mask)
+
+  # Memory: label-0 tokens complete the current block; M_next is the memory after it.
+  sq, sk, v32 = feature_map(f32(q)), feature_map(f32(k)), f32(v)
+  mem, z = memory["mem"], memory["z"]
+  d0, dz0 = memory_write(mem, z, sk, v32, label == 0, rule=rule)
+  dmem0, dz0 = memory["dmem"] + d0, memory["dz"] + dz0
+  mem_next, z_next = mem + dmem0, z + dz0
+  read_cur = memory_read(sq, mem, z)
+  read_next = memory_read(sq, mem_next, z_next) if c > 1 else read_cur  # label 1 needs o + c > block
+  sel = lambda l: l[:, :, None, None]
+  a_mem = jnp.where(sel(label == 0), read_cur, jnp.where(sel(label == 1), read_next, 0.0))
+  gate = jax.nn.sigmoid(f32(beta))[None, None, :, None]
+  out = gate * a_mem + (1 - gate) * f32(local)
+
+  # The state after the chunk belongs to its last token's block.
+  last, last_pos = label[:, -1], pos[:, -1]
+  completes = (last == 1) | ((last == 0) & (last_pos == block - 1))
+  cont = (last == 0) & ~completes  # the current block goes on
+  base_mem = jnp.where((last == 1)[:, None, None, None], mem_next, 0.0)  # a new document: empty memory
+  base_z = jnp.where((last == 1)[:, None, None], z_next, 0.0)
+  d_last, dz_last = memory_write(base_mem, base_z, sk, v32, (label == last[:, None]) & (last[:, None] > 0),
+                                 rule=rule)
+  pick = lambda cond, a, b: jnp.where(cond.reshape(cond.shape + (1,) * (a.ndim - cond.ndim)), a, b)
+  new = {
+      "mem": pick(cont, mem, base_mem + pick(last == 0, mem_next, 0.0)),
+      "z": pick(cont, z, base_z + pick(last == 0, z_next, 0.0)),
+      "dmem": pick(cont, dmem0, d_last),
+      "dz": pick(cont, dz0, dz_last),
+  }
+  # Buffer slot j holds the token at in-block position j of the last block: chunk index j + c - 1 - last_pos.
+  new_offset = (last_pos + 1) % block
+  src = slots[None] + (c - 1 - last_pos)[:, None]  # [b, block]
+  valid = slots[None] < new_offset[:, None]
+  from_chunk, keep = valid & (src >= 0), valid & (src < 0)
+  gather_idx = jnp.clip(src, 0, c - 1)[:, :, None, None]
+  for key, x in (("buf_k", k), ("buf_v", v)):
+    taken = jnp.take_along_axis(f32(x), gather_idx, axis=1)
+    new[key] = pick(from_chunk, taken, pick(keep, memory[key], 0.0))
+  return out, new
+
+
+def chunk_len(seg_len: int, block_len: int) -> int:
+  """Tokens per scan step: the largest divisor of `seg_len` that is at most `block_len`."""
+  return max(c for c in range(1, min(seg_len, block_len) + 1) if seg_len % c == 0)
+
+
+class InfiniAttentionLayer(nnx.Module):
+  """`x [batch, c, d_model]` + one layer's memory -> output `[batch, c, d_model]`, new memory."""
+
+  def __init__(self, cfg: InfiniAttentionConfig, *, rngs: nnx.Rngs):
+    d, h, hd = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim
+    self.cfg = cfg
+    self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), fan_in=d)
+    self.wk = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), fan_in=d)
+    self.wv = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), fan_in=d)
+    self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), fan_in=h * hd,
+                    scale=1.0 / (2 * cfg.num_layers))
+    self.beta = nnx.Param(jnp.full((h,), cfg.gate_init, jnp.float32), logical_axes=("heads",))
+
+  def __call__(self, x, *, memory, offset, pos, label):
+    cfg = self.cfg
+    dt = x.dtype
+    proj = lambda w: jnp.einsum("bsd,dhk->bshk", x, w[...].astype(dt))
+    out, memory = infini_attention(proj(self.wq), proj(self.wk), proj(self.wv), memory=memory, offset=offset,
+                                   pos=pos, label=label, beta=self.beta[...], rule=cfg.memory_update,
+                                   rope_base=cfg.rope_base)
+    return jnp.einsum("bshk,hkd->bsd", out.astype(dt), self.wo[...].astype(dt)), memory
+
+
+class InfiniBlock(nnx.Module):
+  def __init__(self, cfg: InfiniAttentionConfig, *, rngs: nnx.Rngs):
+    self.norm1 = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    self.attn = InfiniAttentionLayer(cfg, rngs=rngs)
+    self.norm2 = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    self.mlp = GatedMLP(cfg.d_model, cfg.resolved_d_ff, rngs=rngs, out_scale=1.0 / (2 * cfg.num_layers))
+
+  def __call__(self, x, **kwargs):
+    y, memory = self.attn(self.norm1(x), **kwargs)
+    x = x + y
+    return x + self.mlp(self.norm2(x)), memory
+
+
+@register_model("infini_attention", config=InfiniAttentionConfig,
+                description="Infini-attention: softmax attention in a block + a compressive memory of earlier "
+                            "blocks (linear or delta rule), O(1) state")
+class InfiniAttention(SegmentLM):
+
+  def __init__(self, cfg: InfiniAttentionConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embedding = Embedding(cfg, rngs=rngs)
+    self.blocks = nnx.List([InfiniBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+
+  def init_state(self, batch_size: int):
+    cfg = self.cfg
+    b, L, h, hd, block = batch_size, cfg.num_layers, cfg.num_heads, cfg.resolved_head_dim, cfg.block_len
+    zeros = lambda *shape: jnp.zeros(shape, jnp.float32)
+    return {
+        "mem": zeros(b, L, h, hd, hd), "z": zeros(b, L, h, hd),
+        "dmem": zeros(b, L, h, hd, hd), "dz": zeros(b, L, h, hd),
+        "buf_k": zeros(b, L, block, h, hd), "buf_v": zeros(b, L, block, h, hd),
+        "offset": jnp.zeros((b,), jnp.int32),
+        **self.embedding.init_history(batch_size),
+    }
+
+  def __call__(self, tokens, state, *, reset, segment_ids=None):
+    self.check_segment_shapes(tokens, reset)
+    cfg = self.cfg
+    b, s = tokens.shape
+    fresh = self.init_state(b)
+    state = reset_rows(state, fresh, reset)
+    ids = jnp.zeros(tokens.shape, jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    x, history = self.embedding.embed_segment(tokens, state, ids - ids[:, :1], self.embedding.table[...].dtype)
+    state = {key: val for key, val in state.items() if key not in history}
+    fresh = {key: val for key, val in fresh.items() if key not in history}
+    c = chunk_len(s, cfg.block_len)
+    n = s // c
+    x_chunks = x.reshape(b, n, c, -1).swapaxes(0, 1)  # [n, b, c, d_model]
+    id_chunks = ids.reshape(b, n, c).swapaxes(0, 1)
+    prev_last = jnp.concatenate([id_chunks[:1, :, 0], id_chunks[:-1, :, -1]], axis=0)
+    chunk_reset = id_chunks[:, :, 0] != prev_last  # a document starts at the chunk's first token
+
+    def body(state, inputs):
+      x, chunk_ids, rst = inputs
+      state = reset_rows(state, fresh, rst)
+      pos, label = chunk_layout(state["offset"], chunk_ids - chunk_ids[:, :1], block_len=cfg.block_len)
+      layers = []
+      for i, blk in enumerate(self.blocks):
+        x, memory = blk(x, memory={key: state[key][:, i] for key in LAYER_KEYS}, offset=state["offset"],
+                        pos=pos, label=label)
+        layers.append(memory)
+      new = {key: jnp.stack([m[key] for m in layers], axis=1) for key in LAYER_KEYS}
+      return {**new, "offset": (pos[:, -1] + 1) % cfg.block_len}, x
+
+    state, xs = lax.scan(body, state, (x_chunks, id_chunks, chunk_reset))
+    x = xs.swapaxes(0, 1).reshape(b, s, -1)
+    return self.embedding.logits(self.final_norm(x)), {**state, **history}
+
+  @classmethod
+  def flops_per_token(cls, cfg: InfiniAttentionConfig, *, seg_len: int) -> float:
+    d, h, hd, L = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim, cfg.num_layers
+    c = chunk_len(seg_len, cfg.block_len)
+    proj = 2 * 4 * d * h * hd  # q, k, v, o
+    local = 2 * 2 * h * hd * (cfg.block_len + c)  # QK^T and PV over [buffer; chunk]
+    reads = 2 if c > 1 else 1  # the block-start memory and the one after a block completes in the chunk
+    writes = 2 * (2 if cfg.memory_update == "delta" else 1)  # two masked writes (+ the delta rule's retrieval)
+    memory = 2 * h * hd * hd * (reads + writes)
+    mlp = 2 * 3 * d * cfg.resolved_d_ff
+    return float(L * (proj + local + memory + mlp) + 2 * d * cfg.vocab_size + 2 * cfg.embed_conv * d)
+
+  @classmethod
+  def activation_bytes_per_token(cls, cfg: InfiniAttentionConfig, *, dtype_bytes: int) -> float:
+    d, h, hd, ff = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim, cfg.resolved_d_ff
+    per_layer = (4 * d + 4 * h * hd + 3 * ff) * dtype_bytes + h * 2 * cfg.block_len * 4 + 4 * h * hd * 4
+    return float(cfg.num_layers * per_layer)

@@ -1,0 +1,26 @@
+"""Synthetic recall with Infini-attention: softmax attention inside 128-token blocks + a compressive memory.
+
+Same backbone size, data and steps as the control (`_recall.py`); the block
+(the paper's segment) is the control's window, so a token sees at most its own
+block exactly, and everything earlier in the document only through the
+per-head linear memory M, z (O(1) state, no XL cache). Blocks count from each
+document's start (no document alignment needed). The memory gate starts at
+sigmoid(-3) = 5%, not the paper's even mix (sigmoid(0)): the Memorizing
+Transformer, with the same even mix of a blurred memory read into its layer,
+never formed in-window induction in 2500 steps (see memorizing_recall.py);
+`--set model.gate_init=0` gives the paper's start.
+
+    longctx train recipes/synthetic/infini_attention_recall.py --run-dir runs/recall/infini_attention
+    longctx eval runs/recall/infini_attention --task passkey,mqar,copy,qa1,qa2 --lengths 128,512,2k,8k
+"""
+
+from _recall import BACKBONE, MESH, WINDOW, recall_data, recall_train
+
+from longctx.config import Config
+from longctx.models import InfiniAttentionConfig
+
+
+def config() -> Config:
+  backbone = {k: v for k, v in BACKBONE.items() if k != "window"}
+  return Config(model=InfiniAttentionConfig(**backbone, block_len=WINDOW, memory_update="linear", gate_init=-3.0),
+                data=recall_data(), train=recall_train(), mesh=MESH)
