@@ -22,6 +22,8 @@ from longctx.models import mamba2  # noqa: F401  (registers "mamba2")
 from longctx.models.mamba2 import Mamba2, Mamba2Config
 from longctx.models import infini_attention  # noqa: F401  (registers "infini_attention")
 from longctx.models.infini_attention import InfiniAttention, InfiniAttentionConfig
+from longctx.models import titans  # noqa: F401  (registers "titans")
+from longctx.models.titans import Titans, TitansConfig
 
 
 def build_model(cfg, *, rngs: nnx.Rngs) -> SegmentLM:
