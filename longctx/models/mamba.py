@@ -176,9 +176,11 @@ class MambaMixer(nnx.Module):
 
 
 class MambaBlock(nnx.Module):
-  def __init__(self, cfg: MambaConfig, *, rngs: nnx.Rngs):
+  """`x + mixer(RMSNorm(x))`, no MLP (Mamba and Mamba-2 alike)."""
+
+  def __init__(self, cfg, mixer: nnx.Module):
     self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-    self.mixer = MambaMixer(cfg, rngs=rngs)
+    self.mixer = mixer
 
   def __call__(self, x, **kwargs):
     y, *states = self.mixer(self.norm(x), **kwargs)
@@ -188,19 +190,28 @@ class MambaBlock(nnx.Module):
 @register_model("mamba", config=MambaConfig,
                 description="Mamba: selective state space (S6) with a per-channel decay, O(1) state")
 class Mamba(SegmentLM):
+  """Embedding, `num_layers` Mamba blocks, final RMSNorm, LM head. Mamba-2 reuses it with its own mixer."""
+
+  mixer_class: type = MambaMixer
 
   def __init__(self, cfg: MambaConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embedding = Embedding(cfg, rngs=rngs)
-    self.blocks = nnx.List([MambaBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.blocks = nnx.List([MambaBlock(cfg, self.mixer_class(cfg, rngs=rngs)) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+
+  @classmethod
+  def state_shapes(cls, cfg: MambaConfig) -> tuple[int, tuple[int, ...]]:
+    """Channels of the conv, shape of one layer's SSM state."""
+    return cfg.d_inner, (cfg.d_inner, cfg.state_size)
 
   def init_state(self, batch_size: int):
     cfg = self.cfg
+    conv_channels, ssm_shape = self.state_shapes(cfg)
     return {
-        "conv": jnp.zeros((batch_size, cfg.num_layers, cfg.conv_kernel - 1, cfg.d_inner), jnp.float32),
+        "conv": jnp.zeros((batch_size, cfg.num_layers, cfg.conv_kernel - 1, conv_channels), jnp.float32),
         "conv_valid": jnp.zeros((batch_size, cfg.conv_kernel - 1), bool),
-        "ssm": jnp.zeros((batch_size, cfg.num_layers, cfg.d_inner, cfg.state_size), jnp.float32),
+        "ssm": jnp.zeros((batch_size, cfg.num_layers) + ssm_shape, jnp.float32),
     }
 
   def __call__(self, tokens, state, *, reset, segment_ids=None):

@@ -45,11 +45,10 @@ from jax import lax
 from longctx.config import ModelConfig
 from longctx.errors import ConfigError
 from longctx.kernels.linear_recurrence import IMPLS, linear_recurrence
-from longctx.layers import RMSNorm, param
+from longctx.layers import param
 from longctx.layers.ssm import causal_conv1d, init_dt_bias
-from longctx.models.base import SegmentLM, reset_rows
+from longctx.models.mamba import Mamba
 from longctx.models.registry import register_model
-from longctx.models.transformer import Embedding, segment_doc_ids
 
 
 @dataclasses.dataclass
@@ -170,48 +169,16 @@ class Mamba2Mixer(nnx.Module):
     return out, conv_state, conv_valid, ssm_state
 
 
-class Mamba2Block(nnx.Module):
-  def __init__(self, cfg: Mamba2Config, *, rngs: nnx.Rngs):
-    self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-    self.mixer = Mamba2Mixer(cfg, rngs=rngs)
-
-  def __call__(self, x, **kwargs):
-    y, *states = self.mixer(self.norm(x), **kwargs)
-    return x + y, *states
-
-
 @register_model("mamba2", config=Mamba2Config,
                 description="Mamba-2: SSD (scalar-decay selective state space) through the chunked kernel, O(1) state")
-class Mamba2(SegmentLM):
+class Mamba2(Mamba):
+  """Mamba's stack (embedding, `x + mixer(RMSNorm(x))` blocks, final norm) with the SSD mixer."""
 
-  def __init__(self, cfg: Mamba2Config, *, rngs: nnx.Rngs):
-    self.cfg = cfg
-    self.embedding = Embedding(cfg, rngs=rngs)
-    self.blocks = nnx.List([Mamba2Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+  mixer_class = Mamba2Mixer
 
-  def init_state(self, batch_size: int):
-    cfg = self.cfg
-    return {
-        "conv": jnp.zeros((batch_size, cfg.num_layers, cfg.conv_kernel - 1, cfg.conv_dim), jnp.float32),
-        "conv_valid": jnp.zeros((batch_size, cfg.conv_kernel - 1), bool),
-        "ssm": jnp.zeros((batch_size, cfg.num_layers, cfg.resolved_num_heads, cfg.state_size, cfg.head_dim),
-                         jnp.float32),
-    }
-
-  def __call__(self, tokens, state, *, reset, segment_ids=None):
-    self.check_segment_shapes(tokens, reset)
-    state = reset_rows(state, self.init_state(tokens.shape[0]), reset)
-    doc = segment_doc_ids(segment_ids, tokens)
-    x = self.embedding.embed(tokens, self.embedding.table[...].dtype)
-    convs, ssms = [], []
-    for i, block in enumerate(self.blocks):
-      x, conv, conv_valid, ssm = block(x, conv_state=state["conv"][:, i], conv_valid=state["conv_valid"],
-                                       ssm_state=state["ssm"][:, i], doc=doc)
-      convs.append(conv.astype(jnp.float32))
-      ssms.append(ssm)
-    logits = self.embedding.logits(self.final_norm(x))
-    return logits, {"conv": jnp.stack(convs, axis=1), "conv_valid": conv_valid, "ssm": jnp.stack(ssms, axis=1)}
+  @classmethod
+  def state_shapes(cls, cfg: Mamba2Config) -> tuple[int, tuple[int, ...]]:
+    return cfg.conv_dim, (cfg.resolved_num_heads, cfg.state_size, cfg.head_dim)
 
   @classmethod
   def flops_per_token(cls, cfg: Mamba2Config, *, seg_len: int) -> float:
