@@ -196,8 +196,11 @@ def bench_config(model: str, *, d_model: int, seg_len: int, lanes: int, layers: 
   """
   model_cls = get_model_class(model)
   heads = max(1, d_model // 64)
-  kwargs = {"d_model": d_model, "num_layers": layers, "num_heads": heads, "vocab_size": 259}
-  fields = {f.name for f in dataclasses.fields(model_cls.config_class)}
+  defaults = {f.name: f.default for f in dataclasses.fields(model_cls.config_class)}
+  fields = set(defaults)
+  kwargs = {"d_model": d_model, "num_layers": layers, "vocab_size": 259}
+  if defaults.get("num_heads"):  # 0 = the model derives its heads (Mamba-2: expand x d_model / head_dim)
+    kwargs["num_heads"] = heads
   if "window" in fields:
     kwargs["window"] = window
   cfg = Config(model=model_cls.config_class(**kwargs),

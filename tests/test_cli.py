@@ -70,7 +70,8 @@ def test_models_lists_every_model(capsys):
   code, out, _ = run_cli(["models"], capsys)
   assert code == 0 and "Transformer-XL" in out
   names = [line.split()[0] for line in out.splitlines() if line.strip()]
-  assert {"transformer", "rmt", "memorizing", "block_recurrent", "melodi"} <= set(names)
+  assert {"transformer", "rmt", "memorizing", "block_recurrent", "melodi", "retnet", "mamba", "mamba2",
+          "infini_attention", "titans"} <= set(names)
 
 
 @pytest.mark.parametrize("recipe", sorted(str(p) for p in (ROOT / "recipes").rglob("*.py")

@@ -12,7 +12,7 @@ import model_contract as contract
 from conftest import rel_err
 from longctx.errors import ConfigError
 from longctx.models import Titans, TitansConfig, Transformer, TransformerConfig, create_model, list_models
-from longctx.models.titans import memory_mlp, memory_segment
+from longctx.models.titans import chunk_update, memory_mlp, memory_segment
 
 VOCAB, WINDOW, CHUNK, HISTORY = 50, 8, 4, 3
 CFG = TitansConfig(vocab_size=VOCAB, d_model=32, num_layers=2, num_heads=4, window=WINDOW, chunk_size=CHUNK,
@@ -134,6 +134,37 @@ def test_chunked_update_equals_the_token_loop(chunk, start_at):
       assert rel_err(g, g_ref) < 1e-4, name
 
 
+def test_inner_update_clip_bounds_each_chunk_and_keeps_the_memory_finite():
+  """With `memory_grad_clip` the gradient part of each chunk's update into S and into M has norm <= the
+  clip; a huge clip changes nothing; over many chunks with a too-large step the unclipped memory blows up
+  and the clipped one stays small."""
+  inp = random_memory_inputs(3, b=1, n=16, heads=1)
+  one = lambda x: x[0, 0] if x.ndim == 4 else x[0, :, 0]
+  w0, s0 = tuple(one(w) for w in inp["w0"]), tuple(one(s) for s in inp["s0"])
+  k, v, z = one(inp["k"]), one(inp["v"]), one(inp["z"])
+  base_w, base_s = chunk_update(w0, s0, k, v, z, theta_scale=0.0)  # no gradient: decay and momentum only
+  flat = lambda ws: jnp.concatenate([w.ravel() for w in ws])
+  free_w, free_s = chunk_update(w0, s0, k, v, z, theta_scale=5.0)
+  big_w, big_s = chunk_update(w0, s0, k, v, z, theta_scale=5.0, grad_clip=1e9)
+  assert rel_err(flat(big_w), flat(free_w)) == 0 and rel_err(flat(big_s), flat(free_s)) == 0
+  assert float(jnp.linalg.norm(flat(free_w) - flat(base_w))) > 0.5  # the clip below does bind
+  cw, cs = chunk_update(w0, s0, k, v, z, theta_scale=5.0, grad_clip=0.5)
+  assert float(jnp.linalg.norm(flat(cw) - flat(base_w))) <= 0.5 + 1e-5
+  assert float(jnp.linalg.norm(flat(cs) - flat(base_s))) <= 0.5 + 1e-5
+
+  long = random_memory_inputs(4, b=1, n=256, heads=1)
+  long["z"] = long["z"].at[..., 0].set(3.0).at[..., 2].set(-6.0)  # strong momentum, little forgetting
+  sizes = {}
+  for clip in (0.0, 1.0):
+    carry = {"w": long["w0"], "s": long["s0"], "k": jnp.zeros((1, 4, 1, 4)), "v": jnp.zeros((1, 4, 1, 4)),
+             "z": jnp.zeros((1, 4, 1, 3)), "m": jnp.zeros((1,), jnp.int32)}
+    _, carry = memory_segment(carry, long["q"], long["k"], long["v"], long["z"], starts=jnp.zeros((1, 256), bool),
+                              init=long["init"], theta_scale=50.0, grad_clip=clip)
+    sizes[clip] = float(jnp.max(jnp.abs(flat(carry["w"]))))
+  assert not np.isfinite(sizes[0.0]) or sizes[0.0] > 1e3, sizes
+  assert sizes[1.0] < 100, sizes
+
+
 # ----------------------------------------------------------------------------- the model contract
 
 
@@ -196,6 +227,7 @@ def test_flops_per_token_counts_the_memory():
     (dict(variant="mal"), "variant"), (dict(memory_depth=1), "memory_depth"), (dict(memory_heads=3), "memory_heads"),
     (dict(chunk_size=0), "chunk_size"), (dict(num_persistent=-1), "num_persistent"),
     (dict(memory_hidden=-2), "memory_hidden"), (dict(memory_lr=0.0), "memory_lr"),
+    (dict(memory_grad_clip=-1.0), "memory_grad_clip"),
 ])
 def test_config_errors(change, match):
   with pytest.raises(ConfigError, match=match):

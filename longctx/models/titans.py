@@ -71,6 +71,11 @@ Deviations from the paper, and why:
     width, and a step of theta ~ 1 would overshoot (||h||^2 ~ hidden); the outer training tunes the
     gates from there. The gates are per token and per head, as in the paper (lucidrains/titans-pytorch
     shares them across a chunk, averaged).
+  * `memory_grad_clip` > 0 caps the norm of each chunk's two gradient sums (into S and into M) per lane
+    and head, as lucidrains' `max_grad_norm` caps per-token gradients. Off by default (the paper); the
+    recall recipe sets 1.0: without it the test-time learner diverged within 15 outer steps (memory
+    weights ~5e3 after one 256-token segment, then NaN), a positive feedback of the MLP's curvature
+    growing with its weights. With decay, a bounded update keeps the weights bounded (tested).
 
 State (every leaf batch-first, float32 unless said; L layers, H memory heads, dm memory head dim):
   weights: list of D arrays [batch, L, H, in_j, out_j]   memory weights at the last chunk boundary
@@ -114,6 +119,7 @@ class TitansConfig(TransformerConfig):
   chunk_size: int = 16  # tokens per memory update (MAC: also the attention segment)
   num_persistent: int = 4  # learned (key, value) pairs every token attends to
   memory_lr: float = 1.0  # theta_t = memory_lr * sigmoid(.) / memory_hidden
+  memory_grad_clip: float = 0.0  # > 0: cap the norm of each chunk's inner update (0 = off, the paper)
 
   def validate(self) -> None:
     super().validate()
@@ -129,6 +135,8 @@ class TitansConfig(TransformerConfig):
       raise ConfigError(f"model.chunk_size={self.chunk_size} must be >= 1")
     if self.num_persistent < 0:
       raise ConfigError(f"model.num_persistent={self.num_persistent} must be >= 0")
+    if self.memory_grad_clip < 0:
+      raise ConfigError(f"model.memory_grad_clip={self.memory_grad_clip} must be >= 0 (0 = off)")
     if not self.memory_lr > 0:
       raise ConfigError(f"model.memory_lr={self.memory_lr} must be > 0")
 
@@ -171,12 +179,14 @@ def read_shared(ws, x):
   return jax.vmap(jax.vmap(memory_mlp, in_axes=(0, 1), out_axes=1), in_axes=(None, 0))(ws, x)
 
 
-def chunk_update(ws, ss, k, v, z, *, theta_scale: float):
+def chunk_update(ws, ss, k, v, z, *, theta_scale: float, grad_clip: float = 0.0):
   """One chunk of one lane and head: weights and momentum at the chunk start -> at its end.
 
   Args:
     ws, ss: tuples of `[in, out]` (M_0 and S_0).
     k, v: `[C, dm]`; z: `[C, 3]` gate logits (eta, theta, alpha).
+    grad_clip: if > 0, each of the chunk's two weighted gradient sums (into S and into M) is scaled
+      down to at most this global norm (module docstring, "Deviations").
   Returns:
     (M_C, S_C), every gradient taken at M_0 (module docstring).
   """
@@ -193,16 +203,25 @@ def chunk_update(ws, ss, k, v, z, *, theta_scale: float):
   _, vjp = jax.vjp(losses, tuple(ws))
   g_s, = vjp(coef_s)
   g_m, = vjp(coef_m)
+  if grad_clip > 0:
+    g_s, g_m = clip_by_global_norm(g_s, grad_clip), clip_by_global_norm(g_m, grad_clip)
   carry_s = jnp.sum(jnp.exp(la[-1] - la + lp))
   new_s = tuple(jnp.exp(lp[-1]) * s - g for s, g in zip(ss, g_s))
   new_w = tuple(jnp.exp(la[-1]) * w + carry_s * s - g for w, s, g in zip(ws, ss, g_m))
   return new_w, new_s
 
 
-def chunk_update_batched(ws, ss, k, v, z, *, theta_scale: float):
+def clip_by_global_norm(grads: tuple, max_norm: float) -> tuple:
+  """Scale a tuple of arrays so their joint L2 norm is at most `max_norm` (safe at zero)."""
+  norm = jnp.sqrt(sum(jnp.sum(g * g) for g in grads) + 1e-12)
+  scale = jnp.minimum(1.0, max_norm / norm)
+  return tuple(g * scale for g in grads)
+
+
+def chunk_update_batched(ws, ss, k, v, z, *, theta_scale: float, grad_clip: float = 0.0):
   """`chunk_update` over lanes and heads: ws, ss `[batch, H, in, out]`; k, v `[batch, C, H, dm]`;
   z `[batch, C, H, 3]`."""
-  fn = lambda w, s, k, v, z: chunk_update(w, s, k, v, z, theta_scale=theta_scale)
+  fn = lambda w, s, k, v, z: chunk_update(w, s, k, v, z, theta_scale=theta_scale, grad_clip=grad_clip)
   return jax.vmap(jax.vmap(fn, in_axes=(0, 0, 1, 1, 1)))(ws, ss, k, v, z)
 
 
@@ -259,7 +278,7 @@ def restart_carry(carry, plan, init):
   return carry
 
 
-def fold_open_chunk(carry, plan, new, *, theta_scale):
+def fold_open_chunk(carry, plan, new, *, theta_scale, grad_clip=0.0):
   """Weights and momentum after the open chunk completes (garbage in rows where it does not).
 
   new: the step's (k, v, z); the chunk is the last `m` buffered tokens then the first C - m new ones.
@@ -269,7 +288,7 @@ def fold_open_chunk(carry, plan, new, *, theta_scale):
 
   def fold():
     k, v, z = (_take(jnp.concatenate([carry[n], x], axis=1), idx) for n, x in zip("kvz", new))
-    return chunk_update_batched(carry["w"], carry["s"], k, v, z, theta_scale=theta_scale)
+    return chunk_update_batched(carry["w"], carry["s"], k, v, z, theta_scale=theta_scale, grad_clip=grad_clip)
 
   return lax.cond(jnp.any(plan["fold"]), fold, lambda: (carry["w"], carry["s"]))
 
@@ -315,7 +334,7 @@ def merge_steps(y, s):
   return y.reshape((y.shape[0], -1) + y.shape[3:])[:, :s]
 
 
-def memory_segment(carry, q, k, v, z, *, starts, init, theta_scale):
+def memory_segment(carry, q, k, v, z, *, starts, init, theta_scale, grad_clip=0.0):
   """The neural memory of one layer over a segment (MAG's branch; the tests' entry point).
 
   Args:
@@ -335,7 +354,7 @@ def memory_segment(carry, q, k, v, z, *, starts, init, theta_scale):
     plan = step_plan(carry["m"], starts, valid)
     carry = restart_carry(carry, plan, init)
     new = (k, v, z)
-    w_after, s_after = fold_open_chunk(carry, plan, new, theta_scale=theta_scale)
+    w_after, s_after = fold_open_chunk(carry, plan, new, theta_scale=theta_scale, grad_clip=grad_clip)
     y = read_planned(q, carry["w"], w_after, init, plan)
     return advance_carry(carry, plan, w_after, s_after, new, init), y
 
@@ -502,7 +521,8 @@ class MAGBlock(nnx.Module):
     xn = self.attn_norm(x)
     a, k, v = self.attn.window(xn, cache_k=cache_k, cache_v=cache_v, q_doc=q_doc, k_doc=k_doc)
     y, carry = memory_segment(carry, self.memory.query(xn), *self.memory.write_inputs(xn), starts=starts,
-                              init=self.memory.initial(), theta_scale=self.cfg.theta_scale)
+                              init=self.memory.initial(), theta_scale=self.cfg.theta_scale,
+                              grad_clip=self.cfg.memory_grad_clip)
     x = x + a * jax.nn.sigmoid(self.memory_norm(self.memory.combine(y, x.dtype)))
     return x + self.mlp(self.mlp_norm(x)), carry, (k, v)
 
@@ -561,7 +581,8 @@ class MACBlock(nnx.Module):
       h = read_planned(hq, carry["w"], carry["w"], init, no_after)  # tokens after the fold: redone below
       y, hk, hv = self.attend(xq, xk, xv, h, carry, plan, valid)
       new = self.memory.write_inputs(self.y_norm(y))
-      w_after, s_after = fold_open_chunk(carry, plan, new, theta_scale=cfg.theta_scale)
+      w_after, s_after = fold_open_chunk(carry, plan, new, theta_scale=cfg.theta_scale,
+                                         grad_clip=cfg.memory_grad_clip)
 
       def second_pass():  # tokens of the next MAC segment retrieve from the folded weights
         after = plan["after"]
