@@ -103,7 +103,8 @@ from longctx.layers import GatedMLP, RMSNorm, param, rotary, window_mask
 from longctx.layers.attention import NEG_INF
 from longctx.models.base import SegmentLM, reset_rows
 from longctx.models.registry import register_model
-from longctx.models.transformer import Embedding, TransformerConfig, roll_cache, roll_cache_valid, segment_doc_ids
+from longctx.models.transformer import (
+    Attention, Embedding, TransformerConfig, roll_cache, roll_cache_valid, segment_doc_ids)
 
 VARIANTS = ("mag", "mac")
 GATE_BIAS = (1.0, 0.0, -4.0)  # initial eta ~ 0.73, theta ~ 0.5 x lr / hidden, alpha ~ 0.018
@@ -460,18 +461,12 @@ class NeuralMemory(nnx.Module):
     return jnp.einsum("bshk,hkd->bsd", y.astype(dtype), self.wo[...].astype(dtype))
 
 
-class TitansAttention(nnx.Module):
-  """Query/key/value/output projections (the baseline's layout) plus the persistent (key, value) prefix."""
+class TitansAttention(Attention):
+  """The baseline's projections (`transformer.Attention`) plus the persistent (key, value) prefix."""
 
   def __init__(self, cfg: TitansConfig, *, rngs: nnx.Rngs):
-    d, h, hd = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim
-    kvh = cfg.num_kv_heads or h
-    self.cfg = cfg
-    self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), fan_in=d)
-    self.wk = param(rngs, (d, kvh, hd), ("embed", "kv_heads", "head_dim"), fan_in=d)
-    self.wv = param(rngs, (d, kvh, hd), ("embed", "kv_heads", "head_dim"), fan_in=d)
-    self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), fan_in=h * hd,
-                    scale=1.0 / (2 * cfg.num_layers))
+    super().__init__(cfg, rngs=rngs)
+    kvh, hd = cfg.num_kv_heads or cfg.num_heads, cfg.resolved_head_dim
     p = cfg.num_persistent
     self.pk = param(rngs, (p, kvh, hd), (None, "kv_heads", "head_dim"), fan_in=1) if p else None
     self.pv = param(rngs, (p, kvh, hd), (None, "kv_heads", "head_dim"), fan_in=1) if p else None
