@@ -112,11 +112,7 @@ class BlockwiseLM(SegmentLM):
     x, history = self.embedding.embed_segment(tokens, state, ids - ids[:, :1], dtype)
     state = {key: val for key, val in state.items() if key not in history}
     fresh = {key: val for key, val in fresh.items() if key not in history}
-    n = s // block
-    x_blocks = x.reshape(b, n, block, -1).swapaxes(0, 1)  # [n, b, block, d_model]
-    id_blocks = ids.reshape(b, n, block).swapaxes(0, 1)
-    prev_last = jnp.concatenate([id_blocks[:1, :, 0], id_blocks[:-1, :, -1]], axis=0)
-    block_reset = id_blocks[:, :, 0] != prev_last  # a document starts at the block's first token
+    x_blocks, id_blocks, block_reset = split_into_blocks(x, ids, block)
 
     def body(state, inputs):
       x, blk_ids, rst = inputs
@@ -142,6 +138,21 @@ class BlockwiseLM(SegmentLM):
     state, xs = jax.lax.scan(body, state, (x_blocks, id_blocks, block_reset))
     x = xs.swapaxes(0, 1).reshape(b, s, -1)
     return self.embedding.logits(self.final_norm(x)), {**state, **history}
+
+
+def split_into_blocks(x: jax.Array, ids: jax.Array, block: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Cut a segment into blocks for a `lax.scan`, block axis first.
+
+  x `[batch, seg, d]`, ids `[batch, seg]` document ids; seg a multiple of `block`. Returns
+  `x [n, batch, block, d]`, `ids [n, batch, block]` and `starts [n, batch]`: a document starts at the
+  block's first token (the block's id differs from the last id of the block before it).
+  """
+  b, s = ids.shape
+  n = s // block
+  x_blocks = x.reshape(b, n, block, -1).swapaxes(0, 1)
+  id_blocks = ids.reshape(b, n, block).swapaxes(0, 1)
+  prev_last = jnp.concatenate([id_blocks[:1, :, 0], id_blocks[:-1, :, -1]], axis=0)
+  return x_blocks, id_blocks, id_blocks[:, :, 0] != prev_last
 
 
 def check_layer_list(key: str, layers: list[int], num_layers: int) -> None:

@@ -76,6 +76,7 @@ from longctx.config import ModelConfig
 from longctx.errors import ConfigError
 from longctx.layers import GatedMLP, RMSNorm, masked_attention, param, rotary
 from longctx.models.base import SegmentLM, reset_rows
+from longctx.models.blockwise import split_into_blocks
 from longctx.models.registry import register_model
 from longctx.models.transformer import Embedding
 
@@ -290,12 +291,7 @@ class InfiniAttention(SegmentLM):
     x, history = self.embedding.embed_segment(tokens, state, ids - ids[:, :1], self.embedding.table[...].dtype)
     state = {key: val for key, val in state.items() if key not in history}
     fresh = {key: val for key, val in fresh.items() if key not in history}
-    c = chunk_len(s, cfg.block_len)
-    n = s // c
-    x_chunks = x.reshape(b, n, c, -1).swapaxes(0, 1)  # [n, b, c, d_model]
-    id_chunks = ids.reshape(b, n, c).swapaxes(0, 1)
-    prev_last = jnp.concatenate([id_chunks[:1, :, 0], id_chunks[:-1, :, -1]], axis=0)
-    chunk_reset = id_chunks[:, :, 0] != prev_last  # a document starts at the chunk's first token
+    x_chunks, id_chunks, chunk_reset = split_into_blocks(x, ids, chunk_len(s, cfg.block_len))
 
     def body(state, inputs):
       x, chunk_ids, rst = inputs
