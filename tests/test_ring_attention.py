@@ -1,0 +1,178 @@
+"""Blockwise (flash) and ring attention against dense causal attention.
+
+Covers ragged lengths (not a multiple of the block), grouped-query heads,
+packed documents, sliding windows, the log-sum-exp output and its cotangent,
+gradients, the Pallas block kernel (interpreted on CPU), and the ring over 2, 4
+and 8 CPU devices in contiguous, zig-zag and striped layouts, including a ring
+cut short for a window.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, PartitionSpec as P
+
+from conftest import rel_err
+from longctx.kernels import ring_attention as ra
+
+
+def _inputs(seed, *, batch=2, seq=37, heads=4, kv_heads=2, head_dim=8, docs=True):
+  rng = np.random.default_rng(seed)
+  q = rng.standard_normal((batch, seq, heads, head_dim), np.float32)
+  k = rng.standard_normal((batch, seq, kv_heads, head_dim), np.float32)
+  v = rng.standard_normal((batch, seq, kv_heads, head_dim), np.float32)
+  doc = np.cumsum(rng.random((batch, seq)) < 0.08, axis=1) if docs else np.zeros((batch, seq))
+  return jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.arange(seq), jnp.asarray(doc.astype(np.int32))
+
+
+def _loss(fn):
+  """A scalar touching every output element and the lse, so both cotangents are nonzero."""
+
+  def loss(q, k, v):
+    out, lse = fn(q, k, v)
+    w = jnp.cos(jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape))
+    return jnp.sum(out * w) + jnp.sum(jnp.where(jnp.isfinite(lse), jnp.sin(lse), 0.0))
+
+  return loss
+
+
+def _dense(q, k, v, pos, doc, window):
+  return ra.flash_attention(q, k, v, q_pos=pos, k_pos=pos, q_doc=doc, k_doc=doc, window=window, impl="reference",
+                            return_lse=True)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("seq,block_q,block_k,window", [(37, 8, 16, None), (37, 16, 8, 5), (64, 64, 64, None),
+                                                        (23, 4, 4, 30)])
+def test_flash_matches_dense(impl, seq, block_q, block_k, window):
+  q, k, v, pos, doc = _inputs(seq + block_q, seq=seq)
+  flash = functools.partial(ra.flash_attention, q_pos=pos, k_pos=pos, q_doc=doc, k_doc=doc, window=window,
+                            block_q=block_q, block_k=block_k, impl=impl, return_lse=True)
+  out, lse = jax.jit(flash)(q, k, v)
+  ref_out, ref_lse = _dense(q, k, v, pos, doc, window)
+  assert out.shape == ref_out.shape and out.dtype == q.dtype
+  assert rel_err(out, ref_out) < 1e-5 and rel_err(lse, ref_lse) < 1e-5
+  grads = jax.jit(jax.grad(_loss(flash), argnums=(0, 1, 2)))(q, k, v)
+  ref = jax.grad(_loss(lambda q, k, v: _dense(q, k, v, pos, doc, window)), argnums=(0, 1, 2))(q, k, v)
+  for name, g, r in zip("qkv", grads, ref):
+    assert rel_err(g, r) < 1e-5, name
+
+
+def test_flash_skips_blocks_but_not_rows_that_see_nothing():
+  """Keys of another document, or all invalid: output 0, lse -inf, gradients 0 (no NaN)."""
+  q, k, v, pos, _ = _inputs(3, seq=20)
+  q_doc = jnp.zeros((2, 20), jnp.int32)
+  k_doc = jnp.stack([jnp.full((20,), -1), jnp.ones((20,))]).astype(jnp.int32)  # row 0: invalid; row 1: other doc
+  fn = functools.partial(ra.flash_attention, q_pos=pos, k_pos=pos, q_doc=q_doc, k_doc=k_doc, block_q=8, block_k=8,
+                         return_lse=True)
+  out, lse = fn(q, k, v)
+  assert np.all(np.asarray(out) == 0) and np.all(np.isneginf(np.asarray(lse)))
+  grads = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v)[0]), argnums=(0, 1, 2))(q, k, v)
+  assert all(np.all(np.asarray(g) == 0) for g in grads)
+
+
+def test_bf16_flash_close_to_float32_dense():
+  q, k, v, pos, doc = _inputs(5, seq=40)
+  bf = lambda x: x.astype(jnp.bfloat16)
+  out = ra.flash_attention(bf(q), bf(k), bf(v), q_pos=pos, k_pos=pos, q_doc=doc, k_doc=doc, block_q=16, block_k=16)
+  assert out.dtype == jnp.bfloat16
+  assert rel_err(out.astype(jnp.float32), _dense(q, k, v, pos, doc, None)[0]) < 1e-2
+
+
+def test_merge_of_two_key_sets_is_attention_over_their_union():
+  q, k, v, pos, doc = _inputs(11, seq=30)
+  cut = 13
+  part = lambda lo, hi: ra.flash_attention(q, k[:, lo:hi], v[:, lo:hi], q_pos=pos, k_pos=pos[lo:hi], q_doc=doc,
+                                           k_doc=doc[:, lo:hi], block_q=8, block_k=8, return_lse=True)
+  out, lse = ra.merge_attention(*part(0, cut), *part(cut, 30))
+  ref_out, ref_lse = _dense(q, k, v, pos, doc, None)
+  assert rel_err(out, ref_out) < 1e-5 and rel_err(lse, ref_lse) < 1e-5
+
+
+def _ring(shards, devices, *, layout, window, num_steps, impl, block):
+  """jit(shard_map(ring_attention)) taking full-length inputs already in `layout` order."""
+  mesh = Mesh(np.array(devices[:shards]), ("seq",))
+  s = P(None, "seq")
+
+  def body(q, k, v, pos, doc):
+    return ra.ring_attention(q, k, v, axis_name="seq", q_pos=pos, k_pos=pos, q_doc=doc, k_doc=doc, window=window,
+                             num_steps=num_steps, block_q=block, block_k=block, impl=impl, return_lse=True)
+
+  return jax.shard_map(body, mesh=mesh, in_specs=(s, s, s, P("seq"), s), out_specs=(s, P(None, None, "seq")),
+                       check_vma=False)
+
+
+@pytest.mark.parametrize("shards", [2, 4, 8])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
+def test_ring_matches_dense(shards, layout, eight_devices):
+  """Local length 11 or 5 with blocks of 4: never a multiple of the block."""
+  seq = {"contiguous": 11, "zigzag": 10, "striped": 11}[layout] * shards
+  q, k, v, pos, doc = _inputs(shards * 31 + len(layout), seq=seq)
+  order = ra.load_balance_order(seq, shards, layout)
+  undo = np.argsort(order)
+  ring = _ring(shards, eight_devices, layout=layout, window=None, num_steps=None, impl="xla", block=4)
+
+  def fn(q, k, v):
+    out, lse = ring(q[:, order], k[:, order], v[:, order], pos[order], doc[:, order])
+    return out[:, undo], lse[..., undo]
+
+  out, lse = jax.jit(fn)(q, k, v)
+  ref_out, ref_lse = _dense(q, k, v, pos, doc, None)
+  assert rel_err(out, ref_out) < 1e-5 and rel_err(lse, ref_lse) < 1e-5
+  grads = jax.jit(jax.grad(_loss(fn), argnums=(0, 1, 2)))(q, k, v)
+  ref = jax.grad(_loss(lambda q, k, v: _dense(q, k, v, pos, doc, None)), argnums=(0, 1, 2))(q, k, v)
+  for name, g, r in zip("qkv", grads, ref):
+    assert rel_err(g, r) < 1e-5, name
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_windowed_ring_cut_short(impl, eight_devices):
+  """A window of 9 over 4 shards of 7 tokens needs 1 + ceil(9/7) = 3 of the 4 ring steps."""
+  shards, local, window = 4, 7, 9
+  steps = ra.ring_steps_for_window(window, local, shards)
+  assert steps == 3
+  q, k, v, pos, doc = _inputs(17, seq=shards * local)
+  ring = _ring(shards, eight_devices, layout="contiguous", window=window, num_steps=steps, impl=impl, block=4)
+  fn = lambda q, k, v: ring(q, k, v, pos, doc)
+  out, lse = jax.jit(fn)(q, k, v)
+  ref_out, ref_lse = _dense(q, k, v, pos, doc, window)
+  assert rel_err(out, ref_out) < 1e-5 and rel_err(lse, ref_lse) < 1e-5
+  grads = jax.jit(jax.grad(_loss(fn), argnums=(0, 1, 2)))(q, k, v)
+  ref = jax.grad(_loss(lambda q, k, v: _dense(q, k, v, pos, doc, window)), argnums=(0, 1, 2))(q, k, v)
+  for name, g, r in zip("qkv", grads, ref):
+    assert rel_err(g, r) < 1e-5, name
+
+
+def test_ring_cut_too_short_is_wrong():
+  """Mutation check: with one step fewer than the window needs, the result differs."""
+  q, k, v, pos, doc = _inputs(17, seq=28, docs=False)
+  ring = _ring(4, jax.devices(), layout="contiguous", window=9, num_steps=2, impl="xla", block=4)
+  out, _ = jax.jit(ring)(q, k, v, pos, doc)
+  assert rel_err(out, _dense(q, k, v, pos, doc, 9)[0]) > 1e-3
+
+
+def test_load_balance_orders():
+  z = ra.load_balance_order(16, 4, "zigzag")
+  assert z.reshape(4, 4).tolist() == [[0, 1, 14, 15], [2, 3, 12, 13], [4, 5, 10, 11], [6, 7, 8, 9]]
+  s = ra.load_balance_order(8, 4, "striped")
+  assert s.reshape(4, 2).tolist() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+  for layout in ra.LAYOUTS:
+    assert sorted(ra.load_balance_order(24, 4, layout)) == list(range(24))
+  with pytest.raises(ValueError, match="multiple of 2"):
+    ra.load_balance_order(12, 4, "zigzag")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(impl="cuda"), "impl='cuda'"),
+    (dict(q_pos=jnp.arange(5)), "q_pos has shape"),
+    (dict(k_doc=jnp.zeros((2, 3), jnp.int32)), "k_doc has shape"),
+    (dict(block_q=0), "block_q=0"),
+])
+def test_bad_arguments(kwargs, match):
+  q, k, v, pos, doc = _inputs(1, seq=12)
+  args = dict(q_pos=pos, k_pos=pos, q_doc=doc, k_doc=doc) | kwargs
+  with pytest.raises(ValueError, match=match):
+    ra.flash_attention(q, k, v, **args)
