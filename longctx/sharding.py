@@ -23,6 +23,7 @@ from longctx.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 BATCH_AXES = ("data", "fsdp")
+SEQUENCE_AXIS = "sequence"
 
 # logical parameter axis -> mesh axis (None = replicated)
 LOGICAL_RULES: dict[str, str | None] = {
@@ -109,9 +110,35 @@ def num_batch_shards(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def context_parallel_size() -> int:
+  """Devices on the `sequence` axis of the mesh in context (`jax.set_mesh`), 1 if none.
+
+  The trainer traces its steps under `jax.set_mesh(mesh)`; layers that have a
+  context-parallel form (ring attention, the sequence-parallel recurrence) check
+  this at trace time and wrap themselves in `over_sequence`.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or SEQUENCE_AXIS not in mesh.axis_names:
+    return 1
+  if SEQUENCE_AXIS in getattr(mesh, "manual_axes", ()):  # already inside a shard_map over it
+    return 1
+  return mesh.shape[SEQUENCE_AXIS]
+
+
+def over_sequence(fn, *, in_specs, out_specs):
+  """`jax.shard_map` of `fn` over the `sequence` axis only (data, fsdp and tensor stay automatic).
+
+  Specs name only `sequence` (e.g. `P(None, "sequence")` for `[batch, seq, ...]`, `P()` for
+  arrays every sequence shard needs whole, such as a cache); batch sharding is left to XLA.
+  """
+  return jax.shard_map(fn, mesh=jax.sharding.get_abstract_mesh(), in_specs=in_specs, out_specs=out_specs,
+                       axis_names={SEQUENCE_AXIS}, check_vma=False)
+
+
 def describe(mesh: Mesh) -> str:
   return " x ".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES) + f" ({mesh.size} devices)"
 
 
 __all__ = ["MESH_AXES", "LOGICAL_RULES", "make_mesh", "mesh_shape", "param_shardings", "lane_shardings",
-           "replicated", "batch_spec", "describe", "num_batch_shards"]
+           "replicated", "batch_spec", "describe", "num_batch_shards", "context_parallel_size", "over_sequence",
+           "SEQUENCE_AXIS"]

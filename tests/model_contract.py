@@ -137,8 +137,8 @@ def gradients_reach(model, *, seg, vocab, names, segments=3):
   return flat
 
 
-def sharded_matches_one_device(model_cfg, devices, *, seg_len, steps=2, align=0, tol=1e-5):
-  """Two train steps on real lanes: an 8-device mesh (data 2, fsdp 2, tensor 2) equals 1 device."""
+def sharded_matches_one_device(model_cfg, devices, *, seg_len, steps=2, align=0, tol=1e-5, mesh=None):
+  """Two train steps on real lanes: an 8-device mesh (default data 2, fsdp 2, tensor 2) equals 1 device."""
   from longctx import config as config_lib
   from longctx.config import Config, DataConfig, MeshConfig, TrainConfig
   from longctx.data.lanes import LaneBatcher
@@ -158,7 +158,7 @@ def sharded_matches_one_device(model_cfg, devices, *, seg_len, steps=2, align=0,
   batches = [next(lanes) for _ in range(steps)]
   results = {}
   for name, mesh, devs in [("1", MeshConfig(data=1), devices[:1]),
-                           ("8", MeshConfig(data=2, fsdp=2, tensor=2), devices)]:
+                           ("8", mesh or MeshConfig(data=2, fsdp=2, tensor=2), devices)]:
     trainer = Trainer(config_lib.replace(cfg, mesh=mesh), devices=devs)
     ts = trainer.init_train_state()
     losses = []
@@ -166,6 +166,7 @@ def sharded_matches_one_device(model_cfg, devices, *, seg_len, steps=2, align=0,
       ts, m = trainer.train_step(ts, trainer.put_batch(b))
       losses.append(float(m["loss"]))
     results[name] = (losses, jax.device_get(ts["params"]), jax.device_get(ts["model_state"]))
+    results[name + "-trainer"] = trainer
   for a, b in zip(results["1"][0], results["8"][0]):
     assert np.isfinite(a) and abs(a - b) / abs(b) < tol, (results["1"][0], results["8"][0])
   for a, b in zip(jax.tree.leaves(results["1"][1]), jax.tree.leaves(results["8"][1])):

@@ -1,6 +1,6 @@
 """Layers shared by every model."""
 
 from longctx.layers.attention import (
-    masked_attention, rotary, sliding_window_attention, sliding_window_attention_reference, window_mask)
+    ATTENTION_IMPLS, cached_window_attention, masked_attention, rotary, sliding_window_attention, sliding_window_attention_reference, window_mask)
 from longctx.layers.linear import GatedMLP, param
 from longctx.layers.norms import RMSNorm, rms_norm

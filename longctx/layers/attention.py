@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
 
 NEG_INF = -1e30
 
@@ -133,3 +135,70 @@ def sliding_window_attention(q, k, v, *, q_doc, k_doc, window: int, block: int |
   mask = window_mask(q_pos, k_pos, fold(qdb), fold(kd2), window=window)
   out = masked_attention(fold(qb), fold(k2), fold(v2), mask)
   return out.reshape(b, nb * block, h, d)[:, :s]
+
+
+ATTENTION_IMPLS = ("pairs", "flash", "pallas")
+
+
+def cached_window_attention(q, k, v, *, cache_k, cache_v, q_doc, cache_doc, window: int, rope_base: float,
+                            impl: str = "flash", block: int | None = None) -> jax.Array:
+  """Sliding-window attention of a segment over [cache; segment], rotary positions applied here.
+
+  The cache holds the `window` keys/values before the segment (positions
+  0..window-1, the segment at window..window+seg-1); q, k, v are unrotated.
+  When the mesh in context has a `sequence` axis of n > 1 devices (and n
+  divides seg), the segment is context-parallel: each device keeps seg/n
+  queries, the segment's keys/values go round a ring (`ring_attention`, only
+  as many steps as the window reaches), the cache (replicated along `sequence`)
+  is one more local block, and the two merge by log-sum-exp.
+
+  Args:
+    q: `[batch, seg, heads, head_dim]`; k, v: `[batch, seg, kv_heads, head_dim]`.
+    cache_k, cache_v: `[batch, window, kv_heads, head_dim]`.
+    q_doc: `[batch, seg]` document ids; cache_doc `[batch, window]` (-1: slot not visible).
+    impl: single-device path: "pairs" (`sliding_window_attention`, dense over block pairs),
+      "flash" (blockwise online softmax) or "pallas" (its Pallas kernel); the ring
+      uses "xla" blocks for "pairs".
+    block: query/key block size (None: max(window, 128) for "pairs", 128 for flash).
+  Returns:
+    `[batch, seg, heads, head_dim]`.
+  """
+  from longctx import sharding as shd
+  from longctx.kernels import ring_attention as ra
+
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention impl={impl!r} is not one of {ATTENTION_IMPLS}")
+  w, s = cache_k.shape[1], q.shape[1]
+  n = shd.context_parallel_size()
+  kernel_impl = "pallas" if impl == "pallas" else "xla"
+  fblock = block or 128
+  if n == 1 or s % n:
+    positions = jnp.arange(w + s)
+    q_rot = rotary(q, positions[w:], base=rope_base)
+    k_all = rotary(jnp.concatenate([cache_k.astype(k.dtype), k], axis=1), positions, base=rope_base)
+    v_all = jnp.concatenate([cache_v.astype(v.dtype), v], axis=1)
+    k_doc = jnp.concatenate([cache_doc, q_doc], axis=1)
+    if impl == "pairs":
+      return sliding_window_attention(q_rot, k_all, v_all, q_doc=q_doc, k_doc=k_doc, window=window, block=block)
+    return ra.flash_attention(q_rot, k_all, v_all, q_pos=positions[w:], k_pos=positions, q_doc=q_doc, k_doc=k_doc,
+                              window=window, block_q=fblock, block_k=fblock, impl=kernel_impl)
+
+  local = s // n
+
+  def shard(q, k, v, cache_k, cache_v, q_doc, cache_doc):
+    pos = w + lax.axis_index(shd.SEQUENCE_AXIS) * local + jnp.arange(local)
+    cache_pos = jnp.arange(w)
+    q, k = rotary(q, pos, base=rope_base), rotary(k, pos, base=rope_base)
+    cache_k = rotary(cache_k.astype(k.dtype), cache_pos, base=rope_base)
+    o_cache, lse_cache = ra.flash_attention(q, cache_k, cache_v.astype(v.dtype), q_pos=pos, k_pos=cache_pos,
+                                            q_doc=q_doc, k_doc=cache_doc, window=window, block_q=fblock,
+                                            block_k=fblock, impl=kernel_impl, return_lse=True)
+    o_ring, lse_ring = ra.ring_attention(q, k, v, axis_name=shd.SEQUENCE_AXIS, q_pos=pos, k_pos=pos, q_doc=q_doc,
+                                         k_doc=q_doc, window=window, block_q=fblock, block_k=fblock,
+                                         num_steps=ra.ring_steps_for_window(window, local, n), impl=kernel_impl,
+                                         return_lse=True)
+    return ra.merge_attention(o_cache, lse_cache, o_ring, lse_ring)[0].astype(q.dtype)
+
+  seq, whole = P(None, shd.SEQUENCE_AXIS), P()
+  return shd.over_sequence(shard, in_specs=(seq, seq, seq, whole, whole, seq, whole), out_specs=seq)(
+      q, k, v, cache_k, cache_v, q_doc, cache_doc)

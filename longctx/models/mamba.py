@@ -53,7 +53,9 @@ from jax import lax
 
 from longctx.config import ModelConfig
 from longctx.errors import ConfigError
-from longctx.kernels.linear_recurrence import IMPLS, linear_recurrence
+from longctx.kernels.linear_recurrence import IMPLS
+from longctx.layers.recurrence import recurrence
+from longctx.sharding import context_parallel_size
 from longctx.layers import RMSNorm, param
 from longctx.layers.ssm import causal_conv1d, init_dt_bias
 from longctx.models.base import SegmentLM, reset_rows
@@ -124,14 +126,16 @@ def selective_scan(x, dt, a, b, c, d, *, segment_ids, initial_state, impl, chunk
   """The S6 scan of one layer: `y [batch, seq, d_inner]` float32 (D term included) and the final state."""
   f32 = lambda t: t.astype(jnp.float32)
   x, dt, b, c = f32(x), f32(dt), f32(b), f32(c)
+  if impl == "associative" and context_parallel_size() > 1:
+    impl = "xla"  # the associative scan has no sequence-parallel form; the kernel's per-channel one does
   if impl == "associative":
     y, state = selective_scan_associative(x, dt, a, b, c, segment_ids=segment_ids, initial_state=initial_state)
   else:  # d_inner heads, key_dim N, value_dim 1
     channels = x.shape[-1]
     wide = lambda t: jnp.broadcast_to(t[:, :, None, :], t.shape[:2] + (channels, t.shape[-1]))
-    y, state = linear_recurrence(wide(c), wide(b), (dt * x)[..., None], log_decay=dt[..., None] * a,
-                                 segment_ids=segment_ids, initial_state=initial_state[..., None], impl=impl,
-                                 chunk_size=chunk_size)
+    y, state = recurrence(wide(c), wide(b), (dt * x)[..., None], log_decay=dt[..., None] * a,
+                          segment_ids=segment_ids, initial_state=initial_state[..., None], impl=impl,
+                          chunk_size=chunk_size)
     y, state = y[..., 0], state[..., 0]
   return y + d * x, state
 

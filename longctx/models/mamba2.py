@@ -44,7 +44,8 @@ from jax import lax
 
 from longctx.config import ModelConfig
 from longctx.errors import ConfigError
-from longctx.kernels.linear_recurrence import IMPLS, linear_recurrence
+from longctx.kernels.linear_recurrence import IMPLS
+from longctx.layers.recurrence import recurrence
 from longctx.layers import param
 from longctx.layers.ssm import causal_conv1d, init_dt_bias
 from longctx.models.mamba import Mamba
@@ -126,8 +127,8 @@ def ssd(x, dt, a, b, c, d, *, segment_ids, initial_state, impl, chunk_size):
   x, dt = f32(x), f32(dt)
   b = jnp.repeat(f32(b), heads // groups, axis=2)
   c = jnp.repeat(f32(c), heads // groups, axis=2)
-  y, state = linear_recurrence(c, b, x * dt[..., None], log_decay=dt * a, segment_ids=segment_ids,
-                               initial_state=initial_state, impl=impl, chunk_size=chunk_size)
+  y, state = recurrence(c, b, x * dt[..., None], log_decay=dt * a, segment_ids=segment_ids,
+                        initial_state=initial_state, impl=impl, chunk_size=chunk_size)
   return y + d[:, None] * x, state
 
 

@@ -46,7 +46,7 @@ from jax import lax
 
 from longctx.config import ModelConfig
 from longctx.errors import ConfigError
-from longctx.kernels.linear_recurrence import linear_recurrence
+from longctx.layers.recurrence import recurrence
 from longctx.layers import GatedMLP, RMSNorm, param, rotary
 from longctx.models.base import SegmentLM, reset_rows
 from longctx.models.registry import register_model
@@ -156,8 +156,8 @@ class MultiScaleRetention(nnx.Module):
     else:
       impl = "reference" if cfg.retention_impl == "recurrent" else cfg.retention_impl
       decay = jnp.broadcast_to(log_decay, q.shape[:3])
-      y, state = linear_recurrence(q, k, v, log_decay=decay, segment_ids=q_doc, initial_state=state, impl=impl,
-                                   chunk_size=cfg.chunk_size)
+      y, state = recurrence(q, k, v, log_decay=decay, segment_ids=q_doc, initial_state=state, impl=impl,
+                            chunk_size=cfg.chunk_size)
     y = group_norm(y.astype(jnp.float32), self.norm_scale[...], self.norm_bias[...], eps=cfg.norm_eps)
     gated = jax.nn.silu(proj(self.wg)) * y.astype(dt)
     return jnp.einsum("bshv,hvd->bsd", gated, self.wo[...].astype(dt)), state

@@ -29,7 +29,7 @@ from flax import nnx
 
 from longctx.config import ModelConfig
 from longctx.errors import ConfigError
-from longctx.layers import GatedMLP, RMSNorm, param, rotary, sliding_window_attention
+from longctx.layers import ATTENTION_IMPLS, GatedMLP, RMSNorm, cached_window_attention, param
 from longctx.models.base import SegmentLM, reset_rows
 from longctx.models.registry import register_model
 
@@ -40,7 +40,8 @@ class TransformerConfig(ModelConfig):
   window: int = 128  # tokens visible before each token (the cache length)
   num_kv_heads: int = 0  # 0 = num_heads (multi-head); fewer = grouped-query attention
   rope_base: float = 10000.0
-  attention_block: int = 0  # query block of the blockwise path (0 = window)
+  attention_block: int = 0  # block size of the attention (0 = 128 for flash, the window for pairs)
+  attention_impl: str = "flash"  # "flash" (blockwise online softmax), "pallas" (its kernel) or "pairs" (dense pairs)
   embed_conv: int = 0  # width of a causal depthwise conv over token embeddings (0 = off; 4 helps recall)
 
   def validate(self) -> None:
@@ -54,8 +55,11 @@ class TransformerConfig(ModelConfig):
       raise ConfigError(f"head_dim={self.resolved_head_dim} must be even for rotary positions")
     if self.embed_conv < 0 or self.embed_conv == 1:
       raise ConfigError(f"model.embed_conv={self.embed_conv} must be 0 (off) or a width >= 2 (e.g. 4)")
-    if self.attention_block and self.attention_block < self.window:
-      raise ConfigError(f"model.attention_block={self.attention_block} must be 0 or >= model.window={self.window}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ConfigError(f"model.attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+    if self.attention_impl == "pairs" and self.attention_block and self.attention_block < self.window:
+      raise ConfigError(f"model.attention_block={self.attention_block} must be 0 or >= model.window={self.window} "
+                        "with model.attention_impl='pairs'")
 
 
 class Attention(nnx.Module):
@@ -90,14 +94,9 @@ class Attention(nnx.Module):
     q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(x.dtype))
     k = jnp.einsum("bsd,dhk->bshk", x, self.wk[...].astype(x.dtype))
     v = jnp.einsum("bsd,dhk->bshk", x, self.wv[...].astype(x.dtype))
-    window, seg = cache_k.shape[1], x.shape[1]
-    k_all = jnp.concatenate([cache_k.astype(k.dtype), k], axis=1)
-    v_all = jnp.concatenate([cache_v.astype(v.dtype), v], axis=1)
-    positions = jnp.arange(window + seg)
-    q_rot = rotary(q, positions[window:], base=cfg.rope_base)
-    k_rot = rotary(k_all, positions, base=cfg.rope_base)
-    out = sliding_window_attention(q_rot, k_rot, v_all, q_doc=q_doc, k_doc=k_doc, window=cfg.window,
-                                   block=cfg.attention_block or None)
+    out = cached_window_attention(q, k, v, cache_k=cache_k, cache_v=cache_v, q_doc=q_doc,
+                                  cache_doc=k_doc[:, :cache_k.shape[1]], window=cfg.window, rope_base=cfg.rope_base,
+                                  impl=cfg.attention_impl, block=cfg.attention_block or None)
     return out, q, k, v
 
 

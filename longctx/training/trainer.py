@@ -123,6 +123,25 @@ class StepFunctions:
     return state, nll, correct
 
 
+class MeshJit:
+  """A jitted function traced, lowered and run under `jax.set_mesh(mesh)`.
+
+  Layers with a context-parallel form (ring attention, the sequence-parallel
+  recurrence) read the mesh's `sequence` axis at trace time from that context.
+  """
+
+  def __init__(self, fn, mesh: Mesh):
+    self.fn, self.mesh = fn, mesh
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.fn(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.fn.lower(*args)
+
+
 class Trainer:
   """Builds the mesh, shardings and compiled steps for one config.
 
@@ -167,24 +186,27 @@ class Trainer:
     self.batch_shardings = {k: NamedSharding(self.mesh, self._batch_spec(k)) for k in example}
     rep = NamedSharding(self.mesh, P())
     metric_shardings = {k: rep for k in METRIC_KEYS}
-    self._train_step = jax.jit(
+    self._train_step = self._jit(
         self.fns.train_step, in_shardings=(self.train_state_shardings, self.batch_shardings),
         out_shardings=(self.train_state_shardings, metric_shardings), donate_argnums=(0,))
-    self._eval_step = jax.jit(
+    self._eval_step = self._jit(
         self.fns.eval_step,
         in_shardings=(self.param_shardings, self.model_state_shardings, self.batch_shardings),
         out_shardings=(self.model_state_shardings, rep, rep), donate_argnums=(1,))
     token_sharding = self.batch_shardings["tokens"]
-    self._score_step = jax.jit(
+    self._score_step = self._jit(
         self.fns.score_step,
         in_shardings=(self.param_shardings, self.model_state_shardings, self.batch_shardings),
         out_shardings=(self.model_state_shardings, token_sharding, token_sharding), donate_argnums=(1,))
-    self._init = jax.jit(self._init_fn, out_shardings=self.train_state_shardings)
+    self._init = self._jit(self._init_fn, out_shardings=self.train_state_shardings)
     # init_state needs no weights (a contract of SegmentLM), so the abstract model can build it.
-    self._init_model_state = jax.jit(lambda: abstract_model.init_state(self.cfg.data.batch_size),
-                                     out_shardings=self.model_state_shardings)
+    self._init_model_state = self._jit(lambda: abstract_model.init_state(self.cfg.data.batch_size),
+                                       out_shardings=self.model_state_shardings)
 
   # ------------------------------------------------------------------ construction
+
+  def _jit(self, fn, **kwargs):
+    return MeshJit(jax.jit(fn, **kwargs), self.mesh)
 
   def _init_fn(self):
     cfg = self.cfg
