@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 import model_contract as contract
+from longctx.config import MeshConfig
 from conftest import rel_err
 from longctx.errors import ConfigError
 from longctx.models import InfiniAttention, InfiniAttentionConfig, create_model, list_models
@@ -265,10 +266,16 @@ def test_gradients_reach_the_projections_through_the_memory(model):
     assert hits and all(np.linalg.norm(flat[1][p]) > 0 for p in hits), name
 
 
+# fsdp, tensor and sequence at once: this model has no context-parallel form of its own, so XLA partitions
+# its sequence-sharded blocks; the result must still equal one device.
+CONTEXT_MESH = MeshConfig(data=1, fsdp=2, tensor=2, sequence=2)
+
+
 def test_sharded_matches_one_device(eight_devices):
   cfg = InfiniAttentionConfig(vocab_size=259, d_model=32, num_layers=1, num_heads=4, block_len=BLOCK,
                               memory_update="delta")  # one layer: the same sharding per layer, half the compile
-  contract.sharded_matches_one_device(cfg, eight_devices, seg_len=BLOCK)
+  contract.sharded_matches_one_device(cfg, eight_devices, seg_len=BLOCK,
+                                      mesh=CONTEXT_MESH)
 
 
 def test_flops_count_the_memory_and_both_halves_of_the_local_attention():

@@ -36,6 +36,9 @@ class SegmentLM(nnx.Module, abc.ABC):
   config_class: ClassVar[type[ModelConfig]] = ModelConfig
   description: ClassVar[str] = ""
   supports_token_decoding: ClassVar[bool] = True
+  # How the model splits a segment over the mesh's `sequence` axis ("" = it has no form of its own:
+  # XLA's partitioner runs it, correct but gathering the sequence where the math needs it).
+  context_parallel: ClassVar[str] = ""
 
   @abc.abstractmethod
   def init_state(self, batch_size: int) -> State:

@@ -194,6 +194,7 @@ class MambaBlock(nnx.Module):
 @register_model("mamba", config=MambaConfig,
                 description="Mamba: selective state space (S6) with a per-channel decay, O(1) state")
 class Mamba(SegmentLM):
+  context_parallel = "sequence-parallel linear recurrence (the chunked kernel instead of the associative scan)"
   """Embedding, `num_layers` Mamba blocks, final RMSNorm, LM head. Mamba-2 reuses it with its own mixer."""
 
   mixer_class: type = MambaMixer

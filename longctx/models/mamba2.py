@@ -175,6 +175,8 @@ class Mamba2Mixer(nnx.Module):
 class Mamba2(Mamba):
   """Mamba's stack (embedding, `x + mixer(RMSNorm(x))` blocks, final norm) with the SSD mixer."""
 
+  context_parallel = "sequence-parallel linear recurrence (SSD on the chunked kernel)"
+
   mixer_class = Mamba2Mixer
 
   @classmethod

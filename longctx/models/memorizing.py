@@ -277,6 +277,7 @@ class KNNAttention(Attention):
 @register_model("memorizing", config=MemorizingConfig,
                 description="Memorizing Transformer: kNN attention over a ring buffer of past keys/values, gated")
 class Memorizing(BlockwiseLM):
+  context_parallel = "ring attention for the local window inside each block (kNN lookup partitioned by XLA)"
 
   def __init__(self, cfg: MemorizingConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg

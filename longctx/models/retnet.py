@@ -186,6 +186,7 @@ class RetNetBlock(nnx.Module):
 @register_model("retnet", config=RetNetConfig,
                 description="RetNet: multi-scale retention (parallel / recurrent / chunked forms), O(1) state")
 class RetNet(SegmentLM):
+  context_parallel = "sequence-parallel linear recurrence (retention_impl xla or pallas)"
 
   def __init__(self, cfg: RetNetConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg

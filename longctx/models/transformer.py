@@ -231,6 +231,7 @@ def roll_cache_valid(valid: jax.Array, q_doc: jax.Array) -> jax.Array:
                 description="Sliding-window Transformer with a Transformer-XL K/V cache (the baseline)")
 class Transformer(SegmentLM):
   config_class = TransformerConfig
+  context_parallel = "ring attention (cache block + segment ring, merged by log-sum-exp)"
   description = "Sliding-window Transformer with a Transformer-XL K/V cache (the baseline)"
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
