@@ -186,3 +186,22 @@ def test_embed_conv_width_is_checked(width):
 
   with pytest.raises(ConfigError, match=r"model.embed_conv=.* must be 0 \(off\) or a width >= 2"):
     TransformerConfig(embed_conv=width).validate()
+
+
+def test_attention_impls_agree():
+  """flash (default), its Pallas kernel (interpreted on CPU) and the dense block pairs: same logits and state,
+  with blocks smaller than the window and a segment that is not a multiple of the block."""
+  tokens = randint(21, (2, 27))
+  ids = (jnp.arange(27) >= 11).astype(jnp.int32)[None].repeat(2, 0)
+  results = {}
+  for impl in ("flash", "pallas", "pairs"):
+    cfg = TransformerConfig(vocab_size=50, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, window=WINDOW,
+                            attention_impl=impl, attention_block=WINDOW if impl == "pairs" else 4)
+    model = create_model(cfg, seed=0)
+    state = model.init_state(2)
+    logits, state = model(tokens[:, :13], state, reset=jnp.ones(2, bool), segment_ids=ids[:, :13])
+    logits2, state = model(tokens[:, 13:], state, reset=jnp.zeros(2, bool), segment_ids=ids[:, 13:])
+    results[impl] = (jnp.concatenate([logits, logits2], axis=1), state["k"])
+  for impl in ("pallas", "pairs"):
+    assert rel_err(results[impl][0], results["flash"][0]) < 1e-5, impl
+    assert rel_err(results[impl][1], results["flash"][1]) < 1e-6, impl
