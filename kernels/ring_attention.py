@@ -38,9 +38,10 @@ device has the same work. Positions travel with the tokens, so the kernel needs
 no other change.
 
 impl: "reference" (dense, autodiff; the test oracle), "xla" (blockwise, pure
-jnp) and "pallas" (the forward block loop as a Pallas kernel: grid over batch,
-heads and query blocks, key blocks looped inside; interpreted off TPU; its
-backward is the "xla" two-sweep backward).
+jnp) and "pallas": three Pallas kernels, interpreted off TPU. The forward and
+dq kernels run a grid over (batch, head, query block) and loop over key
+blocks; the dk/dv kernel runs a grid over (batch, kv head, key block) and loops
+over its group's query heads and query blocks. Each loop skips unseen pairs.
 """
 
 from __future__ import annotations
@@ -362,6 +363,146 @@ def _backward_xla(q, k, v, q_pos, k_pos, q_doc, k_doc, lse, delta, do, *, window
   return unq(dq), unk(dk), unk(dv)
 
 
+def _pallas_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qp_ref, kp_ref, qd_ref, kd_ref, dq_ref, *,
+                      block_k, num_k_blocks, window, scale):
+  """dq of one (batch, head, query block): loop over key blocks, recomputing p = exp(s - lse).
+
+  Refs: q, do `[bq, d]`, lse, delta, qp, qd `[bq, 1]`, k, v `[sk, d]`, kp, kd `[sk, 1]`; out dq `[bq, d]`.
+  """
+  q, do = q_ref[...], do_ref[...]
+  lse, delta = lse_ref[...], delta_ref[...]
+  qp, qd = qp_ref[...], qd_ref[...]
+
+  def body(j, dq):
+    start = pl.multiple_of(j * block_k, block_k)
+    kp, kd = kp_ref[pl.ds(start, block_k), :], kd_ref[pl.ds(start, block_k), :]
+
+    def compute(dq):
+      k, v = k_ref[pl.ds(start, block_k), :], v_ref[pl.ds(start, block_k), :]
+      p, ds = _pallas_pair_grads(q, do, lse, delta, qp, qd, k, v, kp, kd, window=window, scale=scale)
+      return dq + lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+    return lax.cond(_pallas_may_see(qp, kp, qd, kd, window), compute, lambda x: x, dq)
+
+  dq_ref[...] = lax.fori_loop(0, num_k_blocks, body, jnp.zeros(q.shape, jnp.float32))
+
+
+def _pallas_dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, qp_ref, kp_ref, qd_ref, kd_ref, dk_ref, dv_ref,
+                       *, block_q, num_q_blocks, group, window, scale):
+  """dk, dv of one (batch, kv head, key block): loop over the group's query heads and query blocks.
+
+  Refs: q, do `[g, sq, d]`, lse, delta `[g, sq, 1]`, qp, qd `[sq, 1]`, k, v `[bk, d]`, kp, kd `[bk, 1]`.
+  """
+  k, v = k_ref[...], v_ref[...]
+  kp, kd = kp_ref[...], kd_ref[...]
+
+  def body(i, carry):
+    head, blk = i // num_q_blocks, i % num_q_blocks
+    start = pl.multiple_of(blk * block_q, block_q)
+    qp, qd = qp_ref[pl.ds(start, block_q), :], qd_ref[pl.ds(start, block_q), :]
+
+    def compute(carry):
+      dk, dv = carry
+      rows = lambda ref: ref[pl.ds(head, 1), pl.ds(start, block_q), :][0]
+      q, do, lse, delta = rows(q_ref), rows(do_ref), rows(lse_ref), rows(delta_ref)
+      p, ds = _pallas_pair_grads(q, do, lse, delta, qp, qd, k, v, kp, kd, window=window, scale=scale)
+      tn = (((0,), (0,)), ((), ()))  # p^T x
+      dv = dv + lax.dot_general(p.astype(do.dtype), do, tn, preferred_element_type=jnp.float32)
+      dk = dk + lax.dot_general(ds.astype(q.dtype), q, tn, preferred_element_type=jnp.float32)
+      return dk, dv
+
+    return lax.cond(_pallas_may_see(qp, kp, qd, kd, window), compute, lambda c: c, carry)
+
+  zeros = jnp.zeros(k.shape, jnp.float32)
+  dk, dv = lax.fori_loop(0, group * num_q_blocks, body, (zeros, zeros))
+  dk_ref[...] = dk
+  dv_ref[...] = dv
+
+
+def _pallas_may_see(qp, kp, qd, kd, window):
+  """`_may_see` for one batch row inside a kernel: positions `[n, 1]`, documents `[n, 1]`."""
+  may = (jnp.max(qp) >= jnp.min(kp)) & (jnp.max(qd) >= jnp.min(jnp.where(kd >= 0, kd, _BIG))) & (
+      jnp.min(qd) <= jnp.max(kd))
+  if window is not None:
+    may &= jnp.min(qp) - jnp.max(kp) <= window
+  return may
+
+
+def _pallas_pair_grads(q, do, lse, delta, qp, qd, k, v, kp, kd, *, window, scale):
+  """p `[bq, bk]` and ds = p (do v^T - delta) scale for one block pair (lse already finite)."""
+  nt = (((1,), (1,)), ((), ()))  # x y^T
+  s = lax.dot_general(q, k, nt, preferred_element_type=jnp.float32) * scale
+  dist = qp - kp.T
+  mask = (dist >= 0) & (qd == kd.T) & (kd.T >= 0)
+  if window is not None:
+    mask &= dist <= window
+  p = jnp.where(mask, jnp.exp(s - lse), 0.0)
+  dp = lax.dot_general(do, v, nt, preferred_element_type=jnp.float32)
+  return p, p * (dp - delta) * scale
+
+
+def _backward_pallas(q, k, v, q_pos, k_pos, q_doc, k_doc, lse, delta, do, *, window, scale, block_q, block_k,
+                     interpret):
+  """`_backward_xla` as two Pallas kernels: dq per query block, dk/dv per key block (all heads of its group)."""
+  b, sq, h, d = q.shape
+  sk, kvh = k.shape[1], k.shape[2]
+  g = h // kvh
+  nq, nk = -(-sq // block_q), -(-sk // block_k)
+  sqp, skp = nq * block_q, nk * block_k
+  bhsd = lambda x, n: jnp.swapaxes(_pad_to(x, n, 1, 0), 1, 2)  # [b, s, h, d] -> [b, h, s, d]
+  rows = lambda x: _pad_to(x, sqp, 2, 0)[..., None]  # [b, h, sq] -> [b, h, sqp, 1]
+  qp = _pad_to(q_pos.astype(jnp.int32), sqp, 0, 0)[:, None]
+  kp = _pad_to(k_pos.astype(jnp.int32), skp, 0, 0)[:, None]
+  qd = _pad_to(q_doc.astype(jnp.int32), sqp, 1, -2)[..., None]
+  kd = _pad_to(k_doc.astype(jnp.int32), skp, 1, -1)[..., None]
+  qt, dot = bhsd(q, sqp), bhsd(do, sqp)
+  kt, vt = bhsd(k, skp), bhsd(v, skp)
+  lse_r, delta_r = rows(jnp.where(jnp.isfinite(lse), lse, 0.0)), rows(delta)
+  common = dict(window=window, scale=scale)
+
+  q_block = pl.BlockSpec((None, None, block_q, d), lambda i, j, c: (i, j, c, 0))
+  q_rows = pl.BlockSpec((None, None, block_q, 1), lambda i, j, c: (i, j, c, 0))
+  kv_all = pl.BlockSpec((None, None, skp, d), lambda i, j, c: (i, j // g, 0, 0))
+  dq = pl.pallas_call(
+      functools.partial(_pallas_dq_kernel, block_k=block_k, num_k_blocks=nk, **common),
+      grid=(b, h, nq),
+      in_specs=[q_block, kv_all, kv_all, q_block, q_rows, q_rows,
+                pl.BlockSpec((block_q, 1), lambda i, j, c: (c, 0)),
+                pl.BlockSpec((skp, 1), lambda i, j, c: (0, 0)),
+                pl.BlockSpec((None, block_q, 1), lambda i, j, c: (i, c, 0)),
+                pl.BlockSpec((None, skp, 1), lambda i, j, c: (i, 0, 0))],
+      out_specs=q_block,
+      out_shape=jax.ShapeDtypeStruct((b, h, sqp, d), jnp.float32),
+      interpret=interpret,
+  )(qt, kt, vt, dot, lse_r, delta_r, qp, kp, qd, kd)
+
+  group = lambda x: x.reshape(b, kvh, g, *x.shape[2:])  # [b, h, ...] -> [b, kvh, g, ...]
+  q_group = pl.BlockSpec((None, None, g, sqp, d), lambda i, j, c: (i, j, 0, 0, 0))
+  rows_group = pl.BlockSpec((None, None, g, sqp, 1), lambda i, j, c: (i, j, 0, 0, 0))
+  k_block = pl.BlockSpec((None, None, block_k, d), lambda i, j, c: (i, j, c, 0))
+  dk, dv = pl.pallas_call(
+      functools.partial(_pallas_dkv_kernel, block_q=block_q, num_q_blocks=nq, group=g, **common),
+      grid=(b, kvh, nk),
+      in_specs=[q_group, q_group, rows_group, rows_group, k_block, k_block,
+                pl.BlockSpec((sqp, 1), lambda i, j, c: (0, 0)),
+                pl.BlockSpec((block_k, 1), lambda i, j, c: (c, 0)),
+                pl.BlockSpec((None, sqp, 1), lambda i, j, c: (i, 0, 0)),
+                pl.BlockSpec((None, block_k, 1), lambda i, j, c: (i, c, 0))],
+      out_specs=[k_block, k_block],
+      out_shape=[jax.ShapeDtypeStruct((b, kvh, skp, d), jnp.float32)] * 2,
+      interpret=interpret,
+  )(group(qt), group(dot), group(lse_r), group(delta_r), kt, vt, qp, kp, qd, kd)
+  back = lambda x, n: jnp.swapaxes(x, 1, 2)[:, :n]
+  return back(dq, sq), back(dk, sk), back(dv, sk)
+
+
+def _backward_pass(q, k, v, q_pos, k_pos, q_doc, k_doc, lse, delta, do, opts):
+  kw = dict(window=opts["window"], scale=opts["scale"], block_q=opts["block_q"], block_k=opts["block_k"])
+  if opts["impl"] == "pallas":
+    return _backward_pallas(q, k, v, q_pos, k_pos, q_doc, k_doc, lse, delta, do, interpret=opts["interpret"], **kw)
+  return _backward_xla(q, k, v, q_pos, k_pos, q_doc, k_doc, lse, delta, do, **kw)
+
+
 # ----------------------------------------------------------------------------- ring (and single device)
 
 
@@ -398,17 +539,16 @@ def _ring_forward(q, k, v, q_pos, k_pos, q_doc, k_doc, opts):
 
 
 def _ring_backward(q, k, v, q_pos, k_pos, q_doc, k_doc, lse, delta, do, opts):
-  kw = dict(window=opts["window"], scale=opts["scale"], block_q=opts["block_q"], block_k=opts["block_k"])
   axis, steps = opts["axis_name"], opts["num_steps"]
   if axis is None:
-    return _backward_xla(q, k, v, q_pos, k_pos, q_doc, k_doc, lse, delta, do, **kw)
+    return _backward_pass(q, k, v, q_pos, k_pos, q_doc, k_doc, lse, delta, do, opts)
   n = lax.axis_size(axis)
   steps = min(steps or n, n)
 
   def step(carry, _):
     kv, dkv, dq = carry
     incoming = _shift(kv, axis, n, 1)
-    dq_s, dk_s, dv_s = _backward_xla(q, kv[0], kv[1], q_pos, kv[2], q_doc, kv[3], lse, delta, do, **kw)
+    dq_s, dk_s, dv_s = _backward_pass(q, kv[0], kv[1], q_pos, kv[2], q_doc, kv[3], lse, delta, do, opts)
     dkv = _shift((dkv[0] + dk_s, dkv[1] + dv_s), axis, n, 1)  # dk/dv travel with their block
     return (incoming, dkv, dq + dq_s), None
 

@@ -41,7 +41,7 @@ class TransformerConfig(ModelConfig):
   num_kv_heads: int = 0  # 0 = num_heads (multi-head); fewer = grouped-query attention
   rope_base: float = 10000.0
   attention_block: int = 0  # block size of the attention (0 = 128 for flash, the window for pairs)
-  attention_impl: str = "flash"  # "flash" (blockwise online softmax), "pallas" (its kernel) or "pairs" (dense pairs)
+  attention_impl: str = "flash"  # "flash" (blockwise online softmax), "pallas" (its kernels) or "pairs" (dense pairs)
   embed_conv: int = 0  # width of a causal depthwise conv over token embeddings (0 = off; 4 helps recall)
 
   def validate(self) -> None:
