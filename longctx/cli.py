@@ -1,6 +1,7 @@
 """The `longctx` command line.
 
     longctx train RECIPE.py [--run-dir DIR] [--set key=value ...] [--dry-run]
+                  [--distributed | --coordinator HOST:PORT --num-processes N --process-id I]
     longctx eval RUN_DIR [--task passkey,mqar,qa1,qa2,ppl --lengths 1k,4k,16k] [--compare RUN ...]
     longctx models
     longctx tokenizer train --input FILE [FILE ...] --vocab-size N --out PREFIX
@@ -52,6 +53,18 @@ def _parser() -> argparse.ArgumentParser:
                  help="end this run with a checkpoint after this step (as a preempted job would); "
                  "rerun the same command to continue")
   t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+  t.add_argument("--distributed", action="store_true",
+                 help="multi-host run on a TPU pod slice, SLURM or Open MPI: run this same command on every host "
+                 "and JAX finds the others (jax.distributed.initialize()); the run dir must be shared by all hosts")
+  t.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                 help="multi-host run on any other cluster: process 0's host and a free port, the same on every "
+                 "process; needs --num-processes and --process-id (default: $LONGCTX_COORDINATOR)")
+  t.add_argument("--num-processes", type=int, default=None, metavar="N",
+                 help="number of processes in the run, one per host (default: $LONGCTX_NUM_PROCESSES; 1 = "
+                 "single process)")
+  t.add_argument("--process-id", type=int, default=None, metavar="I",
+                 help="this process's id in 0..N-1; process 0 hosts the coordinator and is the only one that prints "
+                 "and writes logs (default: $LONGCTX_PROCESS_ID)")
 
   e = sub.add_parser(
       "eval", help="evaluate a run: held-out loss, or the long-context suite (--task), or --compare runs",
@@ -194,7 +207,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args) -> int:
   from longctx import config as config_lib
+  from longctx import distributed
 
+  # A dry run stays on this host; training joins the other processes first, before JAX starts its backend.
+  if not args.dry_run and distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                                                 auto=args.distributed):
+    import jax
+
+    if jax.process_index() != 0:  # one process speaks for the run; errors still reach stderr
+      sys.stdout = open(os.devnull, "w")
   cfg = config_lib.apply_overrides(config_lib.load_recipe(args.recipe), args.overrides).validate()
   if args.dry_run:
     from longctx.estimate import estimate_run

@@ -25,3 +25,7 @@ class CheckpointError(LongctxError):
 
 class TrainingError(LongctxError):
   """Training cannot continue (e.g. non-finite loss)."""
+
+
+class DistributedError(LongctxError):
+  """The processes of a multi-host run cannot start or do not agree (coordinator, ids, run dir)."""

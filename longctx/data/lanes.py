@@ -211,15 +211,22 @@ class LaneBatcher:
             "positions": [[s.k, s.offset] for s in self._state]}
 
   def load_state_dict(self, d: dict) -> None:
+    """Restore positions from a `state_dict()` whose lane range covers this batcher's lanes.
+
+    A state of all lanes (what a multi-host checkpoint holds) restores any
+    sub-range, so a run may resume on a different number of hosts.
+    """
     try:
-      ok = (d["num_lanes"] == self.num_lanes and list(d["lanes"]) == [self.lanes.start, self.lanes.stop]
-            and len(d["positions"]) == len(self.lanes))
-    except (KeyError, TypeError):
+      lo, hi = (int(x) for x in d["lanes"])
+      ok = (d["num_lanes"] == self.num_lanes and lo <= self.lanes.start and self.lanes.stop <= hi
+            and len(d["positions"]) == hi - lo)
+    except (KeyError, TypeError, ValueError):
       ok = False
     if not ok:
       raise DataError(f"saved data position is for a different lane layout ({d.get('num_lanes')} lanes, range "
                       f"{d.get('lanes')}); resume with the same data.batch_size and mesh, or use a new run dir")
-    self._state = [_Lane(int(k), int(o)) for k, o in d["positions"]]
+    mine = d["positions"][self.lanes.start - lo:self.lanes.stop - lo]
+    self._state = [_Lane(int(k), int(o)) for k, o in mine]
     self._cache.clear()
     if self._reader is not None:
       first = min(lane + s.k * self.num_lanes for lane, s in zip(self.lanes, self._state))

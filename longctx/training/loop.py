@@ -14,8 +14,10 @@ import time
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 from longctx import config as config_lib
+from longctx import distributed
 from longctx.config import Config
 from longctx.errors import CheckpointError, ConfigError, TrainingError
 from longctx.sharding import describe
@@ -101,18 +103,31 @@ def run_training(cfg: Config, run_dir: str | pathlib.Path, *, stop_at_step: int 
                  progress: bool = True, devices=None, log: Callable[[str], None] = print) -> dict:
   """Train `cfg` in `run_dir`, resuming from its latest checkpoint if there is one.
 
+  In a multi-process run (`longctx.distributed.initialize`) every process calls
+  this with the same config and run dir (on a filesystem all hosts share): each
+  reads only its own lanes, all save and restore the checkpoints together, and
+  only process 0 logs, prints and writes metrics, config.json and plots.
+
   Args:
     stop_at_step: end this run (with a checkpoint) after this global step, as a
       preempted job would; a later call continues to `cfg.train.steps`.
   Returns:
-    A summary dict: steps run, final train and eval metrics, paths.
+    A summary dict: steps run, final train and eval metrics, paths, and `lanes`,
+    the (start, stop) range of lanes this process read.
   """
   cfg.validate()
+  if "://" in str(run_dir):  # pathlib would turn gs://b/x into a local directory gs:/b/x on every host
+    raise ConfigError(f"run dir {str(run_dir)!r} is a URL, but the run dir is written through the local "
+                      "filesystem; mount the bucket (e.g. gcsfuse) on every host and pass the mounted path")
   run_dir = pathlib.Path(run_dir)
   pipeline = build_pipeline(cfg)  # data problems surface here, before anything is written
   trainer = Trainer(cfg, devices=devices)
   lanes = pipeline.train_lanes(trainer)
   is_host0 = jax.process_index() == 0
+  if not is_host0:
+    log = lambda *_: None  # noqa: E731
+  distributed.assert_same(str(run_dir.absolute()), "the run dir")
+  distributed.assert_same(json.dumps(config_lib.to_dict(cfg), sort_keys=True), "the config")
   tc = cfg.train
 
   ckpt = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
@@ -135,8 +150,8 @@ def run_training(cfg: Config, run_dir: str | pathlib.Path, *, stop_at_step: int 
     log(f"model {cfg.model.name}: {trainer.num_params / 1e6:.2f}M params | mesh {describe(trainer.mesh)} | "
         f"{cfg.data.batch_size} lanes x {cfg.data.segments_per_step} segments x {cfg.data.seg_len} tokens per step")
 
-  def extra_state():
-    return {"data": lanes.state_dict(), "config": config_lib.to_dict(cfg)}
+  def extra_state():  # the data position of every lane, gathered from all processes
+    return {"data": distributed.gather_lane_state(lanes.state_dict()), "config": config_lib.to_dict(cfg)}
 
   losses, last_saved, train_metrics, eval_metrics = [], latest, {}, {}
   bar = _progress(end, start, progress and is_host0)
@@ -179,9 +194,23 @@ def run_training(cfg: Config, run_dir: str | pathlib.Path, *, stop_at_step: int 
   logger.close()
   plot = plot_loss_curve(run_dir) if is_host0 else None
   return {"start_step": start, "end_step": end, "losses": losses, "train": train_metrics, "eval": eval_metrics,
-          "train_state": ts, "plot": str(plot) if plot else None, "run_dir": str(run_dir)}
+          "train_state": ts, "plot": str(plot) if plot else None, "run_dir": str(run_dir),
+          "lanes": trainer.local_lane_range()}
 
 
 def evaluate(trainer: Trainer, pipeline: Pipeline, params, *, max_batches: int = 0) -> dict:
-  """Stream every held-out document through fresh lane states (or `max_batches` batches)."""
-  return trainer.evaluate(params, pipeline.eval_lanes(trainer), max_batches=max_batches)
+  """Stream every held-out document through fresh lane states (or `max_batches` batches).
+
+  With several processes, one whose lanes run out first feeds fully masked
+  batches until the others are done, so all run the same steps.
+  """
+  lo, hi = trainer.local_lane_range()
+
+  def pad_batch():  # this process's rows [K, hi - lo, seg_len], padding only (loss mask 0)
+    batch = {k: np.zeros((v.shape[0], hi - lo, *v.shape[2:]), v.dtype) for k, v in trainer.abstract_batch().items()}
+    batch["tokens"][:] = batch["labels"][:] = pipeline.tokenizer.pad_id
+    batch["reset"][:] = True
+    return batch
+
+  batches = distributed.synchronized(pipeline.eval_lanes(trainer), pad_batch=pad_batch)
+  return trainer.evaluate(params, batches, max_batches=max_batches)

@@ -246,6 +246,10 @@ class Trainer:
     rows = [idx[1] for idx in sharding.addressable_devices_indices_map(shape).values()]
     starts = [r.start or 0 for r in rows]
     stops = [shape[1] if r.stop is None else r.stop for r in rows]
+    held = set().union(*(range(a, b) for a, b in zip(starts, stops)))
+    if held != set(range(min(starts), max(stops))):  # a LaneBatcher reads one range of lanes
+      raise ConfigError(f"this process's devices hold lanes {sorted(held)}, not one contiguous range; "
+                        "order the mesh so that each host's devices are adjacent along (data, fsdp)")
     return min(starts), max(stops)
 
   # ------------------------------------------------------------------ steps
