@@ -58,3 +58,14 @@ def test_linear_recurrence_models_run_sequence_parallel(name, eight_devices):
   results = contract.sharded_matches_one_device(_recurrent_configs()[name], eight_devices, seg_len=32,
                                                 mesh=MeshConfig(data=2, sequence=4))
   assert _runs_sharded_form(results["8-trainer"])
+
+
+def test_rmt_block_tokens_run_the_ring(eight_devices):
+  """Blocks of 16 over 4 devices: 4 tokens each, a window of 6 (3 of 4 ring steps), 4 memory slots."""
+  from longctx.models import RMTConfig
+
+  cfg = RMTConfig(vocab_size=259, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, window=6, block_len=16,
+                  num_memory=4, attention_block=4)
+  results = contract.sharded_matches_one_device(cfg, eight_devices, seg_len=32, align=16,
+                                                mesh=MeshConfig(data=2, sequence=4))
+  assert _runs_sharded_form(results["8-trainer"])

@@ -39,8 +39,7 @@ def test_gradients_flow_through_the_memory(model):
   contract.gradients_reach(model, seg=BLOCK, vocab=VOCAB, names=["memory_init", "memory_out_norm", "wq"])
 
 
-# fsdp, tensor and sequence at once: this model has no context-parallel form of its own, so XLA partitions
-# its sequence-sharded blocks; the result must still equal one device.
+# fsdp, tensor and sequence at once (the block's tokens split over 2 devices, rmt_ring_attention).
 CONTEXT_MESH = MeshConfig(data=1, fsdp=2, tensor=2, sequence=2)
 
 

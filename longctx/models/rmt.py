@@ -29,12 +29,18 @@ Memory (state["memory"]): `[batch, num_memory, d_model]` float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from longctx import sharding as shd
 from longctx.errors import ConfigError
+from longctx.kernels import ring_attention as ra
 from longctx.layers import RMSNorm, masked_attention, param, rotary, window_mask
 from longctx.models.blockwise import BlockwiseConfig, BlockwiseLM, last_doc_mask
 from longctx.models.registry import register_model
@@ -74,12 +80,73 @@ def rmt_mask(*, q_doc, k_doc, window: int, num_memory: int) -> jax.Array:
   return jnp.concatenate([read_rows, tok_rows, write_rows], axis=1)
 
 
+def rmt_ring_attention(q, k, v, *, cache_k, cache_v, q_doc, cache_doc, window: int, num_memory: int,
+                       rope_base: float, block: int = 128) -> jax.Array:
+  """`rmt_mask` attention with the block's tokens split over the mesh's `sequence` axis.
+
+  q `[batch, 2m + L, heads, head_dim]`, k, v `[batch, 2m + L, kv_heads, head_dim]` (unrotated,
+  rows [read; tokens; write]); cache `[batch, W, kv_heads, head_dim]`; q_doc `[batch, L]`,
+  cache_doc `[batch, W]`. Per device, with its L/n tokens:
+    tokens  cache block (window rule) + read slots (always visible) + ring over the tokens
+    read    read slots <= i (replicated, computed on every device)
+    write   read slots + write slots <= i, and the local tokens of the block's last document;
+            the per-device partial results are all-gathered and merged by log-sum-exp
+  Returns `[batch, 2m + L, heads, head_dim]`.
+  """
+  m, w = num_memory, cache_k.shape[1]
+  L = q.shape[1] - 2 * m
+  n = shd.context_parallel_size()
+  local = L // n
+  rows = lambda t: (t[:, :m], t[:, m:m + L], t[:, m + L:])
+  (qr, qt, qw), (kr, kt, kw), (vr, vt, vw) = rows(q), rows(k), rows(v)
+  last_doc = q_doc[:, -1:]  # the block's last document, from the last shard's tokens
+
+  def shard(qt, kt, vt, q_doc, qr, kr, vr, qw, kw, vw, cache_k, cache_v, cache_doc, last_doc):
+    b = qt.shape[0]
+    pos = w + lax.axis_index(shd.SEQUENCE_AXIS) * local + jnp.arange(local)
+    cache_pos = jnp.arange(w)
+    qt, kt = rotary(qt, pos, base=rope_base), rotary(kt, pos, base=rope_base)
+    cache_k = rotary(cache_k.astype(kt.dtype), cache_pos, base=rope_base)
+    flash = functools.partial(ra.flash_attention, block_q=block, block_k=block, return_lse=True)
+    zeros = lambda t: jnp.zeros((b, t), jnp.int32)
+    slot = jnp.arange(m)
+    # Token queries: the XL cache, the read slots (position 0, one document: always visible), the tokens.
+    out = flash(qt, cache_k, cache_v.astype(vt.dtype), q_pos=pos, k_pos=cache_pos, q_doc=q_doc, k_doc=cache_doc,
+                window=window)
+    out = ra.merge_attention(*out, *flash(qt, kr, vr, q_pos=pos, k_pos=jnp.zeros(m, jnp.int32), q_doc=zeros(local),
+                                          k_doc=zeros(m)))
+    ring = ra.ring_attention(qt, kt, vt, axis_name=shd.SEQUENCE_AXIS, q_pos=pos, k_pos=pos, q_doc=q_doc, k_doc=q_doc,
+                             window=window, num_steps=ra.ring_steps_for_window(window, local, n), block_q=block,
+                             block_k=block, return_lse=True)
+    tokens = ra.merge_attention(*out, *ring)[0]
+    # Read queries: read slots <= i.
+    read = flash(qr, kr, vr, q_pos=slot, k_pos=slot, q_doc=zeros(m), k_doc=zeros(m))[0]
+    # Write queries: all read slots, write slots <= i, and this shard's tokens of the last document.
+    write = ra.merge_attention(
+        *flash(qw, kr, vr, q_pos=slot, k_pos=jnp.zeros(m, jnp.int32), q_doc=zeros(m), k_doc=zeros(m)),
+        *flash(qw, kw, vw, q_pos=slot, k_pos=slot, q_doc=zeros(m), k_doc=zeros(m)))
+    part = flash(qw, kt, vt, q_pos=jnp.full((m,), w + L), k_pos=pos, q_doc=jnp.broadcast_to(last_doc, (b, m)),
+                 k_doc=q_doc)
+    parts_o, parts_lse = lax.all_gather(part, shd.SEQUENCE_AXIS)  # [n, ...]
+    for i in range(n):
+      write = ra.merge_attention(*write, parts_o[i], parts_lse[i])
+    return tokens.astype(qt.dtype), read.astype(qt.dtype), write[0].astype(qt.dtype)
+
+  seq, whole = P(None, shd.SEQUENCE_AXIS), P()
+  tokens, read, write = shd.over_sequence(
+      shard, in_specs=(seq, seq, seq, seq) + (whole,) * 10, out_specs=(seq, whole, whole))(
+          qt, kt, vt, q_doc, qr, kr, vr, qw, kw, vw, cache_k, cache_v, cache_doc, last_doc)
+  return jnp.concatenate([read, tokens, write], axis=1)
+
+
 class MemoryAttention(Attention):
   """The baseline's attention weights over [read memory; tokens; write memory] with an XL cache."""
 
-  def __call__(self, x, *, cache_k, cache_v, mask, num_memory):
+  def __call__(self, x, *, cache_k, cache_v, mask, num_memory, q_doc=None, k_doc=None):
     """x `[batch, 2m + L, d]`; cache `[batch, W, kv_heads, head_dim]`; mask from `rmt_mask`.
 
+    With the mesh's `sequence` axis > 1 (dividing L) and the document ids given, the
+    same attention runs as `rmt_ring_attention` (the dense mask is then unused).
     Returns the output `[batch, 2m + L, d]` and the tokens' new unrotated k, v `[batch, L, ...]`.
     """
     m, W = num_memory, cache_k.shape[1]
@@ -87,6 +154,12 @@ class MemoryAttention(Attention):
     q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(x.dtype))
     k = jnp.einsum("bsd,dhk->bshk", x, self.wk[...].astype(x.dtype))
     v = jnp.einsum("bsd,dhk->bshk", x, self.wv[...].astype(x.dtype))
+    n = shd.context_parallel_size()
+    if n > 1 and L % n == 0 and q_doc is not None:
+      out = rmt_ring_attention(q, k, v, cache_k=cache_k, cache_v=cache_v, q_doc=q_doc, cache_doc=k_doc[:, :W],
+                               window=self.cfg.window, num_memory=m, rope_base=self.cfg.rope_base,
+                               block=self.cfg.attention_block or 128)
+      return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(x.dtype)), k[:, m:m + L], v[:, m:m + L]
     pos = jnp.arange(W + L)
     base = self.cfg.rope_base
     rot_tokens = lambda t, p: rotary(t, p, base=base)
@@ -101,6 +174,7 @@ class MemoryAttention(Attention):
 @register_model("rmt", config=RMTConfig,
                 description="Recurrent Memory Transformer: read/write memory tokens per block, BPTT through memory")
 class RMT(BlockwiseLM):
+  context_parallel = "ring attention for the block's tokens; memory slots replicated, write reads merged by lse"
 
   def __init__(self, cfg: RMTConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -123,7 +197,7 @@ class RMT(BlockwiseLM):
     mask = rmt_mask(q_doc=q_doc, k_doc=k_doc, window=self.cfg.window, num_memory=m)
     new_kv = []
     for block, (ck, cv) in zip(self.blocks, caches):
-      h, k, v = block(h, cache_k=ck, cache_v=cv, mask=mask, num_memory=m)
+      h, k, v = block(h, cache_k=ck, cache_v=cv, mask=mask, num_memory=m, q_doc=q_doc, k_doc=k_doc)
       new_kv.append((k, v))
     written = h[:, -m:]
     if self.memory_out_norm is not None:
