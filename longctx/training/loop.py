@@ -149,6 +149,9 @@ def run_training(cfg: Config, run_dir: str | pathlib.Path, *, stop_at_step: int 
   if start == 0:
     log(f"model {cfg.model.name}: {trainer.num_params / 1e6:.2f}M params | mesh {describe(trainer.mesh)} | "
         f"{cfg.data.batch_size} lanes x {cfg.data.segments_per_step} segments x {cfg.data.seg_len} tokens per step")
+    if trainer.mesh.shape["sequence"] > 1:
+      form = trainer.model_class.context_parallel or "none of its own; XLA partitions it (each block gathered)"
+      log(f"context parallel over {trainer.mesh.shape['sequence']} devices: {form}")
 
   def extra_state():  # the data position of every lane, gathered from all processes
     return {"data": distributed.gather_lane_state(lanes.state_dict()), "config": config_lib.to_dict(cfg)}
