@@ -179,6 +179,13 @@ def sharded_matches_one_device(model_cfg, devices, *, seg_len, steps=2, align=0,
   return results
 
 
+def runs_context_parallel_form(trainer) -> bool:
+  """The lowered train step holds a shard_map with a ppermute/all_gather of its own: XLA's partitioner adds
+  its collectives only after lowering, so these come from the model's context-parallel form."""
+  text = trainer._train_step.lower(trainer.abstract_train_state_sharded(), trainer.abstract_batch_sharded()).as_text()
+  return "manual_computation" in text and ("collective_permute" in text or "all_gather" in text)
+
+
 class BlockwiseContract:
   """The contract tests of a blockwise memory model. Subclass as `TestContract` in the model's test
   module, which provides the `model` and `step` fixtures, and set:

@@ -83,16 +83,16 @@ class TestLstmContract(contract.BlockwiseContract):
     assert {"w_input", "b_input", "w_forget", "b_forget"} <= {p.split("'")[-2] for p in flat if "state_gate" in p}
 
 
-# fsdp, tensor and sequence at once: this model has no context-parallel form of its own, so XLA partitions
-# its sequence-sharded blocks; the result must still equal one device.
+# fsdp, tensor and sequence at once: the token window runs the baseline's ring attention, the states'
+# reads of the tokens are partitioned by XLA; the result must equal one device.
 CONTEXT_MESH = MeshConfig(data=1, fsdp=2, tensor=2, sequence=2)
 
 
 def test_sharded_matches_one_device(eight_devices):
   cfg = BlockRecurrentConfig(vocab_size=259, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, window=16,
                              block_len=16, num_states=4, embed_conv=4)
-  contract.sharded_matches_one_device(cfg, eight_devices, seg_len=32, align=16,
-                                      mesh=CONTEXT_MESH)
+  results = contract.sharded_matches_one_device(cfg, eight_devices, seg_len=32, align=16, mesh=CONTEXT_MESH)
+  assert contract.runs_context_parallel_form(results["8-trainer"])
 
 
 # ----------------------------------------------------------------------------- pieces against numpy

@@ -14,11 +14,7 @@ from longctx.config import MeshConfig
 from longctx.models import TransformerConfig
 
 
-def _runs_sharded_form(trainer) -> bool:
-  """The lowered step holds a shard_map with a ppermute/all_gather of its own: XLA's partitioner adds
-  its collectives only after lowering, so these come from the model's context-parallel form."""
-  text = trainer._train_step.lower(trainer.abstract_train_state_sharded(), trainer.abstract_batch_sharded()).as_text()
-  return "manual_computation" in text and ("collective_permute" in text or "all_gather" in text)
+_runs_sharded_form = contract.runs_context_parallel_form
 
 
 @pytest.mark.parametrize("window,seq_devices", [(6, 4), (20, 4), (12, 8)],

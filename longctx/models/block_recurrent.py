@@ -291,6 +291,7 @@ class RecurrentBlock(nnx.Module):
 @register_model("block_recurrent", config=BlockRecurrentConfig,
                 description="Block-Recurrent Transformer: gated recurrent states read and written per block")
 class BlockRecurrent(BlockwiseLM):
+  context_parallel = "ring attention for the token window (the baseline's); state reads of the tokens by XLA"
 
   def __init__(self, cfg: BlockRecurrentConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
