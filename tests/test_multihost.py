@@ -10,6 +10,7 @@ straight through on 8 devices; losses, eval and parameters must agree to 1e-6.
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -163,7 +164,8 @@ def test_two_processes_train_resume_and_evaluate_like_one(tmp_path):
   out0, out1 = runs.stdout("worker0"), runs.stdout("worker1")
   for line in ("model transformer", "stopped at step 3", "run dir:", "resumed from", "eval @ step 6"):
     assert line in out0 and line not in out1, (line, out0, out1)
-  assert not [l for l in out1.splitlines() if l.strip() and "[Gloo]" not in l], out1
+  gloo = re.compile(r"\[Gloo\] Rank|\d+ is connected to \d+ peer ranks\. Expected number of connected peer ranks is : \d+")
+  assert not gloo.sub("", out1).split(), out1  # the C++ threads' lines can interleave mid-line
   assert (run_dir / "config.json").exists() and (run_dir / "loss.png").exists()
   assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2  # process 0's two runs
 

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 import model_contract as contract
-from longctx.config import MeshConfig
 from longctx.errors import ConfigError, LongctxError
 from longctx.models import RMTConfig, create_model, list_models
 from longctx.models.rmt import rmt_mask
@@ -39,15 +38,10 @@ def test_gradients_flow_through_the_memory(model):
   contract.gradients_reach(model, seg=BLOCK, vocab=VOCAB, names=["memory_init", "memory_out_norm", "wq"])
 
 
-# fsdp, tensor and sequence at once (the block's tokens split over 2 devices, rmt_ring_attention).
-CONTEXT_MESH = MeshConfig(data=1, fsdp=2, tensor=2, sequence=2)
-
-
 def test_sharded_matches_one_device(eight_devices):
   cfg = RMTConfig(vocab_size=259, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, window=16,
                   block_len=16, num_memory=4)
-  contract.sharded_matches_one_device(cfg, eight_devices, seg_len=32, align=16,
-                                      mesh=CONTEXT_MESH)
+  contract.sharded_matches_one_device(cfg, eight_devices, seg_len=32, align=16)  # sequence: test_context_parallel
 
 
 def test_mask_rows():
