@@ -14,6 +14,7 @@ Errors caused by input end in one line `error: ...` and exit code 2.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pathlib
 import sys
@@ -23,7 +24,7 @@ from longctx.errors import ConfigError, LongctxError
 EXAMPLES = """examples:
   longctx train recipes/quickstart.py --run-dir runs/quickstart
   longctx train recipes/quickstart.py --set model.d_model=256 --set train.steps=500
-  longctx train recipes/pg19_transformer_pod.py --dry-run
+  longctx train recipes/pod/transformer.py --dry-run
   longctx eval runs/quickstart
   longctx tokenizer train --input books/*.txt --vocab-size 8000 --out tok/pg19
 """
@@ -48,7 +49,15 @@ def _parser() -> argparse.ArgumentParser:
                  "repeatable; an unknown key or a wrong type is an error that lists the valid keys")
   t.add_argument("--dry-run", action="store_true",
                  help="build the config and mesh and print model size, FLOPs per token, mesh and per-device "
-                 "memory estimate; train nothing, write nothing")
+                 "memory estimate, then per-device memory of the train step compiled for the recipe's mesh "
+                 "(on CPU with virtual devices when this host has another device count; deep models are "
+                 "compiled at 6 and 8 layers and extrapolated); train nothing, write nothing")
+  t.add_argument("--no-compile", action="store_true", help="with --dry-run: only the estimate, compile nothing")
+  t.add_argument("--full-compile", action="store_true",
+                 help="with --dry-run: compile every layer instead of extrapolating from 6 and 8 (slower)")
+  t.add_argument("--tpu-topology", default=None, metavar="NAME",
+                 help="with --dry-run: compile with the TPU compiler for this slice, e.g. v5p:4x4x4 (a v5p-128); "
+                 "compile-only, no TPU needed, but libtpu must be installed (pip install \"jax[tpu]\")")
   t.add_argument("--stop-at-step", type=int, default=None,
                  help="end this run with a checkpoint after this step (as a preempted job would); "
                  "rerun the same command to continue")
@@ -221,8 +230,17 @@ def _train(args) -> int:
     from longctx.estimate import estimate_run
 
     print(f"recipe {args.recipe}: model {cfg.model.name}")
-    for line in estimate_run(cfg).lines():
+    estimate = estimate_run(cfg)
+    for line in estimate.lines():
       print(line)
+    if not args.no_compile:
+      from longctx.dryrun import compiled_memory
+
+      sys.stdout.flush()
+      compiled = compiled_memory(cfg, num_devices=math.prod(estimate.mesh.values()), full=args.full_compile,
+                                 tpu_topology=args.tpu_topology)
+      for line in compiled.lines():
+        print(line)
     return 0
   from longctx.training.loop import run_training
 
