@@ -431,7 +431,8 @@ def linear_recurrence(q, k, v, *, log_decay=None, beta=None, segment_ids=None, i
 
 
 def sequence_parallel_linear_recurrence(q, k, v, *, axis_name: str, log_decay=None, beta=None, segment_ids=None,
-                                        initial_state=None, impl: str = "xla", chunk_size: int = 64):
+                                        initial_state=None, impl: str = "xla", chunk_size: int = 64,
+                                        shard_index=None):
   """`linear_recurrence` on a sequence sharded over mesh axis `axis_name`; call inside `jax.shard_map`.
 
   Every argument is this shard's block along seq (`initial_state` the state
@@ -445,13 +446,17 @@ def sequence_parallel_linear_recurrence(q, k, v, *, axis_name: str, log_decay=No
   rule, found by running the shard's pass on the identity with v = 0. One
   all_gather of (P, S_local) lets every shard fold its predecessors into its
   entering state.
+
+  `shard_index` (an int32 scalar or `[1]` array: this shard's place on the axis)
+  replaces `lax.axis_index`, e.g. a sharded `jnp.arange(n)`; XLA:CPU's SPMD
+  partitioner rejected axis_index's PartitionId inside deep rematerialised steps.
   """
   kind = _check(q, k, v, log_decay, beta, segment_ids, initial_state)
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   run = functools.partial(linear_recurrence, impl=impl, chunk_size=chunk_size)
   doc = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-  me = lax.axis_index(axis_name)
+  me = lax.axis_index(axis_name) if shard_index is None else jnp.reshape(shard_index, ()).astype(jnp.int32)
   # The document open when this shard starts: the previous shard's last one (the first shard's: its first token's).
   last_docs = lax.all_gather(doc[:, -1], axis_name)  # [shards, b]
   entering_doc = jnp.where(me == 0, doc[:, 0], last_docs[jnp.maximum(me - 1, 0)])

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.sharding import PartitionSpec as P
 
 NEG_INF = -1e30
@@ -185,8 +184,7 @@ def cached_window_attention(q, k, v, *, cache_k, cache_v, q_doc, cache_doc, wind
 
   local = s // n
 
-  def shard(q, k, v, cache_k, cache_v, q_doc, cache_doc):
-    pos = w + lax.axis_index(shd.SEQUENCE_AXIS) * local + jnp.arange(local)
+  def shard(q, k, v, cache_k, cache_v, q_doc, cache_doc, pos):
     cache_pos = jnp.arange(w)
     q, k = rotary(q, pos, base=rope_base), rotary(k, pos, base=rope_base)
     cache_k = rotary(cache_k.astype(k.dtype), cache_pos, base=rope_base)
@@ -199,6 +197,8 @@ def cached_window_attention(q, k, v, *, cache_k, cache_v, q_doc, cache_doc, wind
                                          return_lse=True)
     return ra.merge_attention(o_cache, lse_cache, o_ring, lse_ring)[0].astype(q.dtype)
 
+  # Positions enter as a sharded input rather than from lax.axis_index: XLA:CPU's SPMD partitioner
+  # rejected the PartitionId that axis_index lowers to in deep (>= 12 layer) remat'd steps.
   seq, whole = P(None, shd.SEQUENCE_AXIS), P()
-  return shd.over_sequence(shard, in_specs=(seq, seq, seq, whole, whole, seq, whole), out_specs=seq)(
-      q, k, v, cache_k, cache_v, q_doc, cache_doc)
+  return shd.over_sequence(shard, in_specs=(seq, seq, seq, whole, whole, seq, whole, P(shd.SEQUENCE_AXIS)),
+                           out_specs=seq)(q, k, v, cache_k, cache_v, q_doc, cache_doc, w + jnp.arange(s))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from longctx import sharding as shd
@@ -27,12 +28,13 @@ def recurrence(q, k, v, *, log_decay=None, beta=None, segment_ids=None, initial_
            "initial_state": initial_state}
   names = [name for name, x in named.items() if x is not None]
 
-  def shard(*args):
+  def shard(shard_index, *args):
     return sequence_parallel_linear_recurrence(**dict(zip(names, args)), axis_name=shd.SEQUENCE_AXIS, impl=impl,
-                                               chunk_size=chunk_size)
+                                               chunk_size=chunk_size, shard_index=shard_index)
 
-  in_specs = tuple(P() if name == "initial_state" else seq for name in names)
-  return shd.over_sequence(shard, in_specs=in_specs, out_specs=(seq, P()))(*(named[name] for name in names))
+  in_specs = (P(shd.SEQUENCE_AXIS),) + tuple(P() if name == "initial_state" else seq for name in names)
+  return shd.over_sequence(shard, in_specs=in_specs, out_specs=(seq, P()))(
+      jnp.arange(n, dtype=jnp.int32), *(named[name] for name in names))
 
 
 __all__ = ["recurrence"]

@@ -101,9 +101,8 @@ def rmt_ring_attention(q, k, v, *, cache_k, cache_v, q_doc, cache_doc, window: i
   (qr, qt, qw), (kr, kt, kw), (vr, vt, vw) = rows(q), rows(k), rows(v)
   last_doc = q_doc[:, -1:]  # the block's last document, from the last shard's tokens
 
-  def shard(qt, kt, vt, q_doc, qr, kr, vr, qw, kw, vw, cache_k, cache_v, cache_doc, last_doc):
+  def shard(qt, kt, vt, q_doc, pos, qr, kr, vr, qw, kw, vw, cache_k, cache_v, cache_doc, last_doc):
     b = qt.shape[0]
-    pos = w + lax.axis_index(shd.SEQUENCE_AXIS) * local + jnp.arange(local)
     cache_pos = jnp.arange(w)
     qt, kt = rotary(qt, pos, base=rope_base), rotary(kt, pos, base=rope_base)
     cache_k = rotary(cache_k.astype(kt.dtype), cache_pos, base=rope_base)
@@ -134,8 +133,8 @@ def rmt_ring_attention(q, k, v, *, cache_k, cache_v, q_doc, cache_doc, window: i
 
   seq, whole = P(None, shd.SEQUENCE_AXIS), P()
   tokens, read, write = shd.over_sequence(
-      shard, in_specs=(seq, seq, seq, seq) + (whole,) * 10, out_specs=(seq, whole, whole))(
-          qt, kt, vt, q_doc, qr, kr, vr, qw, kw, vw, cache_k, cache_v, cache_doc, last_doc)
+      shard, in_specs=(seq, seq, seq, seq, P(shd.SEQUENCE_AXIS)) + (whole,) * 10, out_specs=(seq, whole, whole))(
+          qt, kt, vt, q_doc, w + jnp.arange(L), qr, kr, vr, qw, kw, vw, cache_k, cache_v, cache_doc, last_doc)
   return jnp.concatenate([read, tokens, write], axis=1)
 
 
