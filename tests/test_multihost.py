@@ -164,8 +164,10 @@ def test_two_processes_train_resume_and_evaluate_like_one(tmp_path):
   out0, out1 = runs.stdout("worker0"), runs.stdout("worker1")
   for line in ("model transformer", "stopped at step 3", "run dir:", "resumed from", "eval @ step 6"):
     assert line in out0 and line not in out1, (line, out0, out1)
-  gloo = re.compile(r"\[Gloo\] Rank|\d+ is connected to \d+ peer ranks\. Expected number of connected peer ranks is : \d+")
-  assert not gloo.sub("", out1).split(), out1  # the C++ threads' lines can interleave mid-line
+  # gloo's threads interleave their lines at any character, so compare words: process 1 prints none of its own.
+  gloo_words = set(re.findall(r"[A-Za-z]+", "[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of "
+                                           "connected peer ranks is : 1"))
+  assert set(re.findall(r"[A-Za-z]+", out1)) <= gloo_words, out1
   assert (run_dir / "config.json").exists() and (run_dir / "loss.png").exists()
   assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2  # process 0's two runs
 

@@ -44,6 +44,18 @@ def _dense(q, k, v, pos, doc, window):
                             return_lse=True)
 
 
+def _matches_dense(fn, q, k, v, pos, doc, window):
+  """`fn(q, k, v) -> (out, lse)` equals dense attention: outputs, lse and the gradients of q, k, v (f32, 1e-5)."""
+  out, lse = jax.jit(fn)(q, k, v)
+  ref_out, ref_lse = _dense(q, k, v, pos, doc, window)
+  assert out.shape == ref_out.shape and out.dtype == q.dtype
+  assert rel_err(out, ref_out) < 1e-5 and rel_err(lse, ref_lse) < 1e-5
+  grads = jax.jit(jax.grad(_loss(fn), argnums=(0, 1, 2)))(q, k, v)
+  ref = jax.grad(_loss(lambda q, k, v: _dense(q, k, v, pos, doc, window)), argnums=(0, 1, 2))(q, k, v)
+  for name, g, r in zip("qkv", grads, ref):
+    assert rel_err(g, r) < 1e-5, name
+
+
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 @pytest.mark.parametrize("seq,block_q,block_k,window", [(37, 8, 16, None), (37, 16, 8, 5), (64, 64, 64, None),
                                                         (23, 4, 4, 30)])
@@ -51,14 +63,7 @@ def test_flash_matches_dense(impl, seq, block_q, block_k, window):
   q, k, v, pos, doc = _inputs(seq + block_q, seq=seq)
   flash = functools.partial(ra.flash_attention, q_pos=pos, k_pos=pos, q_doc=doc, k_doc=doc, window=window,
                             block_q=block_q, block_k=block_k, impl=impl, return_lse=True)
-  out, lse = jax.jit(flash)(q, k, v)
-  ref_out, ref_lse = _dense(q, k, v, pos, doc, window)
-  assert out.shape == ref_out.shape and out.dtype == q.dtype
-  assert rel_err(out, ref_out) < 1e-5 and rel_err(lse, ref_lse) < 1e-5
-  grads = jax.jit(jax.grad(_loss(flash), argnums=(0, 1, 2)))(q, k, v)
-  ref = jax.grad(_loss(lambda q, k, v: _dense(q, k, v, pos, doc, window)), argnums=(0, 1, 2))(q, k, v)
-  for name, g, r in zip("qkv", grads, ref):
-    assert rel_err(g, r) < 1e-5, name
+  _matches_dense(flash, q, k, v, pos, doc, window)
 
 
 def test_flash_skips_blocks_but_not_rows_that_see_nothing():
@@ -119,13 +124,7 @@ def test_ring_matches_dense(shards, layout, eight_devices):
     out, lse = ring(q[:, order], k[:, order], v[:, order], pos[order], doc[:, order])
     return out[:, undo], lse[..., undo]
 
-  out, lse = jax.jit(fn)(q, k, v)
-  ref_out, ref_lse = _dense(q, k, v, pos, doc, None)
-  assert rel_err(out, ref_out) < 1e-5 and rel_err(lse, ref_lse) < 1e-5
-  grads = jax.jit(jax.grad(_loss(fn), argnums=(0, 1, 2)))(q, k, v)
-  ref = jax.grad(_loss(lambda q, k, v: _dense(q, k, v, pos, doc, None)), argnums=(0, 1, 2))(q, k, v)
-  for name, g, r in zip("qkv", grads, ref):
-    assert rel_err(g, r) < 1e-5, name
+  _matches_dense(fn, q, k, v, pos, doc, None)
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
@@ -137,13 +136,7 @@ def test_windowed_ring_cut_short(impl, eight_devices):
   q, k, v, pos, doc = _inputs(17, seq=shards * local)
   ring = _ring(shards, eight_devices, layout="contiguous", window=window, num_steps=steps, impl=impl, block=4)
   fn = lambda q, k, v: ring(q, k, v, pos, doc)
-  out, lse = jax.jit(fn)(q, k, v)
-  ref_out, ref_lse = _dense(q, k, v, pos, doc, window)
-  assert rel_err(out, ref_out) < 1e-5 and rel_err(lse, ref_lse) < 1e-5
-  grads = jax.jit(jax.grad(_loss(fn), argnums=(0, 1, 2)))(q, k, v)
-  ref = jax.grad(_loss(lambda q, k, v: _dense(q, k, v, pos, doc, window)), argnums=(0, 1, 2))(q, k, v)
-  for name, g, r in zip("qkv", grads, ref):
-    assert rel_err(g, r) < 1e-5, name
+  _matches_dense(fn, q, k, v, pos, doc, window)
 
 
 def test_ring_cut_too_short_is_wrong():
