@@ -156,9 +156,9 @@ def cached_window_attention(q, k, v, *, cache_k, cache_v, q_doc, cache_doc, wind
     cache_k, cache_v: `[batch, window, kv_heads, head_dim]`.
     q_doc: `[batch, seg]` document ids; cache_doc `[batch, window]` (-1: slot not visible).
     impl: single-device path: "pairs" (`sliding_window_attention`, dense over block pairs),
-      "flash" (blockwise online softmax) or "pallas" (its Pallas kernel); the ring
+      "flash" (blockwise online softmax) or "pallas" (its Pallas kernels); the ring
       uses "xla" blocks for "pairs".
-    block: query/key block size (None: max(window, 128) for "pairs", 128 for flash).
+    block: query/key block size (None: the window for "pairs", 128 for flash and the ring).
   Returns:
     `[batch, seg, heads, head_dim]`.
   """
