@@ -65,3 +65,104 @@ def test_rmt_block_tokens_run_the_ring(eight_devices):
   results = contract.sharded_matches_one_device(cfg, eight_devices, seg_len=32, align=16,
                                                 mesh=MeshConfig(data=2, sequence=4))
   assert _runs_sharded_form(results["8-trainer"])
+
+
+# ----------------------------------------------------------------------------- memory models' attention layers
+# Each context-parallel attention layer against its own one-device form, on inputs the training tests above
+# do not reach: documents starting inside the block, empty or partly valid memories and buffers. Values and
+# the gradients of every float input.
+
+
+def _layer_matches_one_device(fn, floats, devices, *, n=4, tol=1e-5):
+  """fn(*floats) -> array; run without a mesh and on a `sequence` mesh of n devices, compare values and grads."""
+  import numpy as np
+  import jax.numpy as jnp
+  from jax.sharding import Mesh
+
+  out_shape = jax.eval_shape(fn, *floats)
+  cot = jax.random.normal(jax.random.key(7), out_shape.shape, jnp.float32)
+  loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * cot)
+  both = lambda *a: (fn(*a), jax.grad(loss, argnums=tuple(range(len(a))))(*a))
+  ref = jax.jit(both)(*floats)
+  with jax.set_mesh(Mesh(np.array(devices[:n]), ("sequence",))):
+    lowered = jax.jit(both).lower(*floats)
+    assert "manual_computation" in lowered.as_text(), "the context-parallel form did not run"
+    got = lowered.compile()(*floats)
+  for name, r, g in zip(["out"] + [f"grad {i}" for i in range(len(floats))], jax.tree.leaves(ref),
+                        jax.tree.leaves(got)):
+    r, g = np.asarray(r), np.asarray(g)
+    err = np.max(np.abs(r - g)) / max(np.max(np.abs(r)), 1e-30)
+    assert err < tol, f"{name}: relative error {err:.2e}"
+
+
+def _normal(key, *shape):
+  return jax.random.normal(jax.random.key(key), shape)
+
+
+def test_melodi_window_ring_matches_dense(eight_devices):
+  """W=16 tokens over 4 devices, S=3 memory slots, U=2 summary tokens; lane 0 has valid memory and a document
+  starting at token 5, lane 1 an empty memory and one starting at token 12 (its summary reads only 12..15)."""
+  import jax.numpy as jnp
+  from longctx.layers import masked_attention, rotary
+  from longctx.models.melodi import melodi_mask, melodi_ring_attention
+
+  S, W, U, h, kvh, dh = 3, 16, 2, 4, 2, 8
+  q_doc = jnp.stack([(jnp.arange(W) >= 5), (jnp.arange(W) >= 12)]).astype(jnp.int32)
+  short_valid = jnp.array([True, False])
+
+  def fn(q, k, v):
+    if jax.sharding.get_abstract_mesh().empty:
+      pos = jnp.arange(S + W + U)
+      mask = melodi_mask(q_doc, short_valid, short_memory=S, summary_tokens=U)
+      return masked_attention(rotary(q, pos[S:]), rotary(k, pos), v, mask)
+    return melodi_ring_attention(q, k, v, q_doc=q_doc, short_valid=short_valid, short_memory=S, rope_base=10000.0,
+                                 block=4)
+
+  _layer_matches_one_device(fn, [_normal(1, 2, W + U, h, dh), _normal(2, 2, S + W + U, kvh, dh),
+                                 _normal(3, 2, S + W + U, kvh, dh)], eight_devices)
+
+
+def test_infini_local_attention_ring_matches_dense(eight_devices):
+  """A chunk of 8 over 4 devices after a partly filled buffer (offset 5 of a block of 8): lane 0 completes the
+  block at chunk index 3 (labels 0 then 1), lane 1 starts a new document at index 6 (label 8)."""
+  import jax.numpy as jnp
+  from longctx.models.infini_attention import chunk_layout, local_attention
+
+  block, c, h, dh = 8, 8, 4, 8
+  offset = jnp.array([5, 2])
+  q_doc = jnp.stack([jnp.zeros(c, jnp.int32), (jnp.arange(c) >= 6).astype(jnp.int32)])
+  pos, label = chunk_layout(offset, q_doc, block_len=block)
+  buf_valid = jnp.arange(block)[None] < offset[:, None]
+
+  def fn(q, k, v, buf_k, buf_v):
+    return local_attention(q, k, v, buf_k=buf_k, buf_v=buf_v, buf_valid=buf_valid, pos=pos, label=label,
+                           rope_base=10000.0, block=4)
+
+  _layer_matches_one_device(fn, [_normal(1, 2, c, h, dh), _normal(2, 2, c, h, dh), _normal(3, 2, c, h, dh),
+                                 _normal(4, 2, block, h, dh), _normal(5, 2, block, h, dh)], eight_devices)
+
+
+def test_titans_mag_window_ring_matches_dense(eight_devices):
+  """Segment 16 over 4 devices (4 tokens each), window 6, a cache of 6 with 2 invalid slots, 3 persistent
+  (key, value) pairs; a document starts at token 9 of lane 1."""
+  import jax.numpy as jnp
+  from longctx.layers import rotary
+  from longctx.models.titans import window_prefix_attention, window_prefix_ring_attention
+
+  seg, w, h, kvh, dh, p = 16, 6, 4, 2, 8, 3
+  q_doc = jnp.stack([jnp.zeros(seg, jnp.int32), (jnp.arange(seg) >= 9).astype(jnp.int32)])
+  cache_doc = jnp.where(jnp.arange(w)[None] >= 2, 0, -1).repeat(2, 0)
+
+  def fn(q, k, v, cache_k, cache_v, pk, pv):
+    if jax.sharding.get_abstract_mesh().empty:
+      pos = jnp.arange(w + seg)
+      k_all = rotary(jnp.concatenate([cache_k, k], axis=1), pos)
+      return window_prefix_attention(rotary(q, pos[w:]), q, k_all, jnp.concatenate([cache_v, v], axis=1), pk, pv,
+                                     q_doc=q_doc, k_doc=jnp.concatenate([cache_doc, q_doc], axis=1), window=w,
+                                     block=None)
+    return window_prefix_ring_attention(q, k, v, pk, pv, cache_k=cache_k, cache_v=cache_v, q_doc=q_doc,
+                                        cache_doc=cache_doc, window=w, rope_base=10000.0, block=4)
+
+  _layer_matches_one_device(fn, [_normal(1, 2, seg, h, dh), _normal(2, 2, seg, kvh, dh), _normal(3, 2, seg, kvh, dh),
+                                 _normal(4, 2, w, kvh, dh), _normal(5, 2, w, kvh, dh), _normal(6, p, kvh, dh),
+                                 _normal(7, p, kvh, dh)], eight_devices)

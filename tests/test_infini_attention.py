@@ -266,16 +266,16 @@ def test_gradients_reach_the_projections_through_the_memory(model):
     assert hits and all(np.linalg.norm(flat[1][p]) > 0 for p in hits), name
 
 
-# fsdp, tensor and sequence at once: this model has no context-parallel form of its own, so XLA partitions
-# its sequence-sharded blocks; the result must still equal one device.
+# fsdp, tensor and sequence at once: each chunk's local attention runs the ring (`local_attention`), the
+# memory is partitioned by XLA; the result must equal one device.
 CONTEXT_MESH = MeshConfig(data=1, fsdp=2, tensor=2, sequence=2)
 
 
 def test_sharded_matches_one_device(eight_devices):
   cfg = InfiniAttentionConfig(vocab_size=259, d_model=32, num_layers=1, num_heads=4, block_len=BLOCK,
                               memory_update="delta")  # one layer: the same sharding per layer, half the compile
-  contract.sharded_matches_one_device(cfg, eight_devices, seg_len=BLOCK,
-                                      mesh=CONTEXT_MESH)
+  results = contract.sharded_matches_one_device(cfg, eight_devices, seg_len=BLOCK, mesh=CONTEXT_MESH)
+  assert contract.runs_context_parallel_form(results["8-trainer"])
 
 
 def test_flops_count_the_memory_and_both_halves_of_the_local_attention():

@@ -136,16 +136,16 @@ def test_without_long_memory_and_unequal_short_summary():
   assert state["memory"]["short"].shape == (2, 1, 3, 32) and bool(state["memory"]["short_valid"].all())
 
 
-# fsdp, tensor and sequence at once: this model has no context-parallel form of its own, so XLA partitions
-# its sequence-sharded blocks; the result must still equal one device.
+# fsdp, tensor and sequence at once: the window's tokens run the ring (`melodi_ring_attention`), the rest is
+# partitioned by XLA; the result must equal one device.
 CONTEXT_MESH = MeshConfig(data=1, fsdp=2, tensor=2, sequence=2)
 
 
 def test_sharded_matches_one_device(eight_devices):
   cfg = MelodiConfig(vocab_size=259, d_model=32, num_layers=2, num_heads=4, block_len=16, short_memory=4,
                      summary_tokens=4, long_memory_size=12, long_append=4)
-  contract.sharded_matches_one_device(cfg, eight_devices, seg_len=32, align=16,
-                                      mesh=CONTEXT_MESH)
+  results = contract.sharded_matches_one_device(cfg, eight_devices, seg_len=32, align=16, mesh=CONTEXT_MESH)
+  assert contract.runs_context_parallel_form(results["8-trainer"])
 
 
 def state_bytes(model, batch=1):

@@ -211,15 +211,15 @@ def test_gradients_reach_memory_init_gates_and_projections(models):
   contract.gradients_reach(model, seg=8, vocab=VOCAB, names=names, segments=2)
 
 
-# fsdp, tensor and sequence at once: this model has no context-parallel form of its own, so XLA partitions
-# its sequence-sharded blocks; the result must still equal one device.
+# fsdp, tensor and sequence at once: MAG's window runs the ring (`window_prefix_ring_attention`), the
+# memory's chunk scan is partitioned by XLA; the result must equal one device.
 CONTEXT_MESH = MeshConfig(data=1, fsdp=2, tensor=2, sequence=2)
 
 
 def test_sharded_matches_one_device(eight_devices):
   cfg = dataclasses.replace(CFG, vocab_size=259, embed_conv=0, num_layers=1, window=4)
-  contract.sharded_matches_one_device(cfg, eight_devices, seg_len=8,
-                                      mesh=CONTEXT_MESH)
+  results = contract.sharded_matches_one_device(cfg, eight_devices, seg_len=8, mesh=CONTEXT_MESH)
+  assert contract.runs_context_parallel_form(results["8-trainer"])
 
 
 def test_flops_per_token_counts_the_memory():

@@ -182,23 +182,67 @@ def cached_window_attention(q, k, v, *, cache_k, cache_v, q_doc, cache_doc, wind
     return ra.flash_attention(q_rot, k_all, v_all, q_pos=positions[w:], k_pos=positions, q_doc=q_doc, k_doc=k_doc,
                               window=window, block_q=fblock, block_k=fblock, impl=kernel_impl)
 
-  local = s // n
-
   def shard(q, k, v, cache_k, cache_v, q_doc, cache_doc, pos):
     cache_pos = jnp.arange(w)
     q, k = rotary(q, pos, base=rope_base), rotary(k, pos, base=rope_base)
-    cache_k = rotary(cache_k.astype(k.dtype), cache_pos, base=rope_base)
-    o_cache, lse_cache = ra.flash_attention(q, cache_k, cache_v.astype(v.dtype), q_pos=pos, k_pos=cache_pos,
-                                            q_doc=q_doc, k_doc=cache_doc, window=window, block_q=fblock,
-                                            block_k=fblock, impl=kernel_impl, return_lse=True)
-    o_ring, lse_ring = ra.ring_attention(q, k, v, axis_name=shd.SEQUENCE_AXIS, q_pos=pos, k_pos=pos, q_doc=q_doc,
-                                         k_doc=q_doc, window=window, block_q=fblock, block_k=fblock,
-                                         num_steps=ra.ring_steps_for_window(window, local, n), impl=kernel_impl,
-                                         return_lse=True)
-    return ra.merge_attention(o_cache, lse_cache, o_ring, lse_ring)[0].astype(q.dtype)
+    cache = (rotary(cache_k.astype(k.dtype), cache_pos, base=rope_base), cache_v.astype(v.dtype), cache_pos, cache_doc)
+    out, _ = window_ring_attention(q, k, v, pos=pos, q_doc=q_doc, window=window, cache=cache, block=fblock,
+                                   impl=kernel_impl)
+    return out.astype(q.dtype)
 
   # Positions enter as a sharded input rather than from lax.axis_index: XLA:CPU's SPMD partitioner
   # rejected the PartitionId that axis_index lowers to in deep (>= 12 layer) remat'd steps.
   seq, whole = P(None, shd.SEQUENCE_AXIS), P()
   return shd.over_sequence(shard, in_specs=(seq, seq, seq, whole, whole, seq, whole, P(shd.SEQUENCE_AXIS)),
                            out_specs=seq)(q, k, v, cache_k, cache_v, q_doc, cache_doc, w + jnp.arange(s))
+
+
+# ----------------------------------------------------------------------------- context-parallel pieces
+# Called inside `sharding.over_sequence`, where each device of the `sequence` axis holds a contiguous shard
+# of a sequence's tokens. Each returns (out `[batch, q_len, heads, head_dim]` float32, lse `[batch, heads,
+# q_len]`) so that a model's several key sets (tokens, cache, memory slots, a persistent prefix) merge
+# exactly with `ring_attention.merge_attention`.
+
+
+def window_ring_attention(q, k, v, *, pos, q_doc, window: int | None, cache=None, block: int = 128,
+                          impl: str = "xla"):
+  """This shard's queries over every shard's tokens (a ring, only the steps `window` reaches) and `cache`.
+
+  Args:
+    q: `[batch, local, heads, head_dim]`; k, v: `[batch, local, kv_heads, head_dim]` (rotary applied by the
+      caller). pos: `[local]` the visibility rule's global positions; q_doc: `[batch, local]`.
+    window: keys at most this many positions back (None: every earlier one).
+    cache: None, or `(k, v, k_pos, k_doc)`, a key block every device holds whole (an XL cache, a block's
+      buffer): `[batch, n, kv_heads, head_dim]` twice, `[n]`, `[batch, n]`; seen under the same rule.
+    block: flash block size; impl: "xla" or "pallas".
+  """
+  from jax import lax
+
+  from longctx import sharding as shd
+  from longctx.kernels import ring_attention as ra
+
+  steps = ra.ring_steps_for_window(window, q.shape[1], lax.axis_size(shd.SEQUENCE_AXIS))
+  out = ra.ring_attention(q, k, v, axis_name=shd.SEQUENCE_AXIS, q_pos=pos, k_pos=pos, q_doc=q_doc, k_doc=q_doc,
+                          window=window, num_steps=steps, block_q=block, block_k=block, impl=impl, return_lse=True)
+  if cache is None:
+    return out[0].astype(jnp.float32), out[1]
+  ck, cv, c_pos, c_doc = cache
+  local = ra.flash_attention(q, ck, cv, q_pos=pos, k_pos=c_pos, q_doc=q_doc, k_doc=c_doc, window=window,
+                             block_q=block, block_k=block, impl=impl, return_lse=True)
+  return ra.merge_attention(*local, *out)
+
+
+def merge_over_sequence(out, lse):
+  """Merge the partial results of replicated queries over each shard's own keys: every device gets the
+  attention over the union (all-gathered, then merged by lse). out `[batch, q_len, heads, head_dim]`,
+  lse `[batch, heads, q_len]`."""
+  from jax import lax
+
+  from longctx import sharding as shd
+  from longctx.kernels import ring_attention as ra
+
+  outs, lses = lax.all_gather((out, lse), shd.SEQUENCE_AXIS)
+  merged = (outs[0].astype(jnp.float32), lses[0])
+  for i in range(1, outs.shape[0]):
+    merged = ra.merge_attention(*merged, outs[i], lses[i])
+  return merged

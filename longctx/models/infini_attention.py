@@ -43,6 +43,11 @@ with its own label. When whole-block segments begin at a block start, the
 buffer half of the local attention is empty but still computed (twice the
 attention FLOPs of the block alone; `flops_per_token` counts them).
 
+Context parallelism (mesh `sequence` axis n > 1 dividing the chunk length): each device keeps c/n
+of a chunk's tokens; the local attention runs the ring over the chunk's keys plus the replicated
+buffer (`local_attention`). Memory reads are per token; the writes are sums over the chunk's tokens,
+which XLA partitions into an all-reduce of `[batch, heads, dk, dv]` per layer.
+
 Choices the paper leaves open, and deviations:
   * the local attention uses rotary positions inside the block (base `rope_base`);
     the memory reads and writes the unrotated s(q), s(k) (a position-free store);
@@ -71,10 +76,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
+from longctx import sharding as shd
 from longctx.config import ModelConfig
 from longctx.errors import ConfigError
-from longctx.layers import GatedMLP, RMSNorm, masked_attention, param, rotary
+from longctx.layers import GatedMLP, RMSNorm, masked_attention, param, rotary, window_ring_attention
 from longctx.models.base import SegmentLM, reset_rows
 from longctx.models.blockwise import split_into_blocks
 from longctx.models.registry import register_model
@@ -150,6 +157,44 @@ def chunk_layout(offset: jax.Array, q_doc: jax.Array, *, block_len: int) -> tupl
   return in_doc % block_len, jnp.where(q_doc == 0, in_doc // block_len, 2 + start_idx)
 
 
+def local_attention(q, k, v, *, buf_k, buf_v, buf_valid, pos, label, rope_base: float, block: int = 128):
+  """Causal softmax attention of a chunk over [buffer; chunk], keys of the query's own block label.
+
+  Args:
+    q: `[batch, c, heads, head_dim]`, k, v `[batch, c, heads, head_dim]` unrotated; buf_k, buf_v
+      `[batch, block_len, heads, head_dim]` (slot = in-block position), buf_valid `[batch, block_len]`.
+    pos, label: `[batch, c]` from `chunk_layout` (rotary uses the in-block position `pos`).
+  With the mesh's `sequence` axis n > 1 (dividing c) the chunk is context-parallel: each device keeps
+  c/n queries, the chunk's keys go round the ring and the (replicated) buffer is one more local block,
+  merged by log-sum-exp. Returns `[batch, c, heads, head_dim]` in q's dtype.
+  """
+  c = q.shape[1]
+  n_buf = buf_k.shape[1]
+  slots = jnp.arange(n_buf)
+  buf_k = rotary(buf_k.astype(k.dtype), slots, base=rope_base)
+  buf_v = buf_v.astype(v.dtype)
+  buf_label = jnp.where(buf_valid, 0, -1)  # the buffer holds the state's current block: label 0
+  n = shd.context_parallel_size()
+  if n == 1 or c % n:
+    # Visibility by index in [buffer; chunk] (the buffer precedes the chunk), then the same block label.
+    k_label = jnp.concatenate([buf_label, label], axis=1)
+    causal = jnp.arange(n_buf + c)[None, :] <= n_buf + jnp.arange(c)[:, None]  # [c, block + c]
+    mask = causal[None] & (label[:, :, None] == k_label[:, None, :])
+    return masked_attention(rotary(q, pos, base=rope_base), jnp.concatenate([buf_k, rotary(k, pos, base=rope_base)],
+                                                                           axis=1),
+                            jnp.concatenate([buf_v, v], axis=1), mask)
+
+  def shard(q, k, v, pos, label, index, buf_k, buf_v, buf_label):
+    q, k = rotary(q, pos, base=rope_base), rotary(k, pos, base=rope_base)
+    out, _ = window_ring_attention(q, k, v, pos=index, q_doc=label, window=None,
+                                   cache=(buf_k, buf_v, slots, buf_label), block=block)
+    return out.astype(q.dtype)
+
+  seq, whole = P(None, shd.SEQUENCE_AXIS), P()
+  return shd.over_sequence(shard, in_specs=(seq,) * 5 + (P(shd.SEQUENCE_AXIS), whole, whole, whole), out_specs=seq)(
+      q, k, v, pos, label, n_buf + jnp.arange(c), buf_k, buf_v, buf_label)
+
+
 def infini_attention(q, k, v, *, memory: dict, offset, pos, label, beta, rule: str, rope_base: float):
   """One layer's Infini-attention over a chunk of c <= block_len tokens.
 
@@ -168,14 +213,8 @@ def infini_attention(q, k, v, *, memory: dict, offset, pos, label, beta, rule: s
   slots = jnp.arange(block)
   buf_valid = slots[None] < offset[:, None]  # [b, block]
 
-  # Local attention over [buffer; chunk]: same block label, causal (the buffer precedes the chunk).
-  k_all = jnp.concatenate([memory["buf_k"].astype(k.dtype), k], axis=1)
-  v_all = jnp.concatenate([memory["buf_v"].astype(v.dtype), v], axis=1)
-  k_pos = jnp.concatenate([jnp.broadcast_to(slots, (b, block)), pos], axis=1)
-  k_label = jnp.concatenate([jnp.where(buf_valid, 0, -1), label], axis=1)
-  causal = jnp.arange(block + c)[None, :] <= block + jnp.arange(c)[:, None]  # [c, block + c]
-  mask = causal[None] & (label[:, :, None] == k_label[:, None, :])
-  local = masked_attention(rotary(q, pos, base=rope_base), rotary(k_all, k_pos, base=rope_base), v_all, mask)
+  local = local_attention(q, k, v, buf_k=memory["buf_k"], buf_v=memory["buf_v"], buf_valid=buf_valid, pos=pos,
+                          label=label, rope_base=rope_base)
 
   # Memory: label-0 tokens complete the current block; M_next is the memory after it.
   sq, sk, v32 = feature_map(f32(q)), feature_map(f32(k)), f32(v)
@@ -262,6 +301,8 @@ class InfiniBlock(nnx.Module):
                 description="Infini-attention: softmax attention in a block + a compressive memory of earlier "
                             "blocks (linear or delta rule), O(1) state")
 class InfiniAttention(SegmentLM):
+  context_parallel = ("ring attention for each chunk's local attention, the block buffer as a local block; "
+                      "memory reads per token, writes (sums over the chunk) partitioned by XLA")
 
   def __init__(self, cfg: InfiniAttentionConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg

@@ -42,6 +42,12 @@ Per window, layer l (the baseline's pre-norm block, `Block`; N = RMSNorm):
                                                         window k reads what windows < k wrote)
   x' goes on to layer l+1 unmixed; the logits are the baseline's head on the last layer's x'.
 
+Context parallelism (mesh `sequence` axis n > 1 dividing W): each device holds W/n of the window's
+tokens (`melodi_ring_attention`). They attend over the ring of token shards and the replicated short
+memory; the replicated summary tokens read each shard's tokens there and merge the partial results by
+log-sum-exp. The FIFO cross attention is per query and the token mixers are sums over the token axis,
+which XLA partitions (an all-reduce of `[b, O, d]` per mixer).
+
 Gradients flow through the whole memory chain across the windows of a train
 step (short memory window to window, summaries layer to layer, FIFO entries);
 as in meliad there is no stop_gradient; the trainer stops them between steps.
@@ -92,13 +98,17 @@ A 32-96 with a 128-window span (not checked against the paper's text).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from longctx import sharding as shd
 from longctx.errors import ConfigError
-from longctx.layers import RMSNorm, masked_attention, param, rotary
+from longctx.kernels import ring_attention as ra
+from longctx.layers import RMSNorm, masked_attention, merge_over_sequence, param, rotary, window_ring_attention
 from longctx.models.blockwise import BlockwiseConfig, BlockwiseLM, last_doc_mask
 from longctx.models.registry import register_model
 from longctx.models.transformer import Attention, Block, Embedding
@@ -197,23 +207,76 @@ class TokenMixing(nnx.Module):
     return out + u if self.norm_x is not None else out
 
 
+def melodi_ring_attention(q, k, v, *, q_doc, short_valid, short_memory: int, rope_base: float,
+                          block: int = 128, impl: str = "xla") -> jax.Array:
+  """`melodi_mask` attention with the window's tokens split over the mesh's `sequence` axis.
+
+  q `[b, W+U, h, dh]` rows [tokens; summary], k, v `[b, S+W+U, kv, dh]` rows [short memory; tokens;
+  summary], all unrotated; q_doc `[b, W]`, short_valid `[b]`. Memory slots and summary tokens are
+  replicated; per device, with its W/n tokens:
+    tokens   ring over the tokens (causal, own document) + the memory slots as one local block
+    summary  memory slots + summary tokens <= j, and this shard's tokens of the window's last document;
+             the per-device partial results are all-gathered and merged by log-sum-exp
+  Returns y `[b, W+U, h, dh]`.
+  """
+  S, W = short_memory, q_doc.shape[1]
+  b, U = q.shape[0], q.shape[1] - W
+  pos_z, pos_u = jnp.arange(S), S + W + jnp.arange(U)
+  rot = lambda t, p: rotary(t, p, base=rope_base)
+  qt, qu = q[:, :W], rot(q[:, W:], pos_u)
+  kz, kt, ku = rot(k[:, :S], pos_z), k[:, S:S + W], rot(k[:, S + W:], pos_u)
+  vz, vt, vu = v[:, :S], v[:, S:S + W], v[:, S + W:]
+  z_doc = jnp.broadcast_to(jnp.where(short_valid, 0, -1)[:, None], (b, S))  # memory belongs to document 0
+  u_doc = jnp.broadcast_to(q_doc[:, -1:], (b, U))  # summary tokens: the window's last document
+
+  def shard(qt, kt, vt, q_doc, pos, qu, kz, vz, ku, vu, z_doc, u_doc):
+    qt, kt = rot(qt, pos), rot(kt, pos)
+    flash = functools.partial(ra.flash_attention, block_q=block, block_k=block, impl=impl, return_lse=True)
+    tokens, _ = window_ring_attention(qt, kt, vt, pos=pos, q_doc=q_doc, window=None, cache=(kz, vz, pos_z, z_doc),
+                                      block=block, impl=impl)
+    summary = ra.merge_attention(*flash(qu, kz, vz, q_pos=pos_u, k_pos=pos_z, q_doc=u_doc, k_doc=z_doc),
+                                 *flash(qu, ku, vu, q_pos=pos_u, k_pos=pos_u, q_doc=u_doc, k_doc=u_doc))
+    summary, _ = ra.merge_attention(*summary, *merge_over_sequence(
+        *flash(qu, kt, vt, q_pos=pos_u, k_pos=pos, q_doc=u_doc, k_doc=q_doc)))
+    return tokens.astype(qt.dtype), summary.astype(qt.dtype)
+
+  seq, whole = P(None, shd.SEQUENCE_AXIS), P()
+  tokens, summary = shd.over_sequence(shard, in_specs=(seq, seq, seq, seq, P(shd.SEQUENCE_AXIS)) + (whole,) * 7,
+                                      out_specs=(seq, whole))(
+      qt, kt, vt, q_doc, S + jnp.arange(W), qu, kz, vz, ku, vu, z_doc, u_doc)
+  return jnp.concatenate([tokens, summary], axis=1)
+
+
 class MelodiAttention(Attention):
   """The baseline's attention weights; queries [tokens; summary] over keys [short memory; tokens; summary]."""
 
-  def self_attention(self, x, memory, mask):
-    """x `[b, W+U, d]` and memory `[b, S, d]` (both normed). Returns y `[b, W+U, h, dh]` and unrotated q."""
-    S = memory.shape[1]
+  def self_attention(self, x, memory, *, q_doc, short_valid):
+    """x `[b, W+U, d]` and memory `[b, S, d]` (both normed); q_doc `[b, W]`, short_valid `[b]`.
+
+    With the mesh's `sequence` axis n > 1 (dividing W) the window's tokens are context-parallel
+    (`melodi_ring_attention`); otherwise the dense `melodi_mask` attention. Returns y `[b, W+U, h, dh]`
+    and the unrotated q.
+    """
+    cfg = self.cfg
+    S, W = memory.shape[1], q_doc.shape[1]
     q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(x.dtype))
     kv_in = jnp.concatenate([memory.astype(x.dtype), x], axis=1)
     k = jnp.einsum("bsd,dhk->bshk", kv_in, self.wk[...].astype(x.dtype))
     v = jnp.einsum("bsd,dhk->bshk", kv_in, self.wv[...].astype(x.dtype))
+    n = shd.context_parallel_size()
+    if n > 1 and W % n == 0:
+      y = melodi_ring_attention(q, k, v, q_doc=q_doc, short_valid=short_valid, short_memory=S,
+                                rope_base=cfg.rope_base, block=cfg.attention_block or 128,
+                                impl="pallas" if cfg.attention_impl == "pallas" else "xla")
+      return y, q
+    mask = melodi_mask(q_doc, short_valid, short_memory=S, summary_tokens=cfg.summary_tokens)
     pos = jnp.arange(kv_in.shape[1])
-    base = self.cfg.rope_base
+    base = cfg.rope_base
     y = masked_attention(rotary(q, pos[S:], base=base), rotary(k, pos, base=base), v, mask)
     return y, q
 
-  def __call__(self, x, *, memory, mask):
-    y, _ = self.self_attention(x, memory, mask)
+  def __call__(self, x, *, memory, q_doc, short_valid):
+    y, _ = self.self_attention(x, memory, q_doc=q_doc, short_valid=short_valid)
     return jnp.einsum("bshk,hkd->bsd", y, self.wo[...].astype(x.dtype)), None, None
 
 
@@ -225,9 +288,9 @@ class LongMemoryAttention(MelodiAttention):
     self.long_gate = param(rngs, (cfg.num_heads, cfg.resolved_head_dim), ("heads", "head_dim"), fan_in=1,
                            scale=0.25 ** 2)
 
-  def __call__(self, x, *, memory, mask, long_memory, long_mask):
+  def __call__(self, x, *, memory, q_doc, short_valid, long_memory, long_mask):
     """long_memory `[b, M, d]` (normed); long_mask `[b, W+U, M]` (`long_mask`)."""
-    y_self, q = self.self_attention(x, memory, mask)
+    y_self, q = self.self_attention(x, memory, q_doc=q_doc, short_valid=short_valid)
     mem = long_memory.astype(x.dtype)
     k = jnp.einsum("bsd,dhk->bshk", mem, self.wk[...].astype(x.dtype))
     v = jnp.einsum("bsd,dhk->bshk", mem, self.wv[...].astype(x.dtype))
@@ -241,6 +304,8 @@ class LongMemoryAttention(MelodiAttention):
                 description="MELODI: per-layer short-term compression memory + gated long-term FIFO in one layer")
 class Melodi(BlockwiseLM):
   xl_cache = False
+  context_parallel = ("ring attention for the window's tokens; short memory and summary tokens replicated, "
+                      "the summary's reads of the tokens merged by lse (FIFO reads and token mixing by XLA)")
 
   def __init__(self, cfg: MelodiConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -270,12 +335,12 @@ class Melodi(BlockwiseLM):
     b, W, d = x.shape
     U, long = cfg.summary_tokens, cfg.resolved_long_layer
     keep = last_doc_mask(q_doc)
-    mask = melodi_mask(q_doc, memory["short_valid"], short_memory=cfg.short_memory, summary_tokens=U)
     u = jnp.broadcast_to(self.summary_tokens[...].astype(x.dtype), (b, U, d))
     new_memory = dict(memory)
     new_short = []
     for i, block in enumerate(self.blocks):
-      kwargs = {"memory": block.attn_norm(memory["short"][:, i].astype(x.dtype)), "mask": mask}
+      kwargs = {"memory": block.attn_norm(memory["short"][:, i].astype(x.dtype)), "q_doc": q_doc,
+                "short_valid": memory["short_valid"]}
       if i == long:
         kwargs["long_memory"] = block.attn_norm(memory["long"].astype(x.dtype))
         kwargs["long_mask"] = long_mask(q_doc, memory["long_valid"], summary_tokens=U)

@@ -35,13 +35,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from longctx import sharding as shd
 from longctx.errors import ConfigError
 from longctx.kernels import ring_attention as ra
-from longctx.layers import RMSNorm, masked_attention, param, rotary, window_mask
+from longctx.layers import (
+    RMSNorm, masked_attention, merge_over_sequence, param, rotary, window_mask, window_ring_attention)
 from longctx.models.blockwise import BlockwiseConfig, BlockwiseLM, last_doc_mask
 from longctx.models.registry import register_model
 from longctx.models.transformer import Attention, Block, Embedding
@@ -105,30 +105,24 @@ def rmt_ring_attention(q, k, v, *, cache_k, cache_v, q_doc, cache_doc, window: i
     b = qt.shape[0]
     cache_pos = jnp.arange(w)
     qt, kt = rotary(qt, pos, base=rope_base), rotary(kt, pos, base=rope_base)
-    cache_k = rotary(cache_k.astype(kt.dtype), cache_pos, base=rope_base)
+    cache = (rotary(cache_k.astype(kt.dtype), cache_pos, base=rope_base), cache_v.astype(vt.dtype), cache_pos,
+             cache_doc)
     flash = functools.partial(ra.flash_attention, block_q=block, block_k=block, return_lse=True)
     zeros = lambda t: jnp.zeros((b, t), jnp.int32)
     slot = jnp.arange(m)
-    # Token queries: the XL cache, the read slots (position 0, one document: always visible), the tokens.
-    out = flash(qt, cache_k, cache_v.astype(vt.dtype), q_pos=pos, k_pos=cache_pos, q_doc=q_doc, k_doc=cache_doc,
-                window=window)
-    out = ra.merge_attention(*out, *flash(qt, kr, vr, q_pos=pos, k_pos=jnp.zeros(m, jnp.int32), q_doc=zeros(local),
-                                          k_doc=zeros(m)))
-    ring = ra.ring_attention(qt, kt, vt, axis_name=shd.SEQUENCE_AXIS, q_pos=pos, k_pos=pos, q_doc=q_doc, k_doc=q_doc,
-                             window=window, num_steps=ra.ring_steps_for_window(window, local, n), block_q=block,
-                             block_k=block, return_lse=True)
-    tokens = ra.merge_attention(*out, *ring)[0]
+    # Token queries: the ring over the tokens and the XL cache, then the read slots (position 0, one
+    # document: always visible).
+    tokens = ra.merge_attention(
+        *window_ring_attention(qt, kt, vt, pos=pos, q_doc=q_doc, window=window, cache=cache, block=block),
+        *flash(qt, kr, vr, q_pos=pos, k_pos=jnp.zeros(m, jnp.int32), q_doc=zeros(local), k_doc=zeros(m)))[0]
     # Read queries: read slots <= i.
     read = flash(qr, kr, vr, q_pos=slot, k_pos=slot, q_doc=zeros(m), k_doc=zeros(m))[0]
-    # Write queries: all read slots, write slots <= i, and this shard's tokens of the last document.
+    # Write queries: all read slots, write slots <= i, and every shard's tokens of the last document.
     write = ra.merge_attention(
         *flash(qw, kr, vr, q_pos=slot, k_pos=jnp.zeros(m, jnp.int32), q_doc=zeros(m), k_doc=zeros(m)),
         *flash(qw, kw, vw, q_pos=slot, k_pos=slot, q_doc=zeros(m), k_doc=zeros(m)))
-    part = flash(qw, kt, vt, q_pos=jnp.full((m,), w + L), k_pos=pos, q_doc=jnp.broadcast_to(last_doc, (b, m)),
-                 k_doc=q_doc)
-    parts_o, parts_lse = lax.all_gather(part, shd.SEQUENCE_AXIS)  # [n, ...]
-    for i in range(n):
-      write = ra.merge_attention(*write, parts_o[i], parts_lse[i])
+    write = ra.merge_attention(*write, *merge_over_sequence(*flash(
+        qw, kt, vt, q_pos=jnp.full((m,), w + L), k_pos=pos, q_doc=jnp.broadcast_to(last_doc, (b, m)), k_doc=q_doc)))
     return tokens.astype(qt.dtype), read.astype(qt.dtype), write[0].astype(qt.dtype)
 
   seq, whole = P(None, shd.SEQUENCE_AXIS), P()

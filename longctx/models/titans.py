@@ -56,6 +56,13 @@ Variants (each layer: pre-RMSNorm, then the token mixer below, then the baseline
       segment start too. No attention across segments (`window` is unused): the memory is the only way back.
   MAL (memory as layer) is not implemented.
 
+Context parallelism (mesh `sequence` axis n > 1 dividing the segment): MAG's sliding-window attention
+runs the ring over the segment's shards with the XL cache and the persistent prefix as local blocks
+(`window_prefix_ring_attention`). The neural memory has no such form: each chunk's gradients are taken
+at the weights the previous chunk left, a non-linear recurrence, so its scan over chunks runs on
+inputs XLA gathers along `sequence`. MAC's attention spans one chunk inside that scan; it has no
+context-parallel form either.
+
 Deviations from the paper, and why:
   * MAC: the paper puts the whole segment's retrieval h in front of the segment; in a causal LM
     h_j (a read with x_j's query) would leak x_j to tokens before j, so token t sees h_j for j <= t
@@ -97,9 +104,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
+from longctx import sharding as shd
 from longctx.errors import ConfigError
-from longctx.layers import GatedMLP, RMSNorm, param, rotary, window_mask
+from longctx.kernels import ring_attention as ra
+from longctx.layers import GatedMLP, RMSNorm, param, rotary, window_mask, window_ring_attention
 from longctx.layers.attention import NEG_INF
 from longctx.models.base import SegmentLM, reset_rows
 from longctx.models.registry import register_model
@@ -426,6 +436,38 @@ def window_prefix_attention(q, q_raw, k, v, pk, pv, *, q_doc, k_doc, window: int
   return out.reshape(b, nb * block, h, d)[:, :s]
 
 
+def window_prefix_ring_attention(q, k, v, pk, pv, *, cache_k, cache_v, q_doc, cache_doc, window: int,
+                                 rope_base: float, block: int = 128, impl: str = "xla"):
+  """`window_prefix_attention` with the segment split over the mesh's `sequence` axis (MAG, context parallel).
+
+  q `[batch, seg, heads, hd]`, k, v `[batch, seg, kv_heads, hd]` unrotated; cache `[batch, W, kv_heads, hd]`
+  and cache_doc `[batch, W]`; pk, pv `[P, kv_heads, hd]` or None. Per device, with its seg/n tokens: the ring
+  over the segment (the steps the window reaches) and the XL cache as a local block
+  (`layers.window_ring_attention`), merged by log-sum-exp with the persistent prefix (scored by the
+  unrotated queries, visible to all). Returns `[batch, seg, heads, hd]`.
+  """
+  w, seg = cache_k.shape[1], q.shape[1]
+
+  def shard(q, k, v, q_doc, pos, cache_k, cache_v, cache_doc, pk, pv):
+    cache_pos = jnp.arange(w)
+    q_rot, k = rotary(q, pos, base=rope_base), rotary(k, pos, base=rope_base)
+    cache = (rotary(cache_k.astype(k.dtype), cache_pos, base=rope_base), cache_v.astype(v.dtype), cache_pos, cache_doc)
+    out = window_ring_attention(q_rot, k, v, pos=pos, q_doc=q_doc, window=window, cache=cache, block=block, impl=impl)
+    if pk is not None:
+      b, p = q.shape[0], pk.shape[0]
+      wide = lambda t: jnp.broadcast_to(t.astype(k.dtype), (b,) + t.shape)
+      zeros = lambda t: jnp.zeros((b, t), jnp.int32)
+      prefix = ra.flash_attention(q, wide(pk), wide(pv), q_pos=pos, k_pos=jnp.zeros(p, jnp.int32),
+                                  q_doc=zeros(q.shape[1]), k_doc=zeros(p), block_q=block, block_k=block, impl=impl,
+                                  return_lse=True)
+      out = ra.merge_attention(*out, *prefix)
+    return out[0].astype(q.dtype)
+
+  seq, whole = P(None, shd.SEQUENCE_AXIS), P()
+  return shd.over_sequence(shard, in_specs=(seq,) * 4 + (P(shd.SEQUENCE_AXIS),) + (whole,) * 5, out_specs=seq)(
+      q, k, v, q_doc, w + jnp.arange(seg), cache_k, cache_v, cache_doc, pk, pv)
+
+
 class NeuralMemory(nnx.Module):
   """Projections, gates and learned initial weights of one layer's memory."""
 
@@ -490,10 +532,17 @@ class TitansAttention(Attention):
     cfg = self.cfg
     q, k, v = self.qkv(x)
     window, seg = cache_k.shape[1], x.shape[1]
+    pk, pv = self.persistent()
+    n = shd.context_parallel_size()
+    if n > 1 and seg % n == 0:
+      out = window_prefix_ring_attention(q, k, v, pk, pv, cache_k=cache_k, cache_v=cache_v, q_doc=q_doc,
+                                         cache_doc=k_doc[:, :window], window=cfg.window, rope_base=cfg.rope_base,
+                                         block=cfg.attention_block or 128,
+                                         impl="pallas" if cfg.attention_impl == "pallas" else "xla")
+      return self.out(out), k, v
     k_all = jnp.concatenate([cache_k.astype(k.dtype), k], axis=1)
     v_all = jnp.concatenate([cache_v.astype(v.dtype), v], axis=1)
     positions = jnp.arange(window + seg)
-    pk, pv = self.persistent()
     out = window_prefix_attention(rotary(q, positions[window:], base=cfg.rope_base), q,
                                   rotary(k_all, positions, base=cfg.rope_base), v_all, pk, pv, q_doc=q_doc,
                                   k_doc=k_doc, window=cfg.window, block=cfg.attention_block or None)
@@ -607,6 +656,9 @@ class MACBlock(nnx.Module):
 @register_model("titans", config=TitansConfig,
                 description="Titans: neural memory (MLP weights learned at test time, chunked), MAG / MAC")
 class Titans(SegmentLM):
+  context_parallel = ("MAG: ring attention for the window (XL cache and persistent prefix merged by lse); the "
+                      "memory's chunk scan is sequential and XLA runs it on gathered inputs. MAC: none (its "
+                      "attention spans one memory chunk inside that scan)")
 
   def __init__(self, cfg: TitansConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
