@@ -1,6 +1,6 @@
 """The `longctx` command line.
 
-    longctx train RECIPE.py [--run-dir DIR] [--set key=value ...] [--dry-run]
+    longctx train RECIPE.py [--run-dir DIR] [--set key=value ...] [--dry-run] [--init-from CKPT]
                   [--distributed | --coordinator HOST:PORT --num-processes N --process-id I]
     longctx eval RUN_DIR [--task passkey,mqar,qa1,qa2,ppl --lengths 1k,4k,16k] [--compare RUN ...]
     longctx models
@@ -62,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
                  help="end this run with a checkpoint after this step (as a preempted job would); "
                  "rerun the same command to continue")
   t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+  t.add_argument("--init-from", default=None, metavar="CKPT",
+                 help="fine-tune: start from these weights instead of a random init (a run dir, one of its "
+                 "checkpoints/STEP dirs, or a dir from `longctx export --format safetensors` / `longctx import-hf`); "
+                 "optimizer, step count and data start fresh, every parameter shape must match the recipe's model "
+                 "(settings that change no shape, such as model.window, may differ). Same as --set "
+                 "train.init_from=CKPT; ignored once RUN_DIR has checkpoints of its own (training then resumes)")
   t.add_argument("--distributed", action="store_true",
                  help="multi-host run on a TPU pod slice, SLURM or Open MPI: run this same command on every host "
                  "and JAX finds the others (jax.distributed.initialize()); the run dir must be shared by all hosts")
@@ -225,7 +231,8 @@ def _train(args) -> int:
 
     if jax.process_index() != 0:  # one process speaks for the run; errors still reach stderr
       sys.stdout = open(os.devnull, "w")
-  cfg = config_lib.apply_overrides(config_lib.load_recipe(args.recipe), args.overrides).validate()
+  overrides = args.overrides + ([f"train.init_from={args.init_from}"] if args.init_from else [])
+  cfg = config_lib.apply_overrides(config_lib.load_recipe(args.recipe), overrides).validate()
   if args.dry_run:
     from longctx.estimate import estimate_run
 

@@ -134,6 +134,10 @@ class TrainConfig:
   checkpoint_every: int = 100
   keep_checkpoints: int = 3
   async_checkpoint: bool = True
+  # Fine-tuning: start a new run from these weights (a run dir, one of its checkpoints/STEP dirs, or a
+  # `longctx export` / `longctx import-hf` dir); optimizer, step and data start fresh. "" = random init.
+  # Ignored once the run dir has checkpoints of its own (the run then resumes from those).
+  init_from: str = ""
 
   def validate(self) -> None:
     _positive("train", self, "steps", "learning_rate", "log_every", "keep_checkpoints", "checkpoint_every")

@@ -241,6 +241,12 @@ def test_local_files_txt_jsonl_parquet(tmp_path):
   texts = {TOK.decode(src.get(0, i)["tokens"]) for src in (train, held) for i in range(src.num_docs)}
   assert texts == {"first document\nwith two lines", *(f"row {i}" for i in range(5)), "parquet one", "parquet two"}
   assert held.num_docs >= 1
+  # Glob patterns expand (sorted), alone or beside plain paths; a pattern matching nothing is one clear line.
+  globbed = DataConfig(source="files", paths=[str(tmp_path / "*.txt"), str(tmp_path / "b.jsonl")], eval_fraction=0.2)
+  train, held = build_sources(globbed, TOK)
+  assert train.num_docs + held.num_docs == 6
+  with pytest.raises(DataError, match=r"pattern .*nothing_\*\.txt' matches no file"):
+    build_sources(DataConfig(source="files", paths=[str(tmp_path / "nothing_*.txt")]), TOK)
 
 
 def test_hub_source_streams_a_local_directory(tmp_path):

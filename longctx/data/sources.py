@@ -126,9 +126,25 @@ def _read_text_file(path: pathlib.Path) -> str:
 # ----------------------------------------------------------------------------- files
 
 
-def _check_paths(paths: Sequence[str]) -> list[pathlib.Path]:
+def _expand(paths: Sequence[str]) -> list[str]:
+  """Glob patterns (`books/*.txt`, `**/*.jsonl`) expanded, sorted; plain paths kept as they are."""
+  import glob
+
   out = []
   for p in paths:
+    if glob.has_magic(p) and not pathlib.Path(p).exists():
+      matches = sorted(m for m in glob.glob(p, recursive=True) if pathlib.Path(m).is_file())
+      if not matches:
+        raise DataError(f"data path pattern {p!r} matches no file; check data.paths (or data.eval_paths)")
+      out.extend(matches)
+    else:
+      out.append(p)
+  return out
+
+
+def _check_paths(paths: Sequence[str]) -> list[pathlib.Path]:
+  out = []
+  for p in _expand(paths):
     path = pathlib.Path(p)
     if not path.is_file():
       raise DataError(f"data file {p!r} not found; check data.paths (or data.eval_paths)")

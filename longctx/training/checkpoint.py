@@ -11,13 +11,15 @@ asynchronously while training continues.
 
 from __future__ import annotations
 
+import json
 import pathlib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
-from longctx.errors import CheckpointError
+from longctx.errors import CheckpointError, ConfigError
 
 
 class Checkpointer:
@@ -53,6 +55,19 @@ class Checkpointer:
           "it may come from another model/config or be damaged: use a new --run-dir or delete that step") from None
     return out["train_state"], out["extra"]
 
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """Only the parameters of a checkpoint, onto the shardings in `abstract_params` (ShapeDtypeStructs)."""
+    target = {"params": abstract_params}
+    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype), target)
+    try:
+      out = self._manager.restore(step, args=ocp.args.Composite(train_state=ocp.args.PyTreeRestore(
+          item=target, restore_args=restore_args, partial_restore=True)))
+    except Exception as e:  # orbax raises many types; the user needs one line
+      msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+      raise CheckpointError(f"the parameters of checkpoint {self.directory / str(step)} could not be restored "
+                            f"({type(e).__name__}: {msg})") from None
+    return out["train_state"]["params"]
+
   def restore_extra(self, step: int) -> dict:
     out = self._manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))
     return out["extra"]
@@ -68,3 +83,109 @@ class Checkpointer:
 def abstract_like(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs of `tree` (arrays or ShapeDtypeStructs) carrying `shardings`."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+# ----------------------------------------------------------------------------- fine-tuning: initial weights
+
+
+def flat_names(tree: Any) -> dict[str, Any]:
+  """`{"blocks": {0: {"attn": {"wq": x}}}}` -> `{"blocks.0.attn.wq": x}` (the names exports use)."""
+  return {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _model_differences(saved: dict, now: dict) -> list[str]:
+  keys = sorted(set(saved) | set(now))
+  return [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if k != "name" and saved.get(k) != now.get(k)]
+
+
+def _locate(source: pathlib.Path) -> tuple[str, pathlib.Path, int | None]:
+  """What `source` is: ("export", dir, None) or ("orbax", checkpoints dir, step or None for the latest)."""
+  if not source.exists():
+    raise CheckpointError(f"--init-from {source}: no such file or directory")
+  meta = source / "config.json"
+  if meta.is_file():
+    try:
+      if json.loads(meta.read_text()).get("format") == "longctx":
+        return "export", source, None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+      pass
+  if (source / "checkpoints").is_dir():
+    return "orbax", source / "checkpoints", None
+  if source.name == "checkpoints" and source.is_dir():
+    return "orbax", source, None
+  if source.name.isdigit() and (source / "train_state").is_dir():
+    return "orbax", source.parent, int(source.name)
+  raise CheckpointError(f"--init-from {source}: not a run dir, a checkpoints/STEP dir, nor a `longctx export` "
+                        "dir (config.json with \"format\": \"longctx\"); pass one of those")
+
+
+def load_initial_params(source: str | pathlib.Path, *, model_cfg: Any, abstract_params: Any) -> tuple[Any, str]:
+  """The weights a fine-tuning run starts from, placed like `abstract_params`; and a line saying what was read.
+
+  Args:
+    source: a run dir (its latest checkpoint), a `run/checkpoints/STEP` dir, or an export dir written by
+      `longctx export --format safetensors` or `longctx import-hf`.
+    model_cfg: the recipe's model config. Every parameter must have the shape the recipe's model gives it;
+      settings that change no shape (window, block_len, attention_impl, ...) may differ, and the returned
+      line lists them (fine-tuning to a longer window is a use of this).
+    abstract_params: ShapeDtypeStructs with shardings (`Trainer.abstract_train_state_sharded()["params"]`).
+  """
+  from longctx import config as config_lib
+
+  kind, where, step = _locate(pathlib.Path(source))
+  now = config_lib.to_dict(model_cfg)
+  if kind == "orbax":
+    ckpt = Checkpointer(where, create=False, async_save=False)
+    try:
+      step = ckpt.latest_step() if step is None else step
+      if step is None or step not in ckpt.all_steps():
+        raise CheckpointError(f"--init-from {source}: no finished checkpoint in {where}")
+      saved = ckpt.restore_extra(step).get("config", {}).get("model", {})
+      _check_same_model(source, saved, now, abstract_params, _orbax_shapes(where / str(step)))
+      params = ckpt.restore_params(step, abstract_params)
+    finally:
+      ckpt.close()
+    what = f"{where / str(step)}"
+  else:
+    from longctx.export import read_export
+
+    saved_cfg, flat = read_export(where)
+    saved = config_lib.to_dict(saved_cfg)
+    _check_same_model(source, saved, now, abstract_params, {k: np.shape(v) for k, v in flat.items()})
+    wanted = flat_names(abstract_params)
+    leaves = [jax.device_put(np.asarray(flat[name], dtype=s.dtype), s.sharding) for name, s in wanted.items()]
+    params = jax.tree.unflatten(jax.tree.structure(abstract_params), leaves)
+    what = f"export {where}"
+  diffs = _model_differences(saved, now)
+  note = f"; model settings changed: {', '.join(diffs)}" if diffs else ""
+  return params, f"initialised the parameters from {what}{note}"
+
+
+def _orbax_shapes(step_dir: pathlib.Path) -> dict[str, tuple] | None:
+  """Parameter shapes from a checkpoint's metadata (None if it cannot be read: the restore will say why)."""
+  try:
+    meta = ocp.PyTreeCheckpointer().metadata(step_dir / "train_state")
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    return {k: tuple(v.shape) for k, v in flat_names(tree["params"]).items()}
+  except Exception:  # noqa: BLE001 - metadata is only for a clearer error
+    return None
+
+
+def _check_same_model(source, saved: dict, now: dict, abstract_params: Any, shapes: dict | None) -> None:
+  if saved.get("name") and saved["name"] != now.get("name"):
+    raise ConfigError(f"--init-from {source} holds a {saved['name']!r} model, the recipe trains {now.get('name')!r}; "
+                      "use a recipe of the same model")
+  if shapes is None:
+    return
+  wanted = {k: tuple(s.shape) for k, s in flat_names(abstract_params).items()}
+  missing = sorted(set(wanted) - set(shapes))
+  bad = [k for k in wanted if k in shapes and tuple(shapes[k]) != wanted[k]]
+  if missing or bad:
+    diffs = _model_differences(saved, now)
+    first = (f"{bad[0]} is {tuple(shapes[bad[0]])} there but {wanted[bad[0]]} here" if bad
+             else f"it has no {missing[0]}")
+    raise ConfigError(f"--init-from {source} does not fit the recipe's model: {first}"
+                      + (f" (model settings differ: {', '.join(diffs[:6])})" if diffs else "")
+                      + "; set the recipe's model.* to the checkpoint's")

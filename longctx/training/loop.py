@@ -21,7 +21,7 @@ from longctx import distributed
 from longctx.config import Config
 from longctx.errors import CheckpointError, ConfigError, TrainingError
 from longctx.sharding import describe
-from longctx.training.checkpoint import Checkpointer
+from longctx.training.checkpoint import Checkpointer, load_initial_params
 from longctx.training.metrics import MetricsLogger, plot_loss_curve
 from longctx.training.trainer import Trainer
 
@@ -137,9 +137,14 @@ def run_training(cfg: Config, run_dir: str | pathlib.Path, *, stop_at_step: int 
     check_resume_compatible(extra.get("config", {}), cfg, run_dir)
     ts, extra = ckpt.restore(latest, trainer.abstract_train_state_sharded())
     lanes.load_state_dict(extra["data"])
-    log(f"resumed from {run_dir / 'checkpoints' / str(latest)} (step {latest})")
+    log(f"resumed from {run_dir / 'checkpoints' / str(latest)} (step {latest})"
+        + (f"; train.init_from={tc.init_from} is not read again" if tc.init_from else ""))
   else:
     ts = trainer.init_train_state()
+    if tc.init_from:
+      ts["params"], line = load_initial_params(tc.init_from, model_cfg=cfg.model,
+                                               abstract_params=trainer.abstract_train_state_sharded()["params"])
+      log(line)
   start = int(jax.device_get(ts["step"]))
   if is_host0:
     run_dir.mkdir(parents=True, exist_ok=True)
