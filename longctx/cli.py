@@ -3,6 +3,7 @@
     longctx train RECIPE.py [--run-dir DIR] [--set key=value ...] [--dry-run] [--init-from CKPT]
                   [--distributed | --coordinator HOST:PORT --num-processes N --process-id I]
     longctx eval RUN_DIR [--task passkey,mqar,qa1,qa2,ppl --lengths 1k,4k,16k] [--compare RUN ...]
+    longctx generate RUN_DIR --prompt-file F [--max-new-tokens N] [--temperature T --top-p P --top-k K --seed S]
     longctx models
     longctx tokenizer train --input FILE [FILE ...] --vocab-size N --out PREFIX
     longctx bench [--models transformer,...] [--d-models 128,256,512] [--seg-lens 512,2048]
@@ -26,6 +27,7 @@ EXAMPLES = """examples:
   longctx train recipes/quickstart.py --set model.d_model=256 --set train.steps=500
   longctx train recipes/pod/transformer.py --dry-run
   longctx eval runs/quickstart
+  longctx generate runs/quickstart --prompt-file prompt.txt --max-new-tokens 200 --temperature 0.8 --top-p 0.95
   longctx tokenizer train --input books/*.txt --vocab-size 8000 --out tok/pg19
 """
 
@@ -130,6 +132,42 @@ def _parser() -> argparse.ArgumentParser:
                  "(the ppl task reads the run's held-out source) or --set mesh.data=1")
   e.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+  g = sub.add_parser(
+      "generate", help="continue a prompt with a trained run (greedy, temperature, top-k, top-p)",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Restore a run's saved config, tokenizer and latest (or --step) checkpoint, stream the prompt "
+      "file through the model state segment by segment (any length, in the memory of one segment; progress on "
+      "stderr), then decode new tokens one at a time and print the continuation to stdout as it comes. The prompt "
+      "is read as a document (BOS first); decoding stops at --max-new-tokens or at the end-of-document token.\n\n"
+      "Models that read whole blocks (rmt, block_recurrent, memorizing, melodi) decode by re-running the open "
+      "block from the state at its start for every new token: exact, at one block's work per token.",
+      epilog="examples:\n"
+      "  longctx generate runs/quickstart --prompt-file prompt.txt --max-new-tokens 200\n"
+      "  longctx generate runs/quickstart --prompt-file book.txt --temperature 0.8 --top-p 0.95 --seed 1\n"
+      "  echo 'def main():' | longctx generate runs/quickstart --prompt-file - --step 200")
+  g.add_argument("run_dir", help="a run directory written by `longctx train`")
+  g.add_argument("--prompt-file", required=True, metavar="FILE",
+                 help="UTF-8 text file holding the prompt, of any length ('-' reads stdin)")
+  g.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
+                 help="generate at most N new tokens, N >= 1 (default 256)")
+  g.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                 help="sampling temperature; 0 = greedy, the most likely token every step (default 0)")
+  g.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                 help="nucleus sampling: draw from the smallest set of most likely tokens whose probability "
+                 "reaches P, in (0, 1] (default 1 = off; needs --temperature > 0)")
+  g.add_argument("--top-k", type=int, default=0, metavar="K",
+                 help="draw from the K most likely tokens only (default 0 = off; needs --temperature > 0)")
+  g.add_argument("--seed", type=int, default=0, help="random seed of the sampling; the same seed gives the "
+                 "same continuation (default 0)")
+  g.add_argument("--step", type=int, default=None,
+                 help="use the checkpoint of this training step (default: the latest)")
+  g.add_argument("--seg-len", type=int, default=None,
+                 help="prompt tokens fed per segment (default: the run's data.seg_len; a multiple of the "
+                 "model's block length)")
+  g.add_argument("--ignore-eos", action="store_true",
+                 help="keep generating past the end-of-document token until --max-new-tokens")
+  g.add_argument("--no-progress", action="store_true", help="no progress bar for the prompt")
+
   sub.add_parser("models", help="list every registered model with a one-line description",
                  description="List every registered model with a one-line description.")
 
@@ -192,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
       return _train(args)
     if args.command == "eval":
       return _eval(args)
+    if args.command == "generate":
+      from longctx.generate import run_generate_cli
+
+      return run_generate_cli(args)
     if args.command == "models":
       from longctx.models import list_models
 
