@@ -6,6 +6,8 @@
     longctx generate RUN_DIR --prompt-file F [--max-new-tokens N] [--temperature T --top-p P --top-k K --seed S]
     longctx models
     longctx tokenizer train --input FILE [FILE ...] --vocab-size N --out PREFIX
+    longctx export RUN_DIR --format safetensors|hf --out DIR [--step N]
+    longctx import-hf HF_DIR --out DIR
     longctx bench [--models transformer,...] [--d-models 128,256,512] [--seg-lens 512,2048]
                   [--stream-lengths 1k,16k,256k,1M]
 
@@ -182,6 +184,43 @@ def _parser() -> argparse.ArgumentParser:
   tt.add_argument("--model-type", default="unigram", choices=("unigram", "bpe"), help="sentencepiece algorithm")
   tt.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet (default text)")
 
+  x = sub.add_parser(
+      "export", help="export a run's weights: portable safetensors, or a Hugging Face Mamba/Mamba-2 directory",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Export the weights of a checkpoint of RUN_DIR into a new directory OUT (written to a\n"
+      "temporary directory first and renamed when complete, so OUT is never half-written).\n\n"
+      "  --format safetensors  any model: OUT/model.safetensors (every parameter under its dotted name, e.g.\n"
+      "                        blocks.0.mixer.in_proj, float32) and OUT/config.json (model config, step,\n"
+      "                        tokenizer); readable by any framework, and by `longctx train --init-from OUT`\n"
+      "  --format hf           mamba and mamba2 only: OUT/config.json + OUT/model.safetensors that\n"
+      "                        transformers' MambaForCausalLM / Mamba2ForCausalLM.from_pretrained(OUT) load and\n"
+      "                        that give the same logits; a setting HF cannot express is refused",
+      epilog="examples:\n"
+      "  longctx export runs/quickstart --format safetensors --out exports/quickstart\n"
+      "  longctx export runs/mamba --format hf --out exports/mamba-hf --step 2000")
+  x.add_argument("run_dir", metavar="RUN_DIR",
+                 help="a run directory written by `longctx train`, or one of its checkpoints/STEP directories")
+  x.add_argument("--format", required=True, choices=("safetensors", "hf"),
+                 help="safetensors: longctx names and layouts, every model; hf: a transformers Mamba / Mamba-2 "
+                 "directory (models mamba and mamba2)")
+  x.add_argument("--out", required=True, metavar="DIR",
+                 help="the directory to create; it must not exist yet or be empty")
+  x.add_argument("--step", type=int, default=None, metavar="N",
+                 help="the checkpoint step to export (default: the latest in RUN_DIR/checkpoints)")
+
+  ih = sub.add_parser(
+      "import-hf", help="convert a Hugging Face Mamba/Mamba-2 directory into a longctx export to fine-tune",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Read a local transformers MambaForCausalLM or Mamba2ForCausalLM directory (config.json plus\n"
+      "model.safetensors, a sharded model.safetensors.index.json, or pytorch_model.bin, which needs torch)\n"
+      "and write it to OUT in the format of `longctx export --format safetensors`; fine-tune it with\n"
+      "`longctx train RECIPE --init-from OUT`. HF settings longctx cannot compute (use_bias, another\n"
+      "hidden_act, a time_step_limit) are refused with one line; nothing is downloaded.",
+      epilog="example:\n  longctx import-hf ~/models/mamba-130m-hf --out exports/mamba-130m")
+  ih.add_argument("hf_dir", metavar="HF_DIR", help="a local Hugging Face model directory (config.json + weights)")
+  ih.add_argument("--out", required=True, metavar="DIR",
+                  help="the longctx export directory to create; it must not exist yet or be empty")
+
   b = sub.add_parser(
       "bench", help="measure train and streaming-inference throughput, FLOPs, MFU and memory",
       formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -248,6 +287,18 @@ def main(argv: list[str] | None = None) -> int:
       path = train_sentencepiece(args.input, model_prefix=args.out, vocab_size=args.vocab_size,
                                  model_type=args.model_type, text_field=args.text_field)
       print(f"wrote {path}; use it with --set data.tokenizer={path}")
+      return 0
+    if args.command == "export":
+      from longctx.export import export_run
+
+      out = export_run(args.run_dir, fmt=args.format, out=args.out, step=args.step)
+      print(f"wrote {out} (--format {args.format}: config.json, model.safetensors)")
+      return 0
+    if args.command == "import-hf":
+      from longctx.export import import_hf
+
+      out = import_hf(args.hf_dir, out=args.out)
+      print(f"wrote {out}; fine-tune it with: longctx train RECIPE.py --init-from {out}")
       return 0
     if args.command == "bench":
       from longctx.bench import run_bench_cli
