@@ -346,7 +346,7 @@ def _train(args) -> int:
 
   run_dir = args.run_dir or os.path.join("runs", pathlib.Path(args.recipe).stem)
   summary = run_training(cfg, run_dir, stop_at_step=args.stop_at_step, progress=not args.no_progress)
-  if summary["end_step"] < cfg.train.steps:
+  if summary["end_step"] < cfg.train.steps and not summary.get("stopped_by"):  # a signal's stop said so already
     print(f"stopped at step {summary['end_step']}; rerun the same command to resume from it")
   print(f"run dir: {run_dir} (metrics.jsonl, tensorboard/, loss.png, checkpoints/)")
   return 0

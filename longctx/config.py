@@ -131,9 +131,12 @@ class TrainConfig:
   log_every: int = 10
   eval_every: int = 0  # 0 = only at the end
   eval_batches: int = 0  # 0 = stream the whole held-out set
-  checkpoint_every: int = 100
+  checkpoint_every: int = 100  # permanent checkpoints (the newest keep_checkpoints stay)
   keep_checkpoints: int = 3
+  checkpoint_minutes: float = 0.0  # > 0: also a temporary checkpoint this often (only the newest stays)
   async_checkpoint: bool = True
+  nan_policy: str = "stop"  # non-finite loss/gradient: "stop" (keep the last good checkpoint) or "skip" the step
+  max_skipped_steps: int = 10  # nan_policy "skip": stop after this many consecutive skipped steps
   # Fine-tuning: start a new run from these weights (a run dir, one of its checkpoints/STEP dirs, or a
   # `longctx export` / `longctx import-hf` dir); optimizer, step and data start fresh. "" = random init.
   # Ignored once the run dir has checkpoints of its own (the run then resumes from those).
@@ -145,6 +148,10 @@ class TrainConfig:
       raise ConfigError("train.warmup_steps, train.eval_every and train.eval_batches must be >= 0")
     if self.compute_dtype not in ("float32", "bfloat16"):
       raise ConfigError(f"train.compute_dtype={self.compute_dtype!r} is not one of ('float32', 'bfloat16')")
+    if self.nan_policy not in ("stop", "skip"):
+      raise ConfigError(f"train.nan_policy={self.nan_policy!r} is not one of ('stop', 'skip')")
+    if self.checkpoint_minutes < 0 or self.max_skipped_steps < 1:
+      raise ConfigError("train.checkpoint_minutes must be >= 0 (0 = off) and train.max_skipped_steps >= 1")
 
 
 @dataclasses.dataclass

@@ -152,3 +152,18 @@ def test_cli_init_from_flag(pretrained, corpus, tmp_path, capsys):
                    str(tmp_path / "nope"), *sets])
   err = capsys.readouterr().err
   assert code == 2 and err.count("\n") == 1 and err.startswith("error: --init-from") and "no such file" in err
+
+
+def test_init_from_an_export_dir(pretrained, corpus, tmp_path):
+  """`longctx export --format safetensors` output is a starting point too, with the checkpoint's exact weights."""
+  from longctx.export import export_run
+
+  model, run, pre = pretrained
+  out = export_run(run, fmt="safetensors", out=tmp_path / "exported")
+  cfg = _cfg(f"recipes/finetune/pg19_{model}.py", _overrides(model, corpus, "ft", 2))
+  trainer = Trainer(cfg, devices=jax.devices()[:1])
+  params, line = load_initial_params(out, model_cfg=cfg.model,
+                                     abstract_params=trainer.abstract_train_state_sharded()["params"])
+  assert line.startswith(f"initialised the parameters from export {out}")
+  for a, b in zip(jax.tree.leaves(jax.device_get(params)), jax.tree.leaves(jax.device_get(pre["train_state"]["params"]))):
+    np.testing.assert_array_equal(a, b)

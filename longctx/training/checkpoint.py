@@ -7,19 +7,37 @@ One checkpoint = two items in `run_dir/checkpoints/<step>/`:
 Orbax writes into a temporary directory and renames it when complete, so a
 crash mid-save never leaves a checkpoint that looks finished; saves can run
 asynchronously while training continues.
+
+Integrity. Once orbax has finished a step, `longctx_manifest.json` is written
+into it (atomically): the size and SHA-256 of every file. Before a resume,
+`newest_intact_step` checks the newest steps against their manifests; a step
+whose manifest is missing (a save that never finished), or with a file
+missing, truncated or altered, is named in one line and moved aside to
+`checkpoints_damaged/` (kept, not deleted) in favour of the previous one.
+
+Retention. Checkpoints are permanent (every `train.checkpoint_every` steps and
+the last; the newest `keep` of them stay) or temporary (every
+`train.checkpoint_minutes`, and on SIGTERM/SIGINT; only the newest stays, and
+only while it is newer than the newest permanent one), as Levanter does.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import pathlib
-from typing import Any
+import shutil
+from typing import Any, Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from longctx.errors import CheckpointError, ConfigError
+
+
+MANIFEST = "longctx_manifest.json"
 
 
 class Checkpointer:
@@ -29,19 +47,95 @@ class Checkpointer:
     self.directory = pathlib.Path(directory).absolute()
     if not create and not self.directory.is_dir():
       raise CheckpointError(f"no checkpoints in {self.directory}; train first or pass a run dir that has them")
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=create, enable_async_checkpointing=async_save, save_interval_steps=1)
+    self.keep = keep
+    # Retention is ours (`_prune`): orbax keeps everything it is given.
+    options = ocp.CheckpointManagerOptions(max_to_keep=None, create=create, enable_async_checkpointing=async_save,
+                                           save_interval_steps=1)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("train_state", "extra"))
+    self._async = async_save
+    self._pending: list[tuple[int, bool]] = []  # saved steps whose manifest is not written yet
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    return sorted(self._manager.all_steps())
 
-  def save(self, step: int, train_state: Any, extra: dict) -> None:
+  def save(self, step: int, train_state: Any, extra: dict, *, permanent: bool = True) -> None:
+    """Save a step (asynchronously if so configured); its manifest follows once orbax has finished it."""
+    self._finalize()
     self._manager.save(step, args=ocp.args.Composite(
         train_state=ocp.args.StandardSave(train_state), extra=ocp.args.JsonSave(extra)), force=True)
+    self._pending.append((step, permanent))
+    if not self._async:
+      self._finalize()
+
+  def _finalize(self) -> None:
+    """Wait for running saves, write their manifests (process 0), then drop what retention no longer keeps."""
+    if not self._pending:
+      return
+    self._manager.wait_until_finished()
+    if jax.process_index() == 0:
+      for step, permanent in self._pending:
+        write_manifest(self.directory / str(step), step=step, permanent=permanent)
+      self._pending = []
+      self._prune()
+    else:
+      self._pending = []
+    self._sync("finalize")
+
+  def _sync(self, what: str) -> None:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices(f"longctx checkpoint {what}")
+
+  def _prune(self) -> None:
+    kinds = {step: read_manifest(self.directory / str(step)).get("permanent", True) for step in self.all_steps()}
+    permanent = [s for s, p in kinds.items() if p]
+    drop = set(permanent[:-self.keep]) if self.keep else set()
+    newest_permanent = permanent[-1] if permanent else -1
+    temporary = [s for s, p in kinds.items() if not p]
+    drop |= {s for s in temporary[:-1]} | {s for s in temporary if s < newest_permanent}
+    for step in sorted(drop):
+      self._manager.delete(step)
+
+  def newest_intact_step(self, log: Callable[[str], None] = print) -> int | None:
+    """The newest step whose files match its manifest. Newer steps that fail the check are named in one line
+    each and moved to checkpoints_damaged/ (kept, not deleted), so that training can save those steps again.
+
+    A step without a manifest (orbax finished it, the process died before the manifest: or a checkpoint of
+    an older longctx) is used, unverified, only if no verified step exists.
+    """
+    rejected = []  # (step, problem), newest first
+    for step in reversed(self.all_steps()):
+      problem = verify_step(self.directory / str(step))
+      if problem is None:
+        self._reject(rejected, log)
+        return step
+      rejected.append((step, problem))
+    unverified = next((step for step, problem in rejected if problem == "no manifest"), None)
+    self._reject([(s, p) for s, p in rejected if unverified is None or s > unverified], log)
+    if unverified is not None:
+      log(f"warning: checkpoint step {unverified} has no manifest (saved by an older longctx, or the process died "
+          "while writing it) and no verified one is older; using it unverified")
+    return unverified
+
+  def _reject(self, rejected: list[tuple[int, str]], log: Callable[[str], None]) -> None:
+    for step, problem in rejected:
+      log(f"warning: checkpoint {self.directory / str(step)} is damaged ({problem}); moved to "
+          f"{self.directory.parent / 'checkpoints_damaged'} and skipped in favour of an older one")
+      self._quarantine(step)
+
+  def _quarantine(self, step: int) -> None:
+    if jax.process_index() == 0:
+      dest = self.directory.parent / "checkpoints_damaged" / str(step)
+      dest.parent.mkdir(parents=True, exist_ok=True)
+      if dest.exists():
+        shutil.rmtree(dest)
+      shutil.move(str(self.directory / str(step)), dest)
+    self._sync(f"quarantine {step}")
+    self._manager.reload()
 
   def restore(self, step: int, abstract_train_state: Any) -> tuple[Any, dict]:
     """Restore onto the shardings in `abstract_train_state` (ShapeDtypeStructs)."""
@@ -74,10 +168,54 @@ class Checkpointer:
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
+    self._finalize()
 
   def close(self) -> None:
     self._manager.wait_until_finished()
+    self._finalize()
     self._manager.close()
+
+
+def _digest(path: pathlib.Path) -> str:
+  h = hashlib.sha256()
+  with path.open("rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def write_manifest(step_dir: pathlib.Path, *, step: int, permanent: bool) -> None:
+  """Record the size and SHA-256 of every file of a finished step (atomically: temp file, then rename)."""
+  files = {str(p.relative_to(step_dir)): [p.stat().st_size, _digest(p)]
+           for p in sorted(step_dir.rglob("*")) if p.is_file() and p.name != MANIFEST}
+  tmp = step_dir / (MANIFEST + ".tmp")
+  tmp.write_text(json.dumps({"step": step, "permanent": permanent, "files": files}, indent=1))
+  os.replace(tmp, step_dir / MANIFEST)
+
+
+def read_manifest(step_dir: pathlib.Path) -> dict:
+  try:
+    return json.loads((step_dir / MANIFEST).read_text())
+  except (OSError, ValueError):
+    return {}
+
+
+def verify_step(step_dir: pathlib.Path) -> str | None:
+  """None if every file of the step matches its manifest, else what is wrong (a few words)."""
+  if not (step_dir / MANIFEST).is_file():
+    return "no manifest"
+  manifest = read_manifest(step_dir)
+  if not isinstance(manifest.get("files"), dict) or not manifest["files"]:
+    return f"unreadable {MANIFEST}"
+  for name, (size, digest) in manifest["files"].items():
+    path = step_dir / name
+    if not path.is_file():
+      return f"{name} is missing"
+    if path.stat().st_size != size:
+      return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    if _digest(path) != digest:
+      return f"{name} does not match its checksum"
+  return None
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

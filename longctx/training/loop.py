@@ -10,6 +10,8 @@ import dataclasses
 import json
 import math
 import pathlib
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -99,6 +101,39 @@ def _progress(total: int, initial: int, enabled: bool):
               desc="train", mininterval=1.0)
 
 
+class StopSignals:
+  """SIGTERM / SIGINT during training: finish the step, save, exit (`agreed`); a second signal acts at once.
+
+  Handlers are installed only in the main thread (elsewhere `signal` cannot), and the previous ones are
+  restored by `restore`. With several processes all must stop at the same step, so every step they agree
+  (an all-gather of one flag) whenever any of them was signalled.
+  """
+
+  def __init__(self):
+    self.received: str | None = None
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    self.received = signal.Signals(signum).name
+    signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # a second one is not deferred
+
+  def agreed(self) -> str | None:
+    if jax.process_count() == 1:
+      return self.received
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.int32(self.received is not None))
+    return (self.received or "a signal to another process") if np.any(flags) else None
+
+  def restore(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
+
+
 def run_training(cfg: Config, run_dir: str | pathlib.Path, *, stop_at_step: int | None = None,
                  progress: bool = True, devices=None, log: Callable[[str], None] = print) -> dict:
   """Train `cfg` in `run_dir`, resuming from its latest checkpoint if there is one.
@@ -131,7 +166,7 @@ def run_training(cfg: Config, run_dir: str | pathlib.Path, *, stop_at_step: int 
   tc = cfg.train
 
   ckpt = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
-  latest = ckpt.latest_step()
+  latest = ckpt.newest_intact_step(log)
   if latest is not None:
     extra = ckpt.restore_extra(latest)
     check_resume_compatible(extra.get("config", {}), cfg, run_dir)
@@ -165,16 +200,26 @@ def run_training(cfg: Config, run_dir: str | pathlib.Path, *, stop_at_step: int 
   bar = _progress(end, start, progress and is_host0)
   window_tokens, window_start = 0.0, time.perf_counter()
   tokens_per_step = cfg.data.batch_size * cfg.data.segments_per_step * cfg.data.seg_len
+  last_save_time, skipped_in_a_row, stopped_by = time.monotonic(), 0, None
+  signals = StopSignals()
   try:
     for step in range(start + 1, end + 1):
       batch = trainer.put_batch(next(lanes))
       ts, metrics = trainer.train_step(ts, batch)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm")):
-        bad = next(k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k]))
+      bad = next((k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])), None)
+      if bad is not None and tc.nan_policy == "stop":
         raise TrainingError(
             f"non-finite {bad} ({metrics[bad]}) at step {step}; last good checkpoint: step {last_saved}. "
-            "Lower train.learning_rate or enable train.grad_clip, then rerun to resume")
+            "Lower train.learning_rate or enable train.grad_clip (or set train.nan_policy=skip), then rerun to resume")
+      skipped_in_a_row = skipped_in_a_row + 1 if bad is not None else 0
+      if bad is not None:
+        log(f"warning: non-finite {bad} ({metrics[bad]}) at step {step}: step skipped (parameters, optimizer and "
+            f"lane states unchanged; {skipped_in_a_row} in a row)")
+        if skipped_in_a_row >= tc.max_skipped_steps:
+          raise TrainingError(
+              f"{skipped_in_a_row} steps in a row had a non-finite loss or gradient (the last: {bad} at step {step}); "
+              f"last good checkpoint: step {last_saved}. Lower train.learning_rate, then rerun to resume")
       losses.append(metrics["loss"])
       window_tokens += tokens_per_step  # every token read, targets or not
       bar.update(1)
@@ -188,12 +233,25 @@ def run_training(cfg: Config, run_dir: str | pathlib.Path, *, stop_at_step: int 
       if tc.eval_every and step % tc.eval_every == 0 and step != end:
         eval_metrics = evaluate(trainer, pipeline, ts["params"], max_batches=tc.eval_batches)
         logger.log(step, "eval", eval_metrics)
-      if step % tc.checkpoint_every == 0 or step == end:
-        ckpt.save(step, ts, extra_state())
-        last_saved = step
+      stopped_by = signals.agreed()
+      permanent = step % tc.checkpoint_every == 0 or step == end
+      timed = tc.checkpoint_minutes and time.monotonic() - last_save_time >= 60 * tc.checkpoint_minutes
+      if permanent or timed or stopped_by:
+        ckpt.save(step, ts, extra_state(), permanent=permanent)
+        last_saved, last_save_time = step, time.monotonic()
+      if stopped_by:
+        break
   finally:
+    signals.restore()
     bar.close()
     ckpt.close()
+  if stopped_by:
+    logger.close()
+    log(f"stopped by {stopped_by} after step {last_saved}; checkpoint saved in {run_dir / 'checkpoints'}. "
+        "Rerun the same command to resume")
+    return {"start_step": start, "end_step": last_saved, "losses": losses, "train": train_metrics, "eval": {},
+            "train_state": ts, "plot": None, "run_dir": str(run_dir), "lanes": trainer.local_lane_range(),
+            "stopped_by": stopped_by}
   if end == tc.steps:  # the run is complete: report held-out loss
     eval_metrics = evaluate(trainer, pipeline, ts["params"], max_batches=tc.eval_batches)
     logger.log(end, "eval", eval_metrics)

@@ -22,6 +22,11 @@ class MetricsLogger:
 
       self._tb = SummaryWriter(logdir=str(self.run_dir / "tensorboard"), flush_secs=30)
     self.path = self.run_dir / "metrics.jsonl"
+    if enabled and self.path.exists() and self.path.stat().st_size:
+      with self.path.open("rb+") as f:  # a process killed mid-write leaves a partial line: end it
+        f.seek(-1, 2)
+        if f.read(1) != b"\n":
+          f.write(b"\n")
 
   def log(self, step: int, split: str, metrics: dict[str, Any]) -> None:
     if not self.enabled:
@@ -51,7 +56,15 @@ def read_metrics(path: str | pathlib.Path) -> list[dict]:
   path = pathlib.Path(path)
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  records = []
+  for line in path.read_text(errors="replace").splitlines():
+    try:
+      record = json.loads(line)
+    except ValueError:  # the partial last line of a killed process
+      continue
+    if isinstance(record, dict):
+      records.append(record)
+  return records
 
 
 def plot_loss_curve(run_dir: str | pathlib.Path) -> pathlib.Path | None:

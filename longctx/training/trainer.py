@@ -43,7 +43,7 @@ Batch = dict[str, Any]
 TrainState = dict[str, Any]
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "segment_ids", "reset")
-METRIC_KEYS = ("loss", "bits_per_token", "grad_norm", "learning_rate", "tokens")
+METRIC_KEYS = ("loss", "bits_per_token", "grad_norm", "learning_rate", "tokens", "skipped")
 
 
 def token_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -69,6 +69,7 @@ class StepFunctions:
   schedule: optax.Schedule
   compute_dtype: Any
   remat: bool
+  skip_nonfinite: bool = False  # train.nan_policy == "skip": a step with a non-finite loss or gradient changes nothing
 
   def scan_segments(self, params, model_state, batch):
     """Run the model over the K segments of `batch`; returns (state, nll_sum, count)."""
@@ -93,11 +94,19 @@ class StepFunctions:
     (loss, (state, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(ts["params"])
     updates, opt_state = self.tx.update(grads, ts["opt_state"], ts["params"])
     params = optax.apply_updates(ts["params"], updates)
+    state = jax.lax.stop_gradient(state)
+    grad_norm = optax.tree.norm(grads)
+    skipped = jnp.zeros((), jnp.float32)
+    if self.skip_nonfinite:  # keep parameters, optimizer and lane states as they were before this batch
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+      params, opt_state, state = keep(params, ts["params"]), keep(opt_state, ts["opt_state"]), keep(
+          state, ts["model_state"])
+      skipped = 1.0 - finite.astype(jnp.float32)
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(ts["rng"]))[0])
-    new_ts = {"step": ts["step"] + 1, "params": params, "opt_state": opt_state,
-              "model_state": jax.lax.stop_gradient(state), "rng": rng}
-    metrics = dict(zip(METRIC_KEYS, (loss, loss / math.log(2), optax.tree.norm(grads), self.schedule(ts["step"]),
-                                     count)))
+    new_ts = {"step": ts["step"] + 1, "params": params, "opt_state": opt_state, "model_state": state, "rng": rng}
+    metrics = dict(zip(METRIC_KEYS, (loss, loss / math.log(2), grad_norm, self.schedule(ts["step"]), count,
+                                     skipped)))
     return new_ts, metrics
 
   def eval_step(self, params, model_state, batch):
@@ -177,7 +186,7 @@ class Trainer:
     tx, schedule = make_optimizer(cfg.train)
     dtype = jnp.bfloat16 if cfg.train.compute_dtype == "bfloat16" else jnp.float32
     self.fns = StepFunctions(graphdef=graphdef, tx=tx, schedule=schedule, compute_dtype=dtype,
-                             remat=cfg.train.remat)
+                             remat=cfg.train.remat, skip_nonfinite=cfg.train.nan_policy == "skip")
 
     self.abstract_train_state = jax.eval_shape(self._init_fn)
     self.train_state_shardings = self._train_state_shardings(self.abstract_train_state)

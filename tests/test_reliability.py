@@ -1,0 +1,225 @@
+"""Reliability: SIGKILL and SIGTERM mid-training, damaged checkpoints, non-finite losses, checkpoint retention.
+
+The kill tests run `longctx train` in subprocesses (one CPU device each) and compare with an uninterrupted
+subprocess run: after any number of kills and resumes the losses of every step and the final parameters
+are bitwise identical.
+"""
+
+import json
+import os
+import pathlib
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from longctx import config as config_lib
+from longctx.errors import TrainingError
+from longctx.training.checkpoint import Checkpointer, load_initial_params, verify_step
+from longctx.training.loop import run_training
+from longctx.training.metrics import read_metrics
+from longctx.training.trainer import Trainer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "recipes" / "quickstart.py")
+STEPS = 40
+SETS = ["model.d_model=32", "model.num_layers=2", "model.num_heads=4", "model.window=16", "data.seg_len=32",
+        "data.batch_size=4", "data.num_docs=64", f"train.steps={STEPS}", "train.warmup_steps=2", "train.log_every=1",
+        "train.checkpoint_every=1", "train.keep_checkpoints=2", "train.async_checkpoint=false",
+        "train.eval_batches=1", "mesh.data=1"]
+
+
+def _train_cmd(run_dir):
+  args = ["train", QUICKSTART, "--run-dir", str(run_dir), "--no-progress"]
+  for s in SETS:
+    args += ["--set", s]
+  return [sys.executable, "-c", "import sys; from longctx.cli import main; sys.exit(main(sys.argv[1:]))", *args]
+
+
+def _env():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def _losses(run_dir) -> dict[int, float]:
+  """The loss of every step, the last record winning (steps after a kill are run again on resume)."""
+  return {r["step"]: r["loss"] for r in read_metrics(pathlib.Path(run_dir) / "metrics.jsonl") if r["split"] == "train"}
+
+
+def _steps_done(run_dir) -> int:
+  return max(_losses(run_dir), default=0)
+
+
+def _interrupt(run_dir, sig, at_step) -> subprocess.CompletedProcess:
+  """Start training, send `sig` once step `at_step` is logged, wait for the process."""
+  proc = subprocess.Popen(_train_cmd(run_dir), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 300
+  while _steps_done(run_dir) < at_step and proc.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.01)
+  proc.send_signal(sig)
+  out, err = proc.communicate(timeout=300)
+  return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _final_params(run_dir):
+  cfg = config_lib.apply_overrides(config_lib.load_recipe(QUICKSTART), SETS)
+  trainer = Trainer(cfg, devices=jax.devices()[:1])
+  params, _ = load_initial_params(run_dir, model_cfg=cfg.model,
+                                  abstract_params=trainer.abstract_train_state_sharded()["params"])
+  return jax.device_get(params)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  run = tmp_path_factory.mktemp("reference")
+  done = subprocess.run(_train_cmd(run), env=_env(), capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr
+  return run
+
+
+def test_sigkill_and_sigterm_then_resume_match_an_uninterrupted_run(reference, tmp_path):
+  """Three SIGKILLs at random steps (seeds 0-2: anywhere in a step or a checkpoint save), one SIGTERM, resumes."""
+  run = tmp_path / "killed"
+  for seed in range(3):
+    at = random.Random(seed).randint(_steps_done(run) + 2, _steps_done(run) + 8)
+    killed = _interrupt(run, signal.SIGKILL, at)
+    assert killed.returncode == -signal.SIGKILL, f"the run ended before the kill at step {at}: {killed.stderr}"
+  # SIGTERM: the step finishes, a checkpoint is written, a message says how to resume, exit 0.
+  termed = _interrupt(run, signal.SIGTERM, _steps_done(run) + 3)
+  assert termed.returncode == 0, termed.stderr
+  line = next(l for l in termed.stdout.splitlines() if l.startswith("stopped by SIGTERM"))
+  assert "Rerun the same command to resume" in line
+  saved = int(line.split("after step ")[1].split(";")[0])
+  assert verify_step(run / "checkpoints" / str(saved)) is None
+  done = subprocess.run(_train_cmd(run), env=_env(), capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr
+  assert "resumed from" in done.stdout
+  ref, got = _losses(reference), _losses(run)
+  assert sorted(got) == list(range(1, STEPS + 1))
+  assert [got[s] for s in sorted(got)] == [ref[s] for s in sorted(ref)]  # bitwise: the JSON floats are exact
+  for a, b in zip(jax.tree.leaves(_final_params(reference)), jax.tree.leaves(_final_params(run))):
+    np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints (in process)
+
+
+def _cfg(steps, **train):
+  cfg = config_lib.apply_overrides(config_lib.load_recipe(QUICKSTART), SETS + [f"train.steps={steps}"])
+  return config_lib.replace(cfg, train=config_lib.dataclasses.replace(cfg.train, **train)) if train else cfg
+
+
+def _truncate(step_dir):
+  big = max((p for p in step_dir.rglob("*") if p.is_file() and p.name != "longctx_manifest.json"),
+            key=lambda p: p.stat().st_size)
+  big.write_bytes(big.read_bytes()[: big.stat().st_size // 2])
+
+
+def _flip(step_dir):
+  big = max((p for p in step_dir.rglob("*") if p.is_file() and p.name != "longctx_manifest.json"),
+            key=lambda p: p.stat().st_size)
+  data = bytearray(big.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  big.write_bytes(bytes(data))
+
+
+def _drop_item(step_dir):
+  shutil.rmtree(step_dir / "extra")
+
+
+def _no_manifest_newer_than_a_good_one(step_dir):  # a save killed before its manifest
+  (step_dir / "longctx_manifest.json").unlink()
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip, _drop_item, _no_manifest_newer_than_a_good_one],
+                         ids=["truncated", "flipped-bytes", "missing-item", "no-manifest"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(damage, tmp_path):
+  run = tmp_path / "run"
+  full = run_training(_cfg(6), tmp_path / "full", progress=False, devices=jax.devices()[:1], log=lambda *_: None)
+  run_training(_cfg(6), run, progress=False, devices=jax.devices()[:1], stop_at_step=4, log=lambda *_: None)
+  assert Checkpointer(run / "checkpoints").all_steps() == [3, 4]  # keep_checkpoints=2
+  damage(run / "checkpoints" / "4")
+  lines = []
+  resumed = run_training(_cfg(6), run, progress=False, devices=jax.devices()[:1], log=lines.append)
+  # An unverified step (no manifest) is only a last resort: step 3 is verified, so 4 goes aside too.
+  warning = next(l for l in lines if l.startswith("warning: checkpoint"))
+  assert "checkpoints/4 is damaged" in warning and "\n" not in warning
+  assert (run / "checkpoints_damaged" / "4").is_dir()  # kept aside, not deleted
+  assert any(l.startswith(f"resumed from {run / 'checkpoints' / '3'}") for l in lines), lines
+  assert resumed["losses"] == full["losses"][3:]  # steps 4..6 again, bitwise
+
+
+# ----------------------------------------------------------------------------- non-finite losses
+
+
+def test_nan_stop_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+  cfg = _cfg(8, learning_rate=1e30, grad_clip=0.0, warmup_steps=0)
+  with pytest.raises(TrainingError) as info:
+    run_training(cfg, tmp_path / "run", progress=False, devices=jax.devices()[:1], log=lambda *_: None)
+  msg = str(info.value)
+  assert msg.startswith("non-finite ") and " at step " in msg and "last good checkpoint: step " in msg, msg
+  bad_step = int(msg.split(" at step ")[1].split(";")[0])
+  last_good = int(msg.split("last good checkpoint: step ")[1].split(".")[0])
+  assert last_good == bad_step - 1
+  assert Checkpointer(tmp_path / "run" / "checkpoints").all_steps()[-1] == last_good
+  assert verify_step(tmp_path / "run" / "checkpoints" / str(last_good)) is None
+
+
+def test_nan_skip_leaves_params_and_optimizer_unchanged(tmp_path):
+  """nan_policy=skip: a step whose loss is NaN (poisoned weights) changes nothing and reports skipped=1."""
+  cfg = _cfg(8, nan_policy="skip")
+  trainer = Trainer(cfg, devices=jax.devices()[:1])
+  from test_training import real_batches
+
+  batch = trainer.put_batch(real_batches(cfg, 1)[0])
+  ts = trainer.init_train_state()
+  table = ts["params"]["embedding"]["table"]
+  ts["params"]["embedding"]["table"] = table.at[:].set(np.nan)
+  before = jax.device_get({"params": ts["params"], "opt_state": ts["opt_state"], "model_state": ts["model_state"]})
+  ts, metrics = trainer.train_step(ts, batch)
+  assert float(metrics["skipped"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
+  after = jax.device_get({"params": ts["params"], "opt_state": ts["opt_state"], "model_state": ts["model_state"]})
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(a, b)
+  assert int(ts["step"]) == 1
+
+
+def test_nan_skip_stops_after_too_many_in_a_row(tmp_path):
+  cfg = _cfg(12, learning_rate=1e30, grad_clip=0.0, warmup_steps=0, nan_policy="skip", max_skipped_steps=3)
+  lines = []
+  with pytest.raises(TrainingError, match="3 steps in a row had a non-finite"):
+    run_training(cfg, tmp_path / "run", progress=False, devices=jax.devices()[:1], log=lines.append)
+  assert sum("step skipped" in l for l in lines) == 3
+
+
+# ----------------------------------------------------------------------------- retention
+
+
+def test_permanent_and_temporary_checkpoints(tmp_path):
+  """Permanent: the newest keep=2; temporary: only the newest, and only while newer than the newest permanent."""
+  ckpt = Checkpointer(tmp_path / "ckpt", keep=2, async_save=False)
+  state = {"x": np.arange(3.0)}
+  for step, permanent in [(1, True), (2, False), (3, True), (4, False), (5, True), (6, False), (7, False)]:
+    ckpt.save(step, state, {"step": step}, permanent=permanent)
+  assert ckpt.all_steps() == [3, 5, 7]
+  ckpt.save(8, state, {"step": 8}, permanent=True)
+  assert ckpt.all_steps() == [5, 8]
+  ckpt.close()
+
+
+def test_time_based_checkpoints_in_the_loop(tmp_path):
+  cfg = _cfg(5, checkpoint_every=100, checkpoint_minutes=1e-9)  # a temporary checkpoint after every step
+  run_training(cfg, tmp_path / "run", progress=False, devices=jax.devices()[:1], log=lambda *_: None)
+  steps = Checkpointer(tmp_path / "run" / "checkpoints").all_steps()
+  assert steps == [5]  # the last step is permanent; older temporaries are gone
+  manifest = json.loads((tmp_path / "run" / "checkpoints" / "5" / "longctx_manifest.json").read_text())
+  assert manifest["permanent"] is True
