@@ -158,8 +158,10 @@ class Generator:
     graphdef, own = nnx.split(model)
     self.params = own if params is None else params
     multiple = type(model).segment_multiple(model.cfg)
-    if seg_len < 1 or seg_len % multiple:
-      raise ConfigError(f"segment length {seg_len} must be a positive multiple of {multiple}: model "
+    if seg_len < 1:
+      raise ConfigError(f"segment length (--seg-len) {seg_len} must be >= 1")
+    if seg_len % multiple:
+      raise ConfigError(f"segment length (--seg-len) {seg_len} must be a multiple of {multiple}: model "
                         f"{model.cfg.name} reads whole blocks of {multiple} tokens")
     self.seg_len, self.pad_id, self.tokens_per_call = seg_len, pad_id, tokens_per_call
     self.block = 1 if type(model).supports_token_decoding else multiple
@@ -338,7 +340,8 @@ def load_generator(run_dir: str | pathlib.Path, *, step: int | None = None, seg_
   model = nnx.eval_shape(lambda: _build(trained.cfg.model))
   params = jax.device_put(trained.params, jax.devices()[0])  # one lane: one device
   dtype = jnp.bfloat16 if trained.cfg.train.compute_dtype == "bfloat16" else jnp.float32
-  gen = Generator(model, params, seg_len=seg_len or trained.cfg.data.seg_len, compute_dtype=dtype,
+  seg_len = trained.cfg.data.seg_len if seg_len is None else seg_len
+  gen = Generator(model, params, seg_len=seg_len, compute_dtype=dtype,
                   pad_id=trained.tokenizer.pad_id)
   return gen, trained.tokenizer
 

@@ -11,6 +11,7 @@ from conftest import rel_err
 from longctx import cli
 from longctx import config as config_lib
 from longctx.data.tokenizers import ByteTokenizer
+from longctx.errors import ConfigError
 from longctx.generate import (Generator, TextStream, encode_prompt, load_generator, prompt_segments, sample_next,
                               split_prompt)
 from longctx.models import Mamba2Config, RMTConfig, TransformerConfig, create_model
@@ -232,6 +233,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
       ([".", "--top-p", "0"], "--top-p=0.0 must be in (0, 1]"),
       ([".", "--top-k", "-2"], "--top-k=-2 must be >= 0"),
   ]
+  with pytest.raises(ConfigError, match=r"segment length \(--seg-len\) 24 must be a multiple of 16: model rmt"):
+    Generator(create_model(CONFIGS["rmt"]), seg_len=24)
   for args, *messages in cases:
     prompt = str(good) if args[0] == "." else str(tmp_path / args[0])
     code, out, err = run_cli(["generate", str(not_a_run), "--prompt-file", prompt, *args[1:]], capsys)
