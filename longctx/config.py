@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import numbers
 import pathlib
 import sys
 import traceback
@@ -186,6 +187,11 @@ class Config:
       raise ConfigError(
           f"model.name={self.model.name!r} needs a {cls.config_class.__name__}, "
           f"got {type(self.model).__name__}")
+    for section in ("model", "data", "train", "mesh"):  # a recipe may set any Python value: check the types first
+      obj = getattr(self, section)
+      hints = typing.get_type_hints(type(obj))
+      for f in dataclasses.fields(obj):
+        _checked(getattr(obj, f.name), hints[f.name], f"{section}.{f.name}")
     self.model.validate()
     self.data.validate()
     self.train.validate()
@@ -198,6 +204,8 @@ def _positive(section: str, obj: Any, *names: str) -> None:
     value = getattr(obj, name)
     if not value > 0:
       raise ConfigError(f"{section}.{name}={value} must be > 0")
+    if not math.isfinite(value):
+      raise ConfigError(f"{section}.{name}={value} must be a finite number > 0")
 
 
 # ----------------------------------------------------------------------------- overrides
@@ -209,24 +217,60 @@ def to_dict(cfg: Any) -> dict:
 
 
 def from_dict(d: dict) -> Config:
-  """Inverse of `to_dict` (the model section picks its registered config class)."""
+  """Inverse of `to_dict` (the model section picks its registered config class).
+
+  Raises ConfigError (one line) for anything `to_dict` could not have written: a missing or unknown section
+  or key, or a value of the wrong type.
+  """
   from longctx.models import get_model_class
 
-  model_cls = get_model_class(d["model"]["name"]).config_class
-  return Config(
-      model=_build(model_cls, d["model"], "model"),
-      data=_build(DataConfig, d["data"], "data"),
-      train=_build(TrainConfig, d["train"], "train"),
-      mesh=_build(MeshConfig, d["mesh"], "mesh"),
-  )
+  sections = {"model": None, "data": DataConfig, "train": TrainConfig, "mesh": MeshConfig}
+  if not isinstance(d, dict):
+    raise ConfigError(f"a config must be a JSON object with sections {', '.join(sections)}; got a "
+                      f"{type(d).__name__}")
+  missing = [name for name in sections if not isinstance(d.get(name), dict)]
+  unknown = sorted(set(d) - set(sections))
+  if missing or unknown:
+    raise ConfigError(f"a config needs the sections {', '.join(sections)} (objects); "
+                      + (f"missing: {', '.join(missing)}" if missing else f"unknown: {', '.join(unknown)}"))
+  name = d["model"].get("name", "")
+  if not isinstance(name, str):
+    raise ConfigError(f"model.name={name!r}: expected a model name (a string)")
+  sections["model"] = get_model_class(name).config_class
+  return Config(**{section: section_from_dict(cls, d[section], section) for section, cls in sections.items()})
 
 
-def _build(cls, values: dict, prefix: str):
+def section_from_dict(cls, values: dict, prefix: str):
+  """One config section `cls` from its dict; ConfigError (one line) for an unknown key or a wrong type."""
   names = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(values) - names)
   if unknown:
     raise ConfigError(f"unknown config key {prefix}.{unknown[0]}; valid keys: {', '.join(sorted(names))}")
-  return cls(**values)
+  hints = typing.get_type_hints(cls)
+  return cls(**{key: _checked(value, hints[key], f"{prefix}.{key}") for key, value in values.items()})
+
+
+def _checked(value: Any, hint: Any, key: str) -> Any:
+  """`value` if it is of type `hint` (an int passes as a float; a tuple as a list, which it becomes), else a
+  ConfigError naming the key."""
+  if typing.get_origin(hint) in (list, tuple):
+    (inner,) = typing.get_args(hint)[:1]
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f"{key}={value!r}: expected a list")
+    return [_checked(v, inner, key) for v in value]
+  if hint is bool and isinstance(value, bool):
+    return value
+  if hint is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+    return int(value)
+  if hint is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
+    return float(value)
+  if hint is str and isinstance(value, str):
+    return value
+  raise ConfigError(f"{key}={value!r}: expected {_kind(hint)}")
+
+
+def _kind(hint: Any) -> str:
+  return {bool: "a bool (true/false)", int: "an int", float: "a float", str: "a string"}.get(hint, str(hint))
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
@@ -247,6 +291,11 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
       if i == len(parts) - 1:
         if part == "name" and isinstance(target, ModelConfig):
           raise ConfigError("model.name cannot be overridden; pick a recipe for that model instead")
+        section = getattr(target, part)
+        if dataclasses.is_dataclass(section):
+          example = next(f.name for f in dataclasses.fields(section) if f.name != "name")
+          raise ConfigError(f"{key.strip()} is a section, not a value; override one of its fields, e.g. "
+                            f"{key.strip()}.{example}=...")
         hint = typing.get_type_hints(type(target))[part]
         setattr(target, part, _parse_value(raw.strip(), hint, key))
       else:
@@ -274,9 +323,12 @@ def _parse_value(raw: str, hint: Any, key: str) -> Any:
       raise ConfigError(f"{key}={raw!r}: expected an int") from None
   if hint is float:
     try:
-      return float(raw)
+      value = float(raw)
     except ValueError:
       raise ConfigError(f"{key}={raw!r}: expected a float") from None
+    if not math.isfinite(value):
+      raise ConfigError(f"{key}={raw!r}: expected a finite float")
+    return value
   if hint is str:
     return raw
   raise ConfigError(f"{key}: cannot override a field of type {hint}")
@@ -290,24 +342,34 @@ def load_recipe(path: str | pathlib.Path) -> Config:
   path = pathlib.Path(path)
   if not path.is_file():
     raise ConfigError(f"recipe file {str(path)!r} not found; pass a path like recipes/quickstart.py")
+  if path.suffix != ".py":
+    raise ConfigError(f"recipe file {str(path)!r} is not a .py file; a recipe is Python code defining config(), "
+                      "like recipes/quickstart.py")
   module_name = f"longctx_recipe_{path.stem}"
   spec = importlib.util.spec_from_file_location(module_name, path)
   module = importlib.util.module_from_spec(spec)
   # As for a script, the recipe's own directory is importable: recipes share settings through
   # sibling modules whose names start with "_" (e.g. recipes/synthetic/_recall.py).
   sys.path.insert(0, str(path.resolve().parent))
+  # Loading a recipe writes nothing (no __pycache__ beside it): a dry run or a rejected config leaves no trace.
+  dont_write_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
   try:
     spec.loader.exec_module(module)
-    if not hasattr(module, "config"):
-      raise ConfigError(f"recipe {path} defines no config() function returning a longctx Config")
+    if not callable(getattr(module, "config", None)):
+      raise ConfigError(f"recipe {path} defines no config() function returning a longctx Config"
+                        + (f" (its config is a {type(module.config).__name__})" if hasattr(module, "config") else ""))
     cfg = module.config()
   except ConfigError:
     raise
-  except Exception as e:  # a recipe that raises: name the file, line and the error, in one line
+  except (Exception, SystemExit) as e:  # a recipe that raises or exits: name the file, line and error, in one line
     frame = _last_frame_in(e, path)
-    where = f"{path}:{frame.lineno}" if frame else str(path)
-    raise ConfigError(f"recipe {where} raised {type(e).__name__}: {e}") from None
+    line = e.lineno if isinstance(e, SyntaxError) and _same_file(e.filename, path) else frame.lineno if frame else None
+    where = f"{path}:{line}" if line else str(path)
+    text = (e.msg if isinstance(e, SyntaxError) else "" if isinstance(e, SystemExit) and e.code is None
+            else str(e)).strip().splitlines()
+    raise ConfigError(f"recipe {where} raised {type(e).__name__}" + (f": {text[0]}" if text else "")) from None
   finally:
+    sys.dont_write_bytecode = dont_write_bytecode
     sys.path.remove(str(path.resolve().parent))
   if not isinstance(cfg, Config):
     raise ConfigError(f"recipe {path}: config() returned {type(cfg).__name__}, expected longctx.config.Config")
@@ -315,8 +377,12 @@ def load_recipe(path: str | pathlib.Path) -> Config:
 
 
 def _last_frame_in(e: BaseException, path: pathlib.Path):
-  frames = [f for f in traceback.extract_tb(e.__traceback__) if pathlib.Path(f.filename) == path]
+  frames = [f for f in traceback.extract_tb(e.__traceback__) if _same_file(f.filename, path)]
   return frames[-1] if frames else None
+
+
+def _same_file(filename: str | None, path: pathlib.Path) -> bool:
+  return bool(filename) and pathlib.Path(filename).resolve() == path.resolve()
 
 
 def replace(cfg: Config, **sections: Any) -> Config:

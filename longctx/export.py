@@ -254,7 +254,9 @@ def model_config_from_dict(values: Mapping) -> ModelConfig:
   if unknown:
     raise ConfigError(f"unknown model config key {unknown[0]!r} for model {values['name']!r}; "
                       f"valid keys: {', '.join(sorted(names))}")
-  cfg = cls(**values)
+  from longctx.config import section_from_dict
+
+  cfg = section_from_dict(cls, dict(values), "model")  # a value of the wrong type: one line, not a TypeError
   cfg.validate()
   return cfg
 
@@ -300,7 +302,10 @@ def read_export(path: str | pathlib.Path) -> tuple[ModelConfig, Flat]:
   if not isinstance(version, int) or version > FORMAT_VERSION:
     raise CheckpointError(f"{path} has export format_version {version!r}; this longctx reads versions up to "
                           f"{FORMAT_VERSION}: upgrade longctx")
-  cfg = model_config_from_dict(meta.get("model"))
+  try:
+    cfg = model_config_from_dict(meta.get("model"))
+  except ConfigError as e:
+    raise CheckpointError(f"{path / CONFIG}: {e}") from None
   flat = _read_safetensors(path / WEIGHTS)
   params_from_flat(flat, like=abstract_params(cfg))
   return cfg, flat
@@ -336,8 +341,8 @@ def restore_params(run_dir: str | pathlib.Path, *, step: int | None = None) -> t
   saved = _read_json(run_dir / "config.json")
   try:
     cfg = config_lib.from_dict(saved).validate()
-  except KeyError as e:
-    raise CheckpointError(f"{run_dir / 'config.json'} has no {e} section; is it a longctx run dir?") from None
+  except ConfigError as e:  # a missing section, an unknown key, a value of the wrong type
+    raise CheckpointError(f"{run_dir / 'config.json'} is not a longctx run config ({e})") from None
   ckpt = Checkpointer(run_dir / "checkpoints", create=False)
   try:
     steps = sorted(ckpt.all_steps())
@@ -385,7 +390,11 @@ def export_run(run_dir: str | pathlib.Path, *, fmt: str, out: str | pathlib.Path
   model_dict = saved.get("model") or {}
   tokenizer = (saved.get("data") or {}).get("tokenizer")
   if fmt == "hf":
-    hf_config(model_config_from_dict(model_dict))  # refuse early, before restoring
+    try:
+      model_cfg = model_config_from_dict(model_dict)
+    except ConfigError as e:
+      raise CheckpointError(f"{run / 'config.json'}: {e}") from None
+    hf_config(model_cfg)  # refuse early, before restoring
   cfg, flat, step = restore_params(run_dir, step=step)
   if fmt == "safetensors":
     return write_export(out, cfg=cfg.model, flat=flat, step=step, tokenizer=tokenizer)
