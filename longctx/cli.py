@@ -34,8 +34,15 @@ EXAMPLES = """examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse whose usage errors are one line like every other error (its subcommand parsers inherit this)."""
+
+  def error(self, message: str):
+    self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+  p = _Parser(
       prog="longctx", description="Long-context language models in JAX: train, evaluate, benchmark.",
       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -324,6 +331,8 @@ def _train(args) -> int:
 
     if jax.process_index() != 0:  # one process speaks for the run; errors still reach stderr
       sys.stdout = open(os.devnull, "w")
+  if args.stop_at_step is not None and args.stop_at_step < 1:
+    raise ConfigError(f"--stop-at-step={args.stop_at_step} must be >= 1 (the step after which this run ends)")
   overrides = args.overrides + ([f"train.init_from={args.init_from}"] if args.init_from else [])
   cfg = config_lib.apply_overrides(config_lib.load_recipe(args.recipe), overrides).validate()
   if args.dry_run:
@@ -366,6 +375,8 @@ def _eval(args) -> int:
     return 0
   if not args.run_dir:
     raise ConfigError("longctx eval needs a run directory (or --compare RUN_A RUN_B ...)")
+  if args.max_batches < 0:
+    raise ConfigError(f"--max-batches={args.max_batches} must be >= 0 (0 = every held-out document)")
   from longctx.eval import load_trained
 
   model = load_trained(args.run_dir, overrides=args.overrides)
@@ -375,7 +386,10 @@ def _eval(args) -> int:
   from longctx.eval.tasks import parse_eval_tasks
 
   tasks = parse_eval_tasks(args.task)
-  lengths = parse_lengths(args.lengths) if args.lengths else default_lengths(model)
+  try:
+    lengths = parse_lengths(args.lengths) if args.lengths else default_lengths(model)
+  except ConfigError as e:
+    raise ConfigError(f"--lengths: {e}") from None
   if args.examples < 1:
     raise ConfigError(f"--examples={args.examples} must be >= 1")
   seg_len = args.seg_len or model.cfg.data.seg_len
