@@ -126,7 +126,13 @@ def _read_text_file(path: pathlib.Path) -> str:
 # ----------------------------------------------------------------------------- files
 
 
-def _expand(paths: Sequence[str]) -> list[str]:
+# Where the paths and the text field came from, for the fix an error names: a training config, or the
+# command line of `longctx tokenizer train`.
+DATA_FLAGS = {"paths": "data.paths (or data.eval_paths)", "text_field": "set data.text_field"}
+TOKENIZER_FLAGS = {"paths": "--input", "text_field": "pass --text-field"}
+
+
+def _expand(paths: Sequence[str], flags: dict = DATA_FLAGS) -> list[str]:
   """Glob patterns (`books/*.txt`, `**/*.jsonl`) expanded, sorted; plain paths kept as they are."""
   import glob
 
@@ -135,19 +141,22 @@ def _expand(paths: Sequence[str]) -> list[str]:
     if glob.has_magic(p) and not pathlib.Path(p).exists():
       matches = sorted(m for m in glob.glob(p, recursive=True) if pathlib.Path(m).is_file())
       if not matches:
-        raise DataError(f"data path pattern {p!r} matches no file; check data.paths (or data.eval_paths)")
+        raise DataError(f"data path pattern {p!r} matches no file; check {flags['paths']}")
       out.extend(matches)
     else:
       out.append(p)
   return out
 
 
-def _check_paths(paths: Sequence[str]) -> list[pathlib.Path]:
+def _check_paths(paths: Sequence[str], flags: dict = DATA_FLAGS) -> list[pathlib.Path]:
   out = []
-  for p in _expand(paths):
+  for p in _expand(paths, flags):
     path = pathlib.Path(p)
+    if path.is_dir():
+      raise DataError(f"data file {p!r} is a directory; list its files in {flags['paths']}, or a pattern such as "
+                      f"{str(path / '*.txt')!r}")
     if not path.is_file():
-      raise DataError(f"data file {p!r} not found; check data.paths (or data.eval_paths)")
+      raise DataError(f"data file {p!r} not found; check {flags['paths']}")
     if path.suffix not in (".txt", ".jsonl", ".json", ".parquet"):
       raise DataError(f"data file {p!r} has an unsupported type {path.suffix!r}; use .txt, .jsonl or .parquet")
     out.append(path)
@@ -159,18 +168,20 @@ def _datasets():
   import datasets
 
   datasets.disable_progress_bars()
-  datasets.logging.set_verbosity_error()
+  # Nor its error logs: what it cannot read it also raises (reported by us in one line), or reads with a fallback.
+  datasets.logging.set_verbosity(datasets.logging.CRITICAL)
   return datasets
 
 
-def load_text_dataset(paths: Sequence[str], *, text_field: str):
+def load_text_dataset(paths: Sequence[str], *, text_field: str, flags: dict = DATA_FLAGS):
   """Load local files with HF `datasets` as one Dataset of `text_field` rows.
 
-  .txt: one document per file; .jsonl / .parquet: one document per row.
+  .txt: one document per file; .jsonl / .parquet: one document per row. `flags` name the settings that
+  errors point to (DATA_FLAGS or TOKENIZER_FLAGS).
   """
   datasets = _datasets()
 
-  files = _check_paths(paths)
+  files = _check_paths(paths, flags)
   parts = []
   for kind, suffixes in (("text", (".txt",)), ("json", (".jsonl", ".json")), ("parquet", (".parquet",))):
     group = [str(f) for f in files if f.suffix in suffixes]
@@ -180,11 +191,12 @@ def load_text_dataset(paths: Sequence[str], *, text_field: str):
     try:
       ds = datasets.load_dataset(kind, data_files=group, split="train", **kwargs)
     except Exception as e:
-      raise DataError(f"could not read {group[0]!r} ({type(e).__name__}: {str(e).splitlines()[0][:150]})") from None
+      raise DataError(f"could not read {group[0] if len(group) == 1 else group!r} ({_root_cause(e)}); "
+                      f"{_READABLE[kind]}") from None
     field = "text" if kind == "text" else text_field
     if field not in ds.column_names:
       raise DataError(f"field {field!r} not in {group[0]!r}; its fields are {ds.column_names}; "
-                      "set data.text_field")
+                      f"{flags['text_field']}")
     ds = ds.select_columns([field])
     if field != "text":
       ds = ds.rename_column(field, "text")
@@ -192,8 +204,23 @@ def load_text_dataset(paths: Sequence[str], *, text_field: str):
   return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
-def read_texts(paths: Sequence[str], *, text_field: str = "text") -> Iterator[str]:
-  ds = load_text_dataset(paths, text_field=text_field)
+_READABLE = {"text": ".txt files must be UTF-8 text", "json": ".jsonl files need one JSON object per line",
+             "parquet": "is it a parquet file?"}
+
+
+def _root_cause(e: BaseException) -> str:
+  """`Type: message` (first line) of the innermost exception behind `e`: HF datasets wraps the real problem
+  (a UnicodeDecodeError, a JSON parse error) in a DatasetGenerationError that says only that one occurred."""
+  seen = {id(e)}
+  while (inner := e.__cause__ or e.__context__) is not None and id(inner) not in seen:
+    seen.add(id(inner))
+    e = inner
+  lines = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {lines[0][:150]}" if lines else type(e).__name__
+
+
+def read_texts(paths: Sequence[str], *, text_field: str = "text", flags: dict = DATA_FLAGS) -> Iterator[str]:
+  ds = load_text_dataset(paths, text_field=text_field, flags=flags)
   for row in ds:
     if row["text"]:
       yield row["text"]
@@ -315,6 +342,11 @@ def build_sources(cfg: DataConfig, tokenizer) -> tuple[DocumentSource, DocumentS
       train_idx, eval_ds, eval_idx = cap(keep), eds, ekeep
     else:
       tr, he = _split([f"{i}:{ds[i]['text'][:200]}" for i in keep], cfg.eval_fraction)
+      if not tr or not he:  # one document, or eval_fraction 0: nothing to hold out (or nothing left to train on)
+        raise DataError(
+            f"data files {cfg.paths} hold {len(keep)} non-empty document(s) and data.eval_fraction="
+            f"{cfg.eval_fraction}: too few to split into training and held-out documents; add documents (a .txt "
+            "file is one document, a .jsonl line one) or set data.eval_paths")
       train_idx, eval_ds, eval_idx = cap([keep[i] for i in tr]), ds, [keep[i] for i in he]
     return (TextListSource(len(train_idx), texts(ds, train_idx), tokenizer, name=f"files {cfg.paths}",
                            seed=cfg.seed),

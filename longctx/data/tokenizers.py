@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pathlib
+import re
+import shutil
 import tempfile
 from typing import Iterable, Protocol, Sequence
 
@@ -77,6 +79,15 @@ def load_tokenizer(spec: str) -> Tokenizer:
   return SentencePieceTokenizer(spec)
 
 
+def check_fits_model(tokenizer: Tokenizer, spec: str, vocab_size: int) -> None:
+  """Every id of `tokenizer` (loaded from `spec`) must have a row in a model of `vocab_size` ids."""
+  from longctx.errors import ConfigError
+
+  if tokenizer.vocab_size > vocab_size:
+    raise ConfigError(f"tokenizer {spec!r} has {tokenizer.vocab_size} ids but model.vocab_size={vocab_size}; "
+                      f"set --set model.vocab_size={tokenizer.vocab_size}")
+
+
 def train_sentencepiece(inputs: Sequence[str], *, model_prefix: str, vocab_size: int,
                         model_type: str = "unigram", text_field: str = "text",
                         character_coverage: float = 1.0, max_documents: int = 0) -> str:
@@ -86,13 +97,18 @@ def train_sentencepiece(inputs: Sequence[str], *, model_prefix: str, vocab_size:
   """
   import sentencepiece as spm
 
-  from longctx.data.sources import read_texts
+  from longctx.data.sources import TOKENIZER_FLAGS, read_texts
 
   if vocab_size < 8:
     raise DataError(f"--vocab-size={vocab_size} is too small; use at least a few hundred")
-  texts = read_texts(list(inputs), text_field=text_field)
   prefix = pathlib.Path(model_prefix)
-  prefix.parent.mkdir(parents=True, exist_ok=True)
+  if prefix.is_dir() or not prefix.name or prefix.name in (".", ".."):
+    raise DataError(f"--out {str(model_prefix)!r} is a directory, but it is the prefix of the files to write "
+                    f"(PREFIX.model, PREFIX.vocab); pass e.g. --out {prefix / 'tok'}")
+  blocked = next((p for p in prefix.absolute().parents if p.exists() and not p.is_dir()), None)
+  if blocked is not None:
+    raise DataError(f"--out {str(model_prefix)!r}: {str(blocked)!r} is a file, not a directory")
+  texts = read_texts(list(inputs), text_field=text_field, flags=TOKENIZER_FLAGS)
   with tempfile.TemporaryDirectory() as tmp:
     corpus = pathlib.Path(tmp) / "corpus.txt"
     n = _write_lines(corpus, texts, max_documents)
@@ -100,13 +116,22 @@ def train_sentencepiece(inputs: Sequence[str], *, model_prefix: str, vocab_size:
       raise DataError(f"no text found in {list(inputs)}; the tokenizer needs non-empty training text")
     try:
       spm.SentencePieceTrainer.train(
-          input=str(corpus), model_prefix=str(prefix), vocab_size=vocab_size, model_type=model_type,
-          character_coverage=character_coverage, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+          input=str(corpus), model_prefix=str(pathlib.Path(tmp) / "tok"), vocab_size=vocab_size,
+          model_type=model_type, character_coverage=character_coverage, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
           max_sentence_length=1 << 16, train_extremely_large_corpus=False, minloglevel=2,
           hard_vocab_limit=True)
     except RuntimeError as e:
-      first = str(e).strip().splitlines()[-1][:200]
-      raise DataError(f"sentencepiece training failed: {first}; try a smaller --vocab-size or more text") from None
+      text = str(e).strip().splitlines()[-1]
+      too_high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", text)
+      if too_high:
+        raise DataError(f"--vocab-size={too_high.group(1)} is too large for this text (sentencepiece allows at most "
+                        f"{too_high.group(2)}); use a smaller --vocab-size or more text") from None
+      raise DataError(f"sentencepiece training failed: {text[:200]}; try a smaller --vocab-size or more "
+                      "text") from None
+    # Written only once training succeeded: a failed run leaves no files or directories behind.
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in (".vocab", ".model"):  # .model last: its presence means both are complete
+      shutil.move(str(pathlib.Path(tmp) / f"tok{suffix}"), str(prefix) + suffix)
   return str(prefix) + ".model"
 
 

@@ -96,13 +96,27 @@ def resolve_checkpoint(path: str | pathlib.Path) -> tuple[pathlib.Path, int | No
   return path, None
 
 
+def read_saved_config(cfg_path: pathlib.Path) -> dict:
+  """A run's config.json as a dict that `config_lib.from_dict` accepts; one-line CheckpointError otherwise."""
+  fix = "it is written by `longctx train`: restore it from a copy, or train again in a new run dir"
+  try:
+    saved = json.loads(cfg_path.read_text(encoding="utf-8"))
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    raise CheckpointError(f"{cfg_path} is not valid JSON ({type(e).__name__}: {str(e)[:150]}); {fix}") from None
+  try:
+    config_lib.from_dict(saved)
+  except ConfigError as e:
+    raise CheckpointError(f"{cfg_path} is not a longctx config ({e}); {fix}") from None
+  return saved
+
+
 def load_trained(path: str | pathlib.Path, *, overrides: Sequence[str] = ()) -> TrainedModel:
   """Restore the latest (or the named) checkpoint of a run written by `longctx train`.
 
   `overrides` are `--set` strings applied to the saved config (e.g. a data
   source to evaluate on, or a mesh that fits this machine).
   """
-  from longctx.data.tokenizers import load_tokenizer
+  from longctx.data.tokenizers import check_fits_model, load_tokenizer
   from longctx.training.checkpoint import Checkpointer
   from longctx.training.trainer import Trainer
 
@@ -111,12 +125,13 @@ def load_trained(path: str | pathlib.Path, *, overrides: Sequence[str] = ()) -> 
   if not cfg_path.is_file():
     raise CheckpointError(f"{cfg_path} not found; pass a run directory written by `longctx train` "
                           "(or one of its checkpoints/STEP directories)")
-  saved = json.loads(cfg_path.read_text())
+  saved = read_saved_config(cfg_path)
   cfg = config_lib.apply_overrides(config_lib.from_dict(saved), list(overrides)).validate()
   # Restore with the saved model (its state, e.g. a kNN memory, has the saved size); model overrides
   # may resize state such as `model.memory_size` but must not change the weights.
   restore_cfg = config_lib.apply_overrides(config_lib.from_dict(saved), [o for o in overrides if not o.startswith("model.")]).validate()
   tokenizer = load_tokenizer(cfg.data.tokenizer)
+  check_fits_model(tokenizer, cfg.data.tokenizer, cfg.model.vocab_size)
   ckpt = Checkpointer(run_dir / "checkpoints", create=False)
   try:
     steps = ckpt.all_steps()
