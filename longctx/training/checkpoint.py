@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -48,8 +49,11 @@ class Checkpointer:
     if not create and not self.directory.is_dir():
       raise CheckpointError(f"no checkpoints in {self.directory}; train first or pass a run dir that has them")
     self.keep = keep
+    # The directory is made by the first save, not here: a run that stops on bad input before it saves
+    # leaves no empty checkpoints/ behind. (Decided once, at construction, so all processes agree.)
+    self._make_dir = create and not self.directory.is_dir()
     # Retention is ours (`_prune`): orbax keeps everything it is given.
-    options = ocp.CheckpointManagerOptions(max_to_keep=None, create=create, enable_async_checkpointing=async_save,
+    options = ocp.CheckpointManagerOptions(max_to_keep=None, create=False, enable_async_checkpointing=async_save,
                                            save_interval_steps=1)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("train_state", "extra"))
     self._async = async_save
@@ -64,6 +68,11 @@ class Checkpointer:
   def save(self, step: int, train_state: Any, extra: dict, *, permanent: bool = True) -> None:
     """Save a step (asynchronously if so configured); its manifest follows once orbax has finished it."""
     self._finalize()
+    if self._make_dir:
+      if jax.process_index() == 0:
+        self.directory.mkdir(parents=True, exist_ok=True)
+      self._sync("mkdir")
+      self._make_dir = False
     self._manager.save(step, args=ocp.args.Composite(
         train_state=ocp.args.StandardSave(train_state), extra=ocp.args.JsonSave(extra)), force=True)
     self._pending.append((step, permanent))
@@ -302,6 +311,9 @@ def load_initial_params(source: str | pathlib.Path, *, model_cfg: Any, abstract_
 
 def _orbax_shapes(step_dir: pathlib.Path) -> dict[str, tuple] | None:
   """Parameter shapes from a checkpoint's metadata (None if it cannot be read: the restore will say why)."""
+  absl_logger = logging.getLogger("absl")  # orbax warns that train_state/ has no _CHECKPOINT_METADATA of its
+  level = absl_logger.level                # own (the step dir holds it): a stray stderr line, not a problem
+  absl_logger.setLevel(logging.ERROR)
   try:
     meta = ocp.PyTreeCheckpointer().metadata(step_dir / "train_state")
     tree = getattr(meta, "item_metadata", meta)
@@ -309,6 +321,8 @@ def _orbax_shapes(step_dir: pathlib.Path) -> dict[str, tuple] | None:
     return {k: tuple(v.shape) for k, v in flat_names(tree["params"]).items()}
   except Exception:  # noqa: BLE001 - metadata is only for a clearer error
     return None
+  finally:
+    absl_logger.setLevel(level)
 
 
 def _check_same_model(source, saved: dict, now: dict, abstract_params: Any, shapes: dict | None) -> None:

@@ -59,13 +59,10 @@ class Pipeline:
 
 def build_pipeline(cfg: Config) -> Pipeline:
   from longctx.data.sources import build_sources
-  from longctx.data.tokenizers import load_tokenizer
+  from longctx.data.tokenizers import check_fits_model, load_tokenizer
 
   tokenizer = load_tokenizer(cfg.data.tokenizer)
-  if tokenizer.vocab_size > cfg.model.vocab_size:
-    raise ConfigError(
-        f"tokenizer {cfg.data.tokenizer!r} has {tokenizer.vocab_size} ids but model.vocab_size="
-        f"{cfg.model.vocab_size}; set --set model.vocab_size={tokenizer.vocab_size}")
+  check_fits_model(tokenizer, cfg.data.tokenizer, cfg.model.vocab_size)
   train_source, eval_source = build_sources(cfg.data, tokenizer)
   return Pipeline(tokenizer, train_source, eval_source)
 
@@ -83,7 +80,14 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def check_resume_compatible(saved: dict, cfg: Config, where: pathlib.Path) -> None:
   saved_flat, now_flat = _flat(saved), _flat(config_lib.to_dict(cfg))
   for key in _RESUME_MUST_MATCH:
-    if saved_flat.get(key) != now_flat.get(key):
+    old, new = saved_flat.get(key), now_flat.get(key)
+    if old != new and isinstance(old, dict) and isinstance(new, dict):  # name the fields that differ
+      keys = sorted(old.keys() | new.keys(), key=lambda k: (k != "name", k))
+      diff = [f"{key}.{k} {_short(old.get(k))} -> {_short(new.get(k))}" for k in keys if old.get(k) != new.get(k)]
+      raise CheckpointError(
+          f"the checkpoint in {where} was trained with another {key} than this recipe's ({', '.join(diff[:4])}"
+          f"{', ...' if len(diff) > 4 else ''}); use a new --run-dir (or the recipe that made it)")
+    if old != new:
       raise CheckpointError(
           f"the checkpoint in {where} was trained with {key}={_short(saved_flat.get(key))}, this recipe has "
           f"{key}={_short(now_flat.get(key))}; use a new --run-dir (or the recipe that made it)")
@@ -155,6 +159,10 @@ def run_training(cfg: Config, run_dir: str | pathlib.Path, *, stop_at_step: int 
     raise ConfigError(f"run dir {str(run_dir)!r} is a URL, but the run dir is written through the local "
                       "filesystem; mount the bucket (e.g. gcsfuse) on every host and pass the mounted path")
   run_dir = pathlib.Path(run_dir)
+  existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
+  if not existing.is_dir():
+    raise ConfigError(f"run dir {str(run_dir)!r} " + ("is a file, not a directory" if existing == run_dir else
+                      f"cannot be made: {str(existing)!r} is a file") + "; pass another --run-dir")
   pipeline = build_pipeline(cfg)  # data problems surface here, before anything is written
   trainer = Trainer(cfg, devices=devices)
   lanes = pipeline.train_lanes(trainer)
