@@ -69,6 +69,7 @@ def target_mesh(cfg: Config, num_devices: int | None = None) -> dict[str, int]:
 def estimate_run(cfg: Config, *, num_devices: int | None = None) -> RunEstimate:
   cfg.validate()
   mesh = target_mesh(cfg, num_devices)
+  shd.check_layout(cfg, mesh)  # what the real run would refuse, a dry run refuses too
   model_cls = get_model_class(cfg.model.name)
   abstract = nnx.eval_shape(lambda: build_model(cfg.model, rngs=nnx.Rngs(0)))
   _, params = nnx.split(abstract)

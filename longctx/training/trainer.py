@@ -164,20 +164,7 @@ class Trainer:
     self.cfg = cfg.validate()
     self.mesh: Mesh = shd.make_mesh(cfg.mesh, devices)
     self.model_class = get_model_class(cfg.model.name)
-    d = cfg.data
-    shards = shd.num_batch_shards(self.mesh)
-    if d.batch_size % shards:
-      raise ConfigError(
-          f"data.batch_size={d.batch_size} lanes cannot be split over {shards} data-parallel shards "
-          f"(mesh data x fsdp); use a multiple of {shards}")
-    if d.seg_len % self.mesh.shape["sequence"]:
-      raise ConfigError(
-          f"data.seg_len={d.seg_len} is not divisible by mesh.sequence={self.mesh.shape['sequence']}")
-
-    multiple = self.model_class.segment_multiple(cfg.model)
-    if d.seg_len % multiple:
-      raise ConfigError(f"data.seg_len={d.seg_len} must be a multiple of {multiple}: model {cfg.model.name} reads "
-                        f"whole blocks of model.block_len={multiple} tokens")
+    shd.check_layout(cfg, self.mesh.shape)  # lanes over data shards, segments over sequence and blocks
     abstract_model = nnx.eval_shape(lambda: build_model(cfg.model, rngs=nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(abstract_model)
     self.graphdef = graphdef
