@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pathlib
 import resource
 import time
 from typing import Sequence
@@ -259,7 +260,10 @@ def format_table(results: list[BenchResult], peak_flops: float) -> str:
 def _ints(spec: str, flag: str) -> list[int]:
   from longctx.eval.streaming import parse_lengths
 
-  values = parse_lengths(spec) if spec else []
+  try:
+    values = parse_lengths(spec) if spec else []
+  except ConfigError as e:
+    raise ConfigError(f"{flag}: {e}") from None
   if not values:
     raise ConfigError(f"{flag} needs at least one value")
   return values
@@ -276,24 +280,37 @@ def run_bench_cli(args) -> int:
   d_models = _ints(args.d_models, "--d-models")
   seg_lens = _ints(args.seg_lens, "--seg-lens") if args.seg_lens else []
   stream_lengths = _ints(args.stream_lengths, "--stream-lengths") if args.stream_lengths else []
+  for flag in ("steps", "layers", "window", "tokens_per_step", "stream_seg_len", "stream_lanes"):
+    if getattr(args, flag) < 1:
+      raise ConfigError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be >= 1")
+  if args.json and not (pathlib.Path(args.json).parent.is_dir() and not pathlib.Path(args.json).is_dir()):
+    raise ConfigError(f"--json {args.json!r}: its directory does not exist (or it is a directory itself); "
+                      "create the directory or pass another file")
+  # Every configuration is built (and validated) before anything runs: a bad one fails in a second,
+  # not after the configurations before it have been measured.
+  plan = []  # (model, stream config or None, [train configs])
+  for model in models:
+    stream_cfg = bench_config(model, d_model=d_models[0], seg_len=args.stream_seg_len, lanes=args.stream_lanes,
+                              layers=args.layers, window=args.window, dtype=args.dtype,
+                              overrides=args.set) if stream_lengths else None
+    train_cfgs = [bench_config(model, d_model=d_model, seg_len=seg_len,
+                               lanes=max(1, args.tokens_per_step // seg_len), layers=args.layers,
+                               window=min(args.window, seg_len), dtype=args.dtype, overrides=args.set)
+                  for d_model in d_models for seg_len in seg_lens]
+    plan.append((model, stream_cfg, train_cfgs))
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   peak = measure_matmul_peak(dtype=dtype)
   results: list[BenchResult] = []
-  for model in models:
-    if stream_lengths:  # first, so its peak RSS is its own
-      cfg = bench_config(model, d_model=d_models[0], seg_len=args.stream_seg_len, lanes=args.stream_lanes,
-                         layers=args.layers, window=args.window, dtype=args.dtype, overrides=args.set)
-      for r in bench_stream(cfg, lengths=stream_lengths, peak_flops=peak, progress=not args.no_progress):
+  for model, stream_cfg, train_cfgs in plan:
+    if stream_cfg is not None:  # first, so its peak RSS is its own
+      for r in bench_stream(stream_cfg, lengths=stream_lengths, peak_flops=peak, progress=not args.no_progress):
         results.append(r)
         print(f"  stream {model} d_model={r.d_model} length={r.length}: {r.tokens_per_s:.0f} tok/s, "
               f"peak RSS {r.peak_rss_mib:.0f} MiB", flush=True)
-    for d_model in d_models:
-      for seg_len in seg_lens:
-        cfg = bench_config(model, d_model=d_model, seg_len=seg_len, lanes=max(1, args.tokens_per_step // seg_len),
-                           layers=args.layers, window=min(args.window, seg_len), dtype=args.dtype,
-                           overrides=args.set)
-        results.append(bench_train_step(cfg, steps=args.steps, peak_flops=peak))
-        print(f"  train {model} d_model={d_model} seg={seg_len}: {results[-1].tokens_per_s:.0f} tok/s", flush=True)
+    for cfg in train_cfgs:
+      results.append(bench_train_step(cfg, steps=args.steps, peak_flops=peak))
+      print(f"  train {model} d_model={cfg.model.d_model} seg={cfg.data.seg_len}: {results[-1].tokens_per_s:.0f} "
+            "tok/s", flush=True)
   add_ratios(results)
   print(format_table(results, peak))
   if args.json:
