@@ -26,3 +26,20 @@ def eight_devices():
   devices = jax.devices()
   assert len(devices) == 8, "tests/conftest.py must set 8 host devices before jax is imported"
   return devices
+
+
+# ----------------------------------------------------------------------------- the hostile-input count
+# Counted from the test reports (the controller sees every xdist worker's), printed in the closing summary.
+_HOSTILE_CASES: list[bool] = []
+
+
+def pytest_runtest_logreport(report):
+  if report.when == "call" and "test_hostile_inputs.py::test_hostile_input[" in report.nodeid:
+    _HOSTILE_CASES.append(report.passed)
+
+
+def pytest_terminal_summary(terminalreporter):
+  if _HOSTILE_CASES:
+    tried, clear = len(_HOSTILE_CASES), sum(_HOSTILE_CASES)
+    terminalreporter.write_line(f"hostile inputs: {tried} tried, {clear} clear one-line errors with no traceback and "
+                                f"nothing written, {tried - clear} failed (tests/test_hostile_inputs.py)")
