@@ -89,7 +89,7 @@ def test_resume_refuses_a_different_model(tmp_path):
   run_training(tiny_config(steps=1, checkpoint_every=1), tmp_path, progress=False, log=lambda *_: None)
   other = tiny_config(steps=2)
   other.model.d_model = 64
-  with pytest.raises(CheckpointError, match="trained with model=.*use a new --run-dir"):
+  with pytest.raises(CheckpointError, match=r"trained with another model than this recipe.s \(model.d_model 32 -> 64\); use a new --run-dir"):
     run_training(other, tmp_path, progress=False, log=lambda *_: None)
 
 
