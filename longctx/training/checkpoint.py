@@ -236,9 +236,10 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
 
 
 def flat_names(tree: Any) -> dict[str, Any]:
-  """`{"blocks": {0: {"attn": {"wq": x}}}}` -> `{"blocks.0.attn.wq": x}` (the names exports use)."""
-  return {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  """`{"blocks": {0: {"attn": {"wq": x}}}}` -> `{"blocks.0.attn.wq": x}`: the names exports use."""
+  from longctx.export import flatten_params
+
+  return flatten_params(tree)
 
 
 def _model_differences(saved: dict, now: dict) -> list[str]:
@@ -295,14 +296,13 @@ def load_initial_params(source: str | pathlib.Path, *, model_cfg: Any, abstract_
       ckpt.close()
     what = f"{where / str(step)}"
   else:
-    from longctx.export import read_export
+    from longctx.export import params_from_flat, read_export
 
     saved_cfg, flat = read_export(where)
     saved = config_lib.to_dict(saved_cfg)
     _check_same_model(source, saved, now, abstract_params, {k: np.shape(v) for k, v in flat.items()})
-    wanted = flat_names(abstract_params)
-    leaves = [jax.device_put(np.asarray(flat[name], dtype=s.dtype), s.sharding) for name, s in wanted.items()]
-    params = jax.tree.unflatten(jax.tree.structure(abstract_params), leaves)
+    params = jax.device_put(params_from_flat(flat, like=abstract_params),
+                            jax.tree.map(lambda s: s.sharding, abstract_params))
     what = f"export {where}"
   diffs = _model_differences(saved, now)
   note = f"; model settings changed: {', '.join(diffs)}" if diffs else ""
