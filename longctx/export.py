@@ -326,9 +326,6 @@ def restore_params(run_dir: str | pathlib.Path, *, step: int | None = None) -> t
   Only the parameters are read (not the optimizer state), into host memory,
   whatever mesh the run was trained on. `run_dir` may also be `RUN/checkpoints/STEP`.
   """
-  import jax
-  import orbax.checkpoint as ocp
-
   from longctx import config as config_lib
   from longctx.eval.streaming import resolve_checkpoint
   from longctx.training.checkpoint import Checkpointer
@@ -343,29 +340,14 @@ def restore_params(run_dir: str | pathlib.Path, *, step: int | None = None) -> t
     cfg = config_lib.from_dict(saved).validate()
   except ConfigError as e:  # a missing section, an unknown key, a value of the wrong type
     raise CheckpointError(f"{run_dir / 'config.json'} is not a longctx run config ({e})") from None
-  ckpt = Checkpointer(run_dir / "checkpoints", create=False)
+  like = abstract_params(cfg.model)
+  ckpt = Checkpointer(run_dir / "checkpoints", create=False, async_save=False)
   try:
-    steps = sorted(ckpt.all_steps())
+    step = ckpt.checked_step(step)
+    params = ckpt.restore_params(step, like)  # numpy on the host: `like` has no shardings
   finally:
     ckpt.close()
-  if not steps:
-    raise CheckpointError(f"no checkpoint in {run_dir / 'checkpoints'}; train first")
-  if step is None:
-    step = steps[-1]
-  if step not in steps:
-    raise CheckpointError(f"no checkpoint for step {step} in {run_dir / 'checkpoints'}; it has {steps}")
-  like = abstract_params(cfg.model)
-  restore_args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype), like)
-  where = run_dir / "checkpoints" / str(step) / "train_state"
-  try:
-    with ocp.PyTreeCheckpointer() as checkpointer:
-      restored = checkpointer.restore(where.absolute(), args=ocp.args.PyTreeRestore(
-          item={"params": like}, restore_args={"params": restore_args}, partial_restore=True))
-  except Exception as e:  # orbax raises many types; the user needs one line
-    msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-    raise CheckpointError(f"the parameters in {where} could not be read ({type(e).__name__}: {msg}); the "
-                          "checkpoint may be damaged or from another model config") from None
-  flat = {k: np.asarray(v) for k, v in flatten_params(restored["params"]).items()}
+  flat = {k: np.asarray(v) for k, v in flatten_params(params).items()}
   params_from_flat(flat, like=like)  # shapes as the saved config says, or one line naming the tensor
   return cfg, flat, int(step)
 

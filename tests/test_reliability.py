@@ -223,3 +223,23 @@ def test_time_based_checkpoints_in_the_loop(tmp_path):
   assert steps == [5]  # the last step is permanent; older temporaries are gone
   manifest = json.loads((tmp_path / "run" / "checkpoints" / "5" / "longctx_manifest.json").read_text())
   assert manifest["permanent"] is True
+
+
+def test_reading_a_damaged_checkpoint_is_refused(tmp_path):
+  """eval / generate (load_trained), export and --init-from check the manifest too: flipped bytes are one line."""
+  from longctx.errors import CheckpointError
+  from longctx.eval.streaming import load_trained
+  from longctx.export import export_run
+
+  cfg = _cfg(2)
+  run_training(cfg, tmp_path / "run", progress=False, devices=jax.devices()[:1], log=lambda *_: None)
+  _flip(tmp_path / "run" / "checkpoints" / "2")
+  trainer = Trainer(cfg, devices=jax.devices()[:1])
+  readers = [lambda: load_trained(tmp_path / "run", overrides=["mesh.data=-1"]),
+             lambda: export_run(tmp_path / "run", fmt="safetensors", out=tmp_path / "exported"),
+             lambda: load_initial_params(tmp_path / "run", model_cfg=cfg.model,
+                                         abstract_params=trainer.abstract_train_state_sharded()["params"])]
+  for read in readers:
+    with pytest.raises(CheckpointError, match=r"checkpoints/2 could not be restored: it is damaged \(.*checksum\)"):
+      read()
+  assert not (tmp_path / "exported").exists()

@@ -134,13 +134,7 @@ def load_trained(path: str | pathlib.Path, *, overrides: Sequence[str] = ()) -> 
   check_fits_model(tokenizer, cfg.data.tokenizer, cfg.model.vocab_size)
   ckpt = Checkpointer(run_dir / "checkpoints", create=False)
   try:
-    steps = ckpt.all_steps()
-    if step is None:
-      step = ckpt.latest_step()
-    if step is None:
-      raise CheckpointError(f"no checkpoint in {run_dir / 'checkpoints'}; train first")
-    if step not in steps:
-      raise CheckpointError(f"no checkpoint for step {step} in {run_dir / 'checkpoints'}; it has {sorted(steps)}")
+    step = ckpt.checked_step(step)
     train_trainer = Trainer(restore_cfg)  # the layout the checkpoint was written with
     ts, _ = ckpt.restore(step, train_trainer.abstract_train_state_sharded())
   finally:

@@ -158,17 +158,41 @@ class Checkpointer:
           "it may come from another model/config or be damaged: use a new --run-dir or delete that step") from None
     return out["train_state"], out["extra"]
 
+  def checked_step(self, step: int | None = None) -> int:
+    """`step` (default: the latest) if this directory holds it with its files intact, else one line saying why.
+
+    A step without a manifest (an older longctx) is accepted; one that fails its manifest is not.
+    """
+    steps = self.all_steps()
+    if not steps:
+      raise CheckpointError(f"no checkpoint in {self.directory}; train first")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; it has {steps}")
+    problem = verify_step(self.directory / str(step))
+    if problem not in (None, "no manifest"):
+      raise CheckpointError(f"checkpoint {self.directory / str(step)} could not be restored: it is damaged "
+                            f"({problem}), so its parameters could not be read; use an older step (--step) or train "
+                            "again")
+    return step
+
   def restore_params(self, step: int, abstract_params: Any) -> Any:
-    """Only the parameters of a checkpoint, onto the shardings in `abstract_params` (ShapeDtypeStructs)."""
+    """Only the parameters of a checkpoint (not the optimizer state), like `abstract_params`
+    (ShapeDtypeStructs): onto their shardings where they have one, else as numpy arrays on the host."""
     target = {"params": abstract_params}
-    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype), target)
+
+    def restore_arg(s):
+      if getattr(s, "sharding", None) is not None:
+        return ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype)
+      return ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype)
+
     try:
       out = self._manager.restore(step, args=ocp.args.Composite(train_state=ocp.args.PyTreeRestore(
-          item=target, restore_args=restore_args, partial_restore=True)))
+          item=target, restore_args=jax.tree.map(restore_arg, target), partial_restore=True)))
     except Exception as e:  # orbax raises many types; the user needs one line
       msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-      raise CheckpointError(f"the parameters of checkpoint {self.directory / str(step)} could not be restored "
-                            f"({type(e).__name__}: {msg})") from None
+      raise CheckpointError(f"the parameters of checkpoint {self.directory / str(step)} could not be read "
+                            f"({type(e).__name__}: {msg}); it may be damaged or from another model config") from None
     return out["train_state"]["params"]
 
   def restore_extra(self, step: int) -> dict:
@@ -286,9 +310,10 @@ def load_initial_params(source: str | pathlib.Path, *, model_cfg: Any, abstract_
   if kind == "orbax":
     ckpt = Checkpointer(where, create=False, async_save=False)
     try:
-      step = ckpt.latest_step() if step is None else step
-      if step is None or step not in ckpt.all_steps():
-        raise CheckpointError(f"--init-from {source}: no finished checkpoint in {where}")
+      try:
+        step = ckpt.checked_step(step)
+      except CheckpointError as e:
+        raise CheckpointError(f"--init-from {source}: {e}") from None
       saved = ckpt.restore_extra(step).get("config", {}).get("model", {})
       _check_same_model(source, saved, now, abstract_params, _orbax_shapes(where / str(step)))
       params = ckpt.restore_params(step, abstract_params)
