@@ -64,7 +64,9 @@ class DataConfig:
 
   source:
     "stdlib"    the Python standard library's own source files (no download)
-    "files"     local .txt / .jsonl / .parquet files (`paths`, `text_field`)
+    "files"     local files (`paths`, glob patterns allowed): .jsonl / .json / .parquet are one document
+                per row (`text_field`), any other file (.txt, .tex, .md, .py, ...) one UTF-8 document;
+                each may be compressed (.gz, .bz2, .xz, .zst)
     "hub"       a Hugging Face hub dataset, streamed (`hub_name`, `hub_config`, `text_field`)
     "synthetic" generated long-context tasks (`task`: passkey, mqar, copy, qa1, qa2, or a
                 comma-separated mixture such as "passkey,mqar,qa1,qa2", where naming a task twice
@@ -85,6 +87,7 @@ class DataConfig:
   prompt_loss_weight: float = 0.0  # synthetic: loss weight of prompt tokens (answers weigh 1; 0 = answer-only)
   num_docs: int = 0  # synthetic: documents per epoch (0 = 10_000); other sources: cap (0 = all)
   eval_fraction: float = 0.02  # stdlib/files without eval_paths: held-out fraction of documents
+  skip_unreadable: bool = False  # files: skip (and count, in one warning) files that are not UTF-8 / not JSON
   tokenizer: str = "byte"  # "byte" or a path to a sentencepiece .model
   batch_size: int = 8  # global number of lanes
   seg_len: int = 128  # tokens per segment

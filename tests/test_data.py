@@ -211,14 +211,46 @@ def sp_model(tmp_path_factory):
   words = ["the", "river", "mill", "light", "wind", "leaves", "clock", "bread", "road", "hills", "cloud", "town", "cat"]
   text = "\n".join(" ".join(rng.choice(words, 12)) + "." for _ in range(400))
   (d / "corpus.txt").write_text(text)
-  return train_sentencepiece([str(d / "corpus.txt")], model_prefix=str(d / "tok"), vocab_size=32)
+  return train_sentencepiece([str(d / "corpus.txt")], model_prefix=str(d / "tok"), vocab_size=300)
 
 
 def test_sentencepiece_train_and_load(sp_model):
   tok = load_tokenizer(sp_model)
-  assert isinstance(tok, SentencePieceTokenizer) and tok.vocab_size == 32
+  assert isinstance(tok, SentencePieceTokenizer) and tok.vocab_size == 300
   assert tok.decode(tok.encode("the river the mill.")) == "the river the mill."
   assert len({tok.bos_id, tok.eos_id, tok.pad_id}) == 3
+
+
+# Text a long-document tokenizer must not change: code with tabs, indentation and blank lines, LaTeX, emoji,
+# CJK, characters absent from the training text, runs of spaces, CRLF, digits, control characters.
+ROUND_TRIP = [
+    "def f(x):\n\tif x:\n\t\treturn  x  # two spaces\n\n\n    pass\n",
+    "\\begin{document}\n\\section{Intro} $\\int_0^1 x^2\\,dx$ % a comment\n\\end{document}\n",
+    "emoji 😀🎉👩‍🔬 and CJK 漢字かな한국어 and ﬁ ligature, Ｆｕｌｌ width, é vs é",
+    "   leading spaces, trailing spaces   ", "\r\nwindows\r\nlines\r\n", "pi 3.14159 and 1234567890",
+    "\x00\x01\x7f control \u2028 separator", "Ω absent ☃ from ∮ training ⁂",
+]
+
+
+def test_sentencepiece_is_lossless_by_default(tmp_path):
+  """decode(encode(x)) == x on arbitrary UTF-8, with no UNK. Before: NFKC normalisation, whitespace runs and
+  newlines collapsed (generated text had no line breaks), unseen characters became UNK
+  (`\\begin{document}` -> ` ⁇ begin ⁇ document ⁇ `). `--sentencepiece-defaults` keeps the old behaviour."""
+  from longctx import cli
+
+  corpus = tmp_path / "train.txt"
+  corpus.write_text("\n".join(f"the river {i} runs past the mill, and the wind turns it." for i in range(300)))
+  tok = load_tokenizer(train_sentencepiece([str(corpus)], model_prefix=str(tmp_path / "lossless"), vocab_size=290))
+  for text in ROUND_TRIP:
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text, text
+    assert 1 not in ids.tolist(), f"UNK in {text!r}"  # UNK=1: never, thanks to byte fallback
+  assert tok.encode("\n").tolist() != tok.encode(" ").tolist()
+  assert cli.main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "60", "--out",
+                   str(tmp_path / "lossy"), "--sentencepiece-defaults"]) == 0
+  lossy = load_tokenizer(str(tmp_path / "lossy.model"))
+  assert lossy.decode(lossy.encode(ROUND_TRIP[0])) != ROUND_TRIP[0]  # the old defaults: layout lost
+  assert 1 in lossy.encode("☃").tolist()
 
 
 def test_missing_tokenizer_is_clear(tmp_path):
@@ -247,6 +279,76 @@ def test_local_files_txt_jsonl_parquet(tmp_path):
   assert train.num_docs + held.num_docs == 6
   with pytest.raises(DataError, match=r"pattern .*nothing_\*\.txt' matches no file"):
     build_sources(DataConfig(source="files", paths=[str(tmp_path / "nothing_*.txt")]), TOK)
+
+
+def test_any_text_file_is_a_document_compressed_or_not(tmp_path):
+  """.tex, .md, .py, .rst, no extension: one UTF-8 document each; .gz / .bz2 / .xz / .zst compressed text and
+  rows too. Before: `data file 'paper.tex' has an unsupported type '.tex'`."""
+  import bz2
+  import gzip
+  import lzma
+
+  import zstandard
+
+  plain = {"paper.tex": "\\section{A}\nText.", "notes.md": "# Notes\n\n* one", "tool.py": "print(1)\n",
+           "guide.rst": "Guide\n=====", "README": "no extension", "table.csv": "a,b\n1,2"}
+  for name, text in plain.items():
+    (tmp_path / name).write_text(text)
+  packed = {"book.txt.gz": (gzip.compress, "gzip book"), "paper.tex.bz2": (bz2.compress, "bz2 paper"),
+            "notes.md.xz": (lzma.compress, "xz notes"), "book.txt.zst": (zstandard.ZstdCompressor().compress, "zst")}
+  for name, (pack, text) in packed.items():
+    (tmp_path / name).write_bytes(pack(text.encode()))
+  (tmp_path / "rows.jsonl.gz").write_bytes(gzip.compress(b'{"text": "row a"}\n{"text": "row b"}\n'))
+  names = [*plain, *packed, "rows.jsonl.gz"]
+  cfg = DataConfig(source="files", paths=[str(tmp_path / n) for n in names], eval_fraction=0.3)
+  train, held = build_sources(cfg, TOK)
+  texts = {TOK.decode(src.get(0, i)["tokens"]) for src in (train, held) for i in range(src.num_docs)}
+  assert texts == {*plain.values(), *(t for _, t in packed.values()), "row a", "row b"}
+  listed = sorted(train.names + held.names)
+  assert listed == sorted([str(tmp_path / n) for n in [*plain, *packed]] +
+                          [f"{tmp_path / 'rows.jsonl.gz'} row {r}" for r in (0, 1)])
+
+
+def test_an_unreadable_file_among_many_is_named(tmp_path):
+  """A latin-1 .tex among 69 good files: one short line naming that file and the byte. Before: a 2,549-
+  character line listing all 70 paths. `data.skip_unreadable=true` skips it with one counted warning."""
+  for i in range(69):
+    (tmp_path / f"good{i:02d}.tex").write_text(f"\\section{{Part {i}}} text {i}")
+  (tmp_path / "latin1.tex").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+  cfg = DataConfig(source="files", paths=[str(tmp_path / "*.tex")])
+  with pytest.raises(DataError) as info:
+    build_sources(cfg, TOK)
+  msg = str(info.value)
+  assert msg.startswith(f"data file {str(tmp_path / 'latin1.tex')!r} is not UTF-8 text (byte 3 is 0xe9)"), msg
+  assert "\n" not in msg and len(msg) < 300 and "good00" not in msg, msg
+  assert "data.skip_unreadable=true" in msg
+  warnings = []
+  train, held = build_sources(DataConfig(source="files", paths=cfg.paths, skip_unreadable=True), TOK,
+                              warn=warnings.append)
+  assert train.num_docs + held.num_docs == 69
+  assert len(warnings) == 1 and warnings[0].startswith("warning: skipped 1 unreadable data file(s)")
+  assert "latin1.tex" in warnings[0]
+  (tmp_path / "rows.jsonl").write_text('{"text": "fine"}\n{"text": "fine too"}\n{not json\n')
+  with pytest.raises(DataError, match=r"rows.jsonl' line 3 is not JSON"):
+    build_sources(DataConfig(source="files", paths=[str(tmp_path / "rows.jsonl")]), TOK)
+
+
+def test_hub_offline_or_unreachable_is_one_line_at_once(monkeypatch):
+  """Before: 27 s and 22 duplicated retry warnings before the error line. Now the hub is asked once, with a
+  short timeout; HF_HUB_OFFLINE answers without asking; `datasets` is never reached."""
+  import datasets
+
+  def never(*args, **kwargs):
+    raise AssertionError("datasets.load_dataset was called: it would retry for half a minute")
+
+  monkeypatch.setattr(datasets, "load_dataset", never)
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  with pytest.raises(DataError, match="HF_HUB_OFFLINE is set, so hub dataset 'deepmind/pg19' cannot be streamed"):
+    build_sources(DataConfig(source="hub", hub_name="deepmind/pg19"), TOK)
+  monkeypatch.delenv("HF_HUB_OFFLINE")
+  monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+  with pytest.raises(DataError, match=r"cannot reach the Hugging Face hub at http://127.0.0.1:9 to stream dataset"):
+    build_sources(DataConfig(source="hub", hub_name="deepmind/pg19"), TOK)
 
 
 def test_hub_source_streams_a_local_directory(tmp_path):

@@ -13,6 +13,7 @@ in the same order every time; each epoch is reshuffled by (seed, epoch).
 from __future__ import annotations
 
 import hashlib
+import os
 import pathlib
 import sysconfig
 from typing import Callable, Iterator, Sequence
@@ -74,10 +75,11 @@ class DocumentSource:
 
 
 class TextListSource(DocumentSource):
-  """Random-access texts from a loader `text_at(index)`; tokenized on access."""
+  """Random-access texts from a loader `text_at(index)`; tokenized on access. `names[i]` says where
+  document i comes from (a file, or a file's row), for the list of held-out documents."""
 
   def __init__(self, count: int, text_at: Callable[[int], str], tokenizer, *, name: str, seed: int = 0,
-               shuffle: bool = True):
+               shuffle: bool = True, names: Sequence[str] | None = None):
     super().__init__(seed=seed, shuffle=shuffle)
     if count == 0:
       raise DataError(f"{name} yields no documents; check the paths / split / eval_fraction")
@@ -85,6 +87,7 @@ class TextListSource(DocumentSource):
     self._text_at = text_at
     self.tokenizer = tokenizer
     self.name = name
+    self.names = list(names) if names is not None else None
 
   def _load(self, index: int) -> Document:
     return make_document(self.tokenizer.encode(self._text_at(index)), self.tokenizer)
@@ -128,8 +131,26 @@ def _read_text_file(path: pathlib.Path) -> str:
 
 # Where the paths and the text field came from, for the fix an error names: a training config, or the
 # command line of `longctx tokenizer train`.
-DATA_FLAGS = {"paths": "data.paths (or data.eval_paths)", "text_field": "set data.text_field"}
-TOKENIZER_FLAGS = {"paths": "--input", "text_field": "pass --text-field"}
+DATA_FLAGS = {"paths": "data.paths (or data.eval_paths)", "text_field": "set data.text_field",
+              "skip": "set data.skip_unreadable=true to skip such files"}
+TOKENIZER_FLAGS = {"paths": "--input", "text_field": "pass --text-field", "skip": "leave it out of --input"}
+
+# How a data file is read, by its name once a compression suffix is taken off: rows of a table, or (any
+# other name: .txt, .tex, .md, .py, .rst, none, ...) one UTF-8 text document per file.
+ROW_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")  # read by `datasets` (zstandard for .zst)
+
+
+def _strip_compression(name: str) -> str:
+  for suffix in COMPRESSIONS:
+    if name.endswith(suffix):
+      return name[: -len(suffix)]
+  return name
+
+
+def file_kind(path: str | pathlib.Path) -> str:
+  """"text", "json" or "parquet": how `load_text_dataset` reads this file."""
+  return ROW_FORMATS.get(pathlib.PurePath(_strip_compression(pathlib.Path(path).name.lower())).suffix, "text")
 
 
 def _expand(paths: Sequence[str], flags: dict = DATA_FLAGS) -> list[str]:
@@ -157,8 +178,6 @@ def _check_paths(paths: Sequence[str], flags: dict = DATA_FLAGS) -> list[pathlib
                       f"{str(path / '*.txt')!r}")
     if not path.is_file():
       raise DataError(f"data file {p!r} not found; check {flags['paths']}")
-    if path.suffix not in (".txt", ".jsonl", ".json", ".parquet"):
-      raise DataError(f"data file {p!r} has an unsupported type {path.suffix!r}; use .txt, .jsonl or .parquet")
     out.append(path)
   return out
 
@@ -173,38 +192,162 @@ def _datasets():
   return datasets
 
 
-def load_text_dataset(paths: Sequence[str], *, text_field: str, flags: dict = DATA_FLAGS):
-  """Load local files with HF `datasets` as one Dataset of `text_field` rows.
+def _open_decompressed(path: pathlib.Path):
+  """A binary file object of `path`'s contents, decompressed by its suffix."""
+  import bz2
+  import gzip
+  import lzma
 
-  .txt: one document per file; .jsonl / .parquet: one document per row. `flags` name the settings that
-  errors point to (DATA_FLAGS or TOKENIZER_FLAGS).
+  name = path.name.lower()
+  if name.endswith(".gz"):
+    return gzip.open(path, "rb")
+  if name.endswith(".bz2"):
+    return bz2.open(path, "rb")
+  if name.endswith(".xz"):
+    return lzma.open(path, "rb")
+  if name.endswith(".zst"):
+    import zstandard
+
+    return zstandard.open(path, "rb")
+  return path.open("rb")
+
+
+def unreadable_reason(path: pathlib.Path, kind: str) -> str | None:
+  """Why `path` cannot be read as `kind` (a few words: "is not UTF-8 text (byte 1234 is 0xe9)"), or None.
+
+  Only called once `datasets` has failed, to name the file (it names none)."""
+  import codecs
+
+  try:
+    if kind == "parquet":
+      import pyarrow.parquet as pq
+
+      pq.read_metadata(path)
+      return None
+    decoder, offset, line = codecs.getincrementaldecoder("utf-8")(), 0, 1
+    rows = kind == "json" and _strip_compression(path.name.lower()).endswith(".jsonl")  # JSON lines: check each
+    with _open_decompressed(path) as f:
+      text_tail = ""
+      while chunk := f.read(1 << 20):
+        try:
+          text = decoder.decode(chunk)
+        except UnicodeDecodeError as e:
+          return f"is not UTF-8 text (byte {offset + e.start} is 0x{chunk[e.start]:02x})"
+        offset += len(chunk)
+        if rows:
+          text_tail += text
+          *complete, text_tail = text_tail.split("\n")
+          for row in complete:
+            if (problem := _json_row_problem(row, line)) is not None:
+              return problem
+            line += 1
+      decoder.decode(b"", final=True)
+      if rows and (problem := _json_row_problem(text_tail, line)) is not None:
+        return problem
+  except UnicodeDecodeError as e:  # truncated at the very end
+    return f"is not UTF-8 text (it ends inside a character: {e.reason})"
+  except Exception as e:  # noqa: BLE001 - a damaged archive, an unreadable parquet footer, permissions
+    lines = str(e).strip().splitlines()
+    return f"cannot be read ({type(e).__name__}{': ' + lines[0][:120] if lines else ''})"
+  return None
+
+
+def _json_row_problem(row: str, line: int) -> str | None:
+  import json
+
+  if not row.strip():
+    return None
+  try:
+    value = json.loads(row)
+  except ValueError as e:
+    return f"line {line} is not JSON ({str(e)[:80]}); .jsonl files need one JSON object per line"
+  if not isinstance(value, dict):
+    return f"line {line} is a JSON {type(value).__name__}, not an object; .jsonl files need one object per line"
+  return None
+
+
+def load_text_dataset(paths: Sequence[str], *, text_field: str, flags: dict = DATA_FLAGS,
+                      skip_unreadable: bool = False, warn=None):
+  """Load local files with HF `datasets` as one Dataset of `text_field` rows, and a name for every row.
+
+  .jsonl / .json / .parquet: one document per row; any other file (.txt, .tex, .md, .py, ...): one UTF-8
+  text document; each also compressed (.gz, .bz2, .xz, .zst). A file that cannot be read is named in the
+  error (or, with `skip_unreadable`, skipped, and counted in one `warn` line). `flags` name the settings
+  that errors point to (DATA_FLAGS or TOKENIZER_FLAGS).
+
+  Returns (dataset with one column "text", names: one string per row, e.g. "books/a.txt" or
+  "data.jsonl row 17").
   """
   datasets = _datasets()
 
   files = _check_paths(paths, flags)
-  parts = []
-  for kind, suffixes in (("text", (".txt",)), ("json", (".jsonl", ".json")), ("parquet", (".parquet",))):
-    group = [str(f) for f in files if f.suffix in suffixes]
+  parts, names, skipped = [], [], []
+  for kind in ("text", "json", "parquet"):
+    group = [f for f in files if file_kind(f) == kind]
     if not group:
       continue
     kwargs = {"sample_by": "document"} if kind == "text" else {}
-    try:
-      ds = datasets.load_dataset(kind, data_files=group, split="train", **kwargs)
-    except Exception as e:
-      raise DataError(f"could not read {group[0] if len(group) == 1 else group!r} ({_root_cause(e)}); "
-                      f"{_READABLE[kind]}") from None
+    while True:
+      try:
+        ds = datasets.load_dataset(kind, data_files=[str(f) for f in group], split="train", **kwargs)
+        break
+      except Exception as e:
+        bad = [(f, r) for f in group if (r := unreadable_reason(f, kind)) is not None]
+        if not bad:
+          first = group[0] if len(group) == 1 else f"one of {len(group)} {kind} files ({group[0]}, ...)"
+          raise DataError(f"could not read {first} ({_root_cause(e)}); {_READABLE[kind]}") from None
+        if not skip_unreadable:
+          (f, reason), more = bad[0], (f" ({len(bad) - 1} more such files)" if len(bad) > 1 else "")
+          fix = "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)" if "UTF-8" in reason else "fix or remove it"
+          raise DataError(f"data file {str(f)!r} {reason}{more}; {fix}, or {flags['skip']}") from None
+        skipped += bad
+        group = [f for f in group if f not in {b for b, _ in bad}]
+        if not group:
+          break
+    if not group:
+      continue
     field = "text" if kind == "text" else text_field
     if field not in ds.column_names:
-      raise DataError(f"field {field!r} not in {group[0]!r}; its fields are {ds.column_names}; "
+      raise DataError(f"field {field!r} not in {str(group[0])!r}; its fields are {ds.column_names}; "
                       f"{flags['text_field']}")
     ds = ds.select_columns([field])
     if field != "text":
       ds = ds.rename_column(field, "text")
     parts.append(ds.cast_column("text", datasets.Value("string")))  # parquet may say large_string
-  return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    names += _row_names(group, kind, len(ds))
+  if skipped:
+    (f, reason) = skipped[0]
+    (warn or print)(f"warning: skipped {len(skipped)} unreadable data file(s) (data.skip_unreadable=true); the "
+                    f"first: {str(f)!r} {reason}")
+  if not parts:
+    raise DataError(f"every data file in {list(paths)} was unreadable and skipped; check {flags['paths']}")
+  return (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)), names
 
 
-_READABLE = {"text": ".txt files must be UTF-8 text", "json": ".jsonl files need one JSON object per line",
+def _row_names(files: Sequence[pathlib.Path], kind: str, rows: int) -> list[str]:
+  """One name per row: the file (text), or "FILE row N" where the rows of each file can be counted."""
+  if kind == "text":  # sample_by="document": one row per file, in order
+    return [str(f) for f in files] if len(files) == rows else [f"text file row {i}" for i in range(rows)]
+  counts = []
+  try:
+    for f in files:
+      if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        counts.append(pq.read_metadata(f).num_rows)
+      elif _strip_compression(f.name.lower()).endswith(".jsonl"):
+        with _open_decompressed(f) as fh:
+          counts.append(sum(1 for line in fh if line.strip()))
+      else:
+        raise ValueError("rows not countable")
+  except (ValueError, OSError):
+    counts = []
+  if sum(counts) != rows or len(counts) != len(files):
+    return [f"{kind} row {i} of {', '.join(map(str, files))}"[:200] for i in range(rows)]
+  return [f"{f} row {r}" for f, n in zip(files, counts) for r in range(n)]
+
+
+_READABLE = {"text": "text files must be UTF-8", "json": ".jsonl files need one JSON object per line",
              "parquet": "is it a parquet file?"}
 
 
@@ -220,7 +363,7 @@ def _root_cause(e: BaseException) -> str:
 
 
 def read_texts(paths: Sequence[str], *, text_field: str = "text", flags: dict = DATA_FLAGS) -> Iterator[str]:
-  ds = load_text_dataset(paths, text_field=text_field, flags=flags)
+  ds, _ = load_text_dataset(paths, text_field=text_field, flags=flags)
   for row in ds:
     if row["text"]:
       yield row["text"]
@@ -246,6 +389,8 @@ class HubSource(DocumentSource):
     super().__init__(seed=seed, shuffle=shuffle_buffer > 0)
     self.name, self.config, self.split, self.text_field = name, config or None, split, text_field
     self.tokenizer, self.max_docs, self.shuffle_buffer = tokenizer, max_docs, shuffle_buffer
+    if not pathlib.Path(name).is_dir():
+      probe_hub_dataset(name)  # offline or unreachable: one line in a second, not minutes of retries
     self._stream(0)  # fail early (one line) if the dataset cannot be opened
 
   def _stream(self, epoch: int):
@@ -276,6 +421,44 @@ class HubSource(DocumentSource):
         return
     if n == 0:
       raise DataError(f"hub dataset {self.name!r} split {self.split!r} yields no documents")
+
+
+HUB_PROBE_TIMEOUT_S = 5.0
+_OFFLINE_FIX = "download it and use data.source=files (or a local directory as data.hub_name)"
+
+
+def probe_hub_dataset(name: str) -> None:
+  """Ask the hub about dataset `name` once, with a short timeout and no retries; one DataError line if the
+  hub is switched off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE), unreachable, or has no such dataset."""
+  for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+    if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+      raise DataError(f"{var} is set, so hub dataset {name!r} cannot be streamed; unset {var}, or {_OFFLINE_FIX}")
+  import logging
+
+  from huggingface_hub import HfApi, errors
+
+  endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+  hub_logger = logging.getLogger("huggingface_hub")
+  level, hub_logger.level = hub_logger.level, logging.ERROR
+  try:
+    HfApi(endpoint=endpoint).dataset_info(name, timeout=HUB_PROBE_TIMEOUT_S)
+  except errors.GatedRepoError:
+    raise DataError(f"hub dataset {name!r} is gated: accept its terms on {endpoint}/datasets/{name} and log in "
+                    "(hf auth login)") from None
+  except errors.RepositoryNotFoundError:
+    raise DataError(f"the hub ({endpoint}) has no dataset {name!r} (or it is private: log in with hf auth login); "
+                    "check data.hub_name") from None
+  except errors.HfHubHTTPError as e:
+    status = getattr(getattr(e, "response", None), "status_code", "?")
+    raise DataError(f"the hub ({endpoint}) answered HTTP {status} about dataset {name!r}; try again later, or "
+                    f"{_OFFLINE_FIX}") from None
+  except Exception as e:  # noqa: BLE001 - DNS, refused, timeout, TLS: the hub cannot be reached
+    lines = str(e).strip().splitlines()
+    raise DataError(f"cannot reach the Hugging Face hub at {endpoint} to stream dataset {name!r} "
+                    f"({type(e).__name__}{': ' + lines[0][:100] if lines else ''}); check the network (or "
+                    f"HF_ENDPOINT), or {_OFFLINE_FIX}") from None
+  finally:
+    hub_logger.setLevel(level)
 
 
 # ----------------------------------------------------------------------------- synthetic
@@ -314,8 +497,9 @@ class SyntheticSource(DocumentSource):
 # ----------------------------------------------------------------------------- factory
 
 
-def build_sources(cfg: DataConfig, tokenizer) -> tuple[DocumentSource, DocumentSource]:
-  """(train, eval) sources for a data config. Raises DataError naming the problem."""
+def build_sources(cfg: DataConfig, tokenizer, *, warn=None) -> tuple[DocumentSource, DocumentSource]:
+  """(train, eval) sources for a data config. Raises DataError naming the problem; `warn` gets the one
+  warning line of skipped unreadable files (data.skip_unreadable)."""
   cap = lambda idx: idx[: cfg.num_docs] if cfg.num_docs else idx
   if cfg.source == "synthetic":
     n = cfg.num_docs or 10_000
@@ -326,32 +510,36 @@ def build_sources(cfg: DataConfig, tokenizer) -> tuple[DocumentSource, DocumentS
   if cfg.source == "stdlib":
     files = stdlib_files()
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    train, held = _split([str(f.relative_to(root)) for f in files], cfg.eval_fraction)
+    rel = [str(f.relative_to(root)) for f in files]
+    train, held = _split(rel, cfg.eval_fraction)
     make = lambda idx, name: TextListSource(len(idx), lambda i: _read_text_file(files[idx[i]]), tokenizer,
-                                            name=name, seed=cfg.seed)
+                                            name=name, seed=cfg.seed, names=[rel[i] for i in idx])
     return make(cap(train), "stdlib train split"), make(held, "stdlib held-out split")
   if cfg.source == "files":
-    ds = load_text_dataset(cfg.paths, text_field=cfg.text_field)
+    load = lambda paths: load_text_dataset(paths, text_field=cfg.text_field, skip_unreadable=cfg.skip_unreadable,
+                                           warn=warn)
+    ds, names = load(cfg.paths)
     keep = _non_empty_indices(ds)
     if not keep:
       raise DataError(f"data files {cfg.paths} contain no non-empty documents")
     texts = lambda d, idx: (lambda i: d[int(idx[i])]["text"])
     if cfg.eval_paths:
-      eds = load_text_dataset(cfg.eval_paths, text_field=cfg.text_field)
+      eds, enames = load(cfg.eval_paths)
       ekeep = _non_empty_indices(eds)
-      train_idx, eval_ds, eval_idx = cap(keep), eds, ekeep
+      train_idx, eval_ds, eval_idx, eval_names = cap(keep), eds, ekeep, enames
     else:
       tr, he = _split([f"{i}:{ds[i]['text'][:200]}" for i in keep], cfg.eval_fraction)
       if not tr or not he:  # one document, or eval_fraction 0: nothing to hold out (or nothing left to train on)
         raise DataError(
             f"data files {cfg.paths} hold {len(keep)} non-empty document(s) and data.eval_fraction="
-            f"{cfg.eval_fraction}: too few to split into training and held-out documents; add documents (a .txt "
+            f"{cfg.eval_fraction}: too few to split into training and held-out documents; add documents (a text "
             "file is one document, a .jsonl line one) or set data.eval_paths")
-      train_idx, eval_ds, eval_idx = cap([keep[i] for i in tr]), ds, [keep[i] for i in he]
+      train_idx, eval_ds, eval_idx, eval_names = cap([keep[i] for i in tr]), ds, [keep[i] for i in he], names
     return (TextListSource(len(train_idx), texts(ds, train_idx), tokenizer, name=f"files {cfg.paths}",
-                           seed=cfg.seed),
+                           seed=cfg.seed, names=[names[i] for i in train_idx]),
             TextListSource(len(eval_idx), texts(eval_ds, eval_idx), tokenizer,
-                           name=f"held-out files {cfg.eval_paths or cfg.paths}", seed=cfg.seed))
+                           name=f"held-out files {cfg.eval_paths or cfg.paths}", seed=cfg.seed,
+                           names=[eval_names[i] for i in eval_idx]))
   if cfg.source == "hub":
     common = dict(config=cfg.hub_config, text_field=cfg.text_field, tokenizer=tokenizer, seed=cfg.seed)
     return (HubSource(cfg.hub_name, split=cfg.split, max_docs=cfg.num_docs, **common),

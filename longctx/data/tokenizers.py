@@ -72,6 +72,19 @@ class SentencePieceTokenizer:
     return self._sp.decode([int(i) for i in ids if int(i) not in special])
 
 
+# A run dir or an export dir keeps its sentencepiece model under this name (as Hugging Face model dirs do).
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def tokenizer_in(directory: str | pathlib.Path, spec: str) -> str:
+  """The tokenizer a run or export dir should be read with: its own copy of the sentencepiece model if it
+  has one, else `spec` as saved ("byte", or the path a run of an older longctx recorded)."""
+  copy = pathlib.Path(directory) / TOKENIZER_FILE
+  if spec != "byte" and copy.is_file():
+    return str(copy.absolute())
+  return spec
+
+
 def load_tokenizer(spec: str) -> Tokenizer:
   """`"byte"` or a path to a sentencepiece `.model`."""
   if spec == "byte":
@@ -88,12 +101,23 @@ def check_fits_model(tokenizer: Tokenizer, spec: str, vocab_size: int) -> None:
                       f"set --set model.vocab_size={tokenizer.vocab_size}")
 
 
+# How long-document LMs train their sentencepiece models (Llama, Gemma): nothing the text holds is lost.
+# Identity normalisation (no NFKC), whitespace runs and indentation kept (whitespace-only pieces such as
+# four spaces may be learned), no dummy prefix, digits split, newline and tab as pieces of their own, and
+# byte fallback, so a character never seen in training is its UTF-8 bytes instead of UNK: decode(encode(x)) == x.
+LOSSLESS = dict(byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+                add_dummy_prefix=False, split_digits=True, allow_whitespace_only_pieces=True,
+                user_defined_symbols=["\n", "\t"])
+
+
 def train_sentencepiece(inputs: Sequence[str], *, model_prefix: str, vocab_size: int,
                         model_type: str = "unigram", text_field: str = "text",
-                        character_coverage: float = 1.0, max_documents: int = 0) -> str:
-  """Train a sentencepiece model from .txt/.jsonl/.parquet files; returns the `.model` path.
+                        character_coverage: float = 1.0, max_documents: int = 0, lossless: bool = True) -> str:
+  """Train a sentencepiece model from text files (see `sources.load_text_dataset`); returns the `.model` path.
 
-  Ids: PAD=0, UNK=1, BOS=2, EOS=3.
+  Ids: PAD=0, UNK=1, BOS=2, EOS=3. `lossless` (the default) trains as Llama / Gemma do (`LOSSLESS`), so
+  every UTF-8 text round-trips exactly; `lossless=False` keeps sentencepiece's own defaults (NFKC,
+  whitespace runs and newlines collapsed, unseen characters become UNK).
   """
   import sentencepiece as spm
 
@@ -111,7 +135,7 @@ def train_sentencepiece(inputs: Sequence[str], *, model_prefix: str, vocab_size:
   texts = read_texts(list(inputs), text_field=text_field, flags=TOKENIZER_FLAGS)
   with tempfile.TemporaryDirectory() as tmp:
     corpus = pathlib.Path(tmp) / "corpus.txt"
-    n = _write_lines(corpus, texts, max_documents)
+    n = _write_lines(corpus, texts, max_documents, keep_whitespace=lossless)
     if n == 0:
       raise DataError(f"no text found in {list(inputs)}; the tokenizer needs non-empty training text")
     try:
@@ -119,13 +143,19 @@ def train_sentencepiece(inputs: Sequence[str], *, model_prefix: str, vocab_size:
           input=str(corpus), model_prefix=str(pathlib.Path(tmp) / "tok"), vocab_size=vocab_size,
           model_type=model_type, character_coverage=character_coverage, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
           max_sentence_length=1 << 16, train_extremely_large_corpus=False, minloglevel=2,
-          hard_vocab_limit=True)
+          hard_vocab_limit=True, **(LOSSLESS if lossless else {}))
     except RuntimeError as e:
       text = str(e).strip().splitlines()[-1]
       too_high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", text)
       if too_high:
         raise DataError(f"--vocab-size={too_high.group(1)} is too large for this text (sentencepiece allows at most "
                         f"{too_high.group(2)}); use a smaller --vocab-size or more text") from None
+      too_low = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", text)
+      if too_low:
+        pieces = "its characters, the 256 byte-fallback pieces and the special ids" if lossless else \
+            "its characters and the special ids"
+        raise DataError(f"--vocab-size={too_low.group(1)} is too small for this text: {pieces} need "
+                        f"{too_low.group(2)}; use --vocab-size >= {too_low.group(2)}") from None
       raise DataError(f"sentencepiece training failed: {text[:200]}; try a smaller --vocab-size or more "
                       "text") from None
     # Written only once training succeeded: a failed run leaves no files or directories behind.
@@ -135,15 +165,27 @@ def train_sentencepiece(inputs: Sequence[str], *, model_prefix: str, vocab_size:
   return str(prefix) + ".model"
 
 
-def _write_lines(path: pathlib.Path, texts: Iterable[str], max_documents: int) -> int:
-  n = 0
+_MAX_LINE_BYTES = 60000  # under sentencepiece's max_sentence_length (65536 bytes), which skips longer lines
+
+
+def _write_lines(path: pathlib.Path, texts: Iterable[str], max_documents: int, *, keep_whitespace: bool) -> int:
+  """The training text, one sentencepiece "sentence" per line (blank lines dropped; with `keep_whitespace`
+  indentation and trailing spaces are kept, as the tokenizer must learn them). Returns the line count."""
+  n = docs = 0
   with path.open("w", encoding="utf-8") as f:
     for text in texts:
       for line in text.splitlines():
-        line = line.strip()
-        if line:
-          f.write(line[:60000] + "\n")
+        if not keep_whitespace:
+          line = line.strip()
+        if line.strip():
+          f.write(_cut_bytes(line, _MAX_LINE_BYTES) + "\n")
           n += 1
-      if max_documents and n >= max_documents:
+      docs += 1
+      if max_documents and docs >= max_documents:
         break
   return n
+
+
+def _cut_bytes(line: str, limit: int) -> str:
+  data = line.encode("utf-8")
+  return line if len(data) <= limit else data[:limit].decode("utf-8", errors="ignore")
