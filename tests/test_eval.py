@@ -149,6 +149,30 @@ def test_position_loss_bins(model):
   assert out["range_tokens"] == [64.0, 64.0, 36 + 25.0]  # 100 and 89 scored next tokens
   assert sum(out["tokens"]) == 100 + 89
   assert all(np.isfinite(x) for x in out["range_bits_per_token"])
+  # How many documents each fine bin averages: both up to position 89, then only the longer one.
+  edges, docs = out["bin_edges"], out["bin_documents"]
+  assert all(d == (2 if a < 89 else 1) for a, d in zip(edges[:-1], docs)), (edges, docs)
+
+
+def test_loss_vs_position_plot_says_what_it_shows():
+  """Issue 20: the title said loss while the axis said bits per token; nothing marked the window or seg_len;
+  nothing said how few documents the right-hand points average; the legend said transformer@300."""
+  ppl = {"bin_edges": [0, 1, 2, 4, 8, 16, 32], "bits_per_token": [8.0, 6.0, 5.0, 4.5, 4.4, 4.6],
+         "tokens": [8, 8, 16, 30, 40, 20], "bin_documents": [8, 8, 8, 7, 4, 2], "seg_len": 8,
+         "range_edges": [0, 32], "range_bits_per_token": [5.0], "range_tokens": [122]}
+  run = {"model": "transformer", "step": 300, "window": 4, "seg_len": 8, "label": "",
+         "run_dir": "/somewhere/runs/kjv_transformer", "tasks": {"ppl": ppl}}
+  fig = report.loss_vs_position_figure([run])
+  ax = fig.axes[0]
+  assert "bits per token" in ax.get_title() and ax.get_ylabel() == "bits per token"
+  legend = [t.get_text() for t in ax.get_legend().get_texts()]
+  assert legend[0] == "kjv_transformer" and not any("transformer@300" in t for t in legend), legend
+  assert "kjv_transformer: attention window 4" in legend and "kjv_transformer: segment length 8" in legend
+  assert "fewer than 5 documents per point" in legend
+  vertical = sorted(l.get_xdata()[0] for l in ax.get_lines() if len(set(l.get_xdata())) == 1)
+  assert vertical == [4, 8]
+  assert fig.axes[1].get_ylabel().startswith("documents per point")
+  assert report.label_of({"model": "transformer", "step": 3}) == "transformer@3"  # no run dir: as before
 
 
 def test_parse_lengths():

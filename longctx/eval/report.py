@@ -7,13 +7,19 @@ Plots (PNG, next to results.json):
   passkey_heatmap.png      accuracy on the depth x length grid
   accuracy_vs_length.png   one panel per recall task, one line per model, chance dashed,
                            the attention window marked
-  loss_vs_position.png     bits per token vs token position (log scale)
+  loss_vs_position.png     bits per token vs token position (log scale), the attention window and the
+                           segment length marked, how many documents each point averages (shaded where
+                           fewer than MIN_DOCUMENTS remain)
+
+Runs are named by their label (`longctx eval --label`) or else their run dir's name; a step is added
+where two of the compared results would otherwise share a name.
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
+import re
 from typing import Sequence
 
 from longctx.errors import CheckpointError
@@ -56,8 +62,21 @@ def save_results(out_dir: pathlib.Path, results: dict) -> pathlib.Path:
   return path
 
 
+MIN_DOCUMENTS = 5  # loss-vs-position points averaging fewer documents are shaded as unreliable
+
+
 def label_of(results: dict) -> str:
-  return results.get("label") or f"{results.get('model', '?')}@{results.get('step', '?')}"
+  """The name of a run in tables and legends: its --label, else its run dir's name."""
+  if results.get("label"):
+    return results["label"]
+  name = pathlib.Path(results.get("run_dir") or "").name
+  return name or f"{results.get('model', '?')}@{results.get('step', '?')}"
+
+
+def _named(runs: Sequence[dict]) -> list[dict]:
+  """`runs` with a "label" each, unique: "NAME @ step N" where two would share NAME."""
+  names = [label_of(r) for r in runs]
+  return [{**r, "label": f"{n} @ step {r.get('step', '?')}" if names.count(n) > 1 else n} for r, n in zip(runs, names)]
 
 
 def _recall_tasks(runs: Sequence[dict]) -> list[str]:
@@ -69,6 +88,7 @@ def _recall_tasks(runs: Sequence[dict]) -> list[str]:
 
 def format_tables(runs: Sequence[dict]) -> str:
   """Accuracy per task and length (and the passkey / mqar grids, loss per position range) for runs."""
+  runs = _named(runs)
   lines = []
   recall = _recall_tasks(runs)
   for task in recall:
@@ -163,34 +183,65 @@ def plot_accuracy_vs_length(runs: Sequence[dict], path: pathlib.Path) -> pathlib
 
 
 def plot_loss_vs_position(runs: Sequence[dict], path: pathlib.Path) -> pathlib.Path | None:
-  entries = [(label_of(r), r["tasks"]["ppl"]) for r in runs if "ppl" in r["tasks"]]
+  fig = loss_vs_position_figure(runs)
+  if fig is None:
+    return None
+  fig.savefig(path, dpi=120)
+  _pyplot().close(fig)
+  return path
+
+
+def loss_vs_position_figure(runs: Sequence[dict]):
+  """The matplotlib figure of `loss_vs_position.png` (None without ppl results)."""
+  entries = [(label_of(r), r, r["tasks"]["ppl"]) for r in runs if "ppl" in r["tasks"]]
   if not entries:
     return None
   plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(6, 3.6))
-  for label, e in entries:
-    edges = e["bin_edges"]
-    pts = [((a + b) / 2, y) for a, b, y in zip(edges[:-1], edges[1:], e["bits_per_token"]) if y is not None]
-    ax.plot([max(p[0], 1) for p in pts], [p[1] for p in pts], marker=".", label=label)
+  fig, ax = plt.subplots(figsize=(7, 4.2))
+  docs_ax = ax.twinx()
+  few_from = None  # the first position where some run's points average fewer than MIN_DOCUMENTS documents
+  for label, r, e in entries:
+    edges, docs = e["bin_edges"], e.get("bin_documents")
+    pts = [((a + b) / 2, y, None if docs is None else docs[i])
+           for i, (a, b, y) in enumerate(zip(edges[:-1], edges[1:], e["bits_per_token"])) if y is not None]
+    xs = [max(p[0], 1) for p in pts]
+    (line,) = ax.plot(xs, [p[1] for p in pts], marker=".", label=label)
+    color = line.get_color()
+    if docs is not None:
+      docs_ax.step(xs, [p[2] for p in pts], where="mid", color=color, alpha=0.35, lw=1)
+      few = [x for x, p in zip(xs, pts) if p[2] < MIN_DOCUMENTS]
+      if few:
+        few_from = min(few) if few_from is None else min(few_from, min(few))
+    if r.get("window"):
+      ax.axvline(r["window"], color=color, ls=":", lw=1.2, label=f"{label}: attention window {r['window']}")
+    seg_len = e.get("seg_len") or r.get("seg_len")
+    if seg_len:
+      ax.axvline(seg_len, color=color, ls="-.", lw=1, label=f"{label}: segment length {seg_len}")
+  if few_from is not None:
+    ax.axvspan(few_from, ax.get_xlim()[1], color="gray", alpha=0.12,
+               label=f"fewer than {MIN_DOCUMENTS} documents per point")
   ax.set_xscale("log", base=2)
   ax.set_xlabel("token position in the document")
   ax.set_ylabel("bits per token")
-  ax.set_title("loss vs position")
+  docs_ax.set_ylabel("documents per point (faint steps)", color="gray")
+  docs_ax.tick_params(axis="y", colors="gray")
+  docs_ax.set_ylim(bottom=0)
+  ax.set_title("bits per token vs position in the document (held-out documents)", fontsize=10)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return fig
 
 
 def write_plots(runs: Sequence[dict], out_dir: pathlib.Path) -> list[pathlib.Path]:
   out_dir.mkdir(parents=True, exist_ok=True)
+  runs = _named(runs)
   made = [plot_accuracy_vs_length(runs, out_dir / "accuracy_vs_length.png"),
           plot_loss_vs_position(runs, out_dir / "loss_vs_position.png")]
   if len(runs) == 1:
     made.append(plot_passkey_heatmap(runs[0], out_dir / "passkey_heatmap.png"))
   else:
     for r in runs:
-      made.append(plot_passkey_heatmap(r, out_dir / f"passkey_heatmap_{label_of(r).replace('/', '_')}.png"))
+      name = re.sub(r"[^A-Za-z0-9._-]+", "_", label_of(r)).strip("_")
+      made.append(plot_passkey_heatmap(r, out_dir / f"passkey_heatmap_{name}.png"))
   return [p for p in made if p]

@@ -128,20 +128,24 @@ def eval_position_loss(model: TrainedModel, source, *, lengths: Sequence[int], e
   per_pos_nll = (nll * weight).sum(0)
   per_pos_count = weight.sum(0)
 
+  scored = np.array([len(r) - 1 for r in rows])  # tokens scored per document
+
   def binned(edges):
-    loss, count = [], []
+    loss, count, documents = [], [], []
     for a, b in zip(edges[:-1], edges[1:]):
       c = per_pos_count[a:b].sum()
       count.append(float(c))
       loss.append(float(per_pos_nll[a:b].sum() / c) if c else None)
-    return loss, count
+      documents.append(int(np.sum(scored > a)))  # documents that reach into [a, b)
+    return loss, count, documents
 
   fine = position_bins(max(2, nll.shape[1]))
-  fine_loss, fine_count = binned(fine)
+  fine_loss, fine_count, fine_docs = binned(fine)
   coarse = np.unique([0] + [min(l, nll.shape[1]) for l in lengths])
-  coarse_loss, coarse_count = binned(coarse)
+  coarse_loss, coarse_count, _ = binned(coarse)
   to_bits = lambda xs: [None if x is None else x / math.log(2) for x in xs]
   return {"task": "ppl", "lengths": list(lengths), "documents": len(docs),
           "doc_tokens": [len(r) for r in rows], "seg_len": seg_len,
           "bin_edges": fine.tolist(), "bits_per_token": to_bits(fine_loss), "tokens": fine_count,
+          "bin_documents": fine_docs,
           "range_edges": coarse.tolist(), "range_bits_per_token": to_bits(coarse_loss), "range_tokens": coarse_count}
