@@ -183,13 +183,21 @@ def _parser() -> argparse.ArgumentParser:
   tok = sub.add_parser("tokenizer", help="tokenizer tools", description="Tokenizer tools.")
   tok_sub = tok.add_subparsers(dest="tokenizer_command", metavar="SUBCOMMAND")
   tt = tok_sub.add_parser("train", help="train a sentencepiece model from text files",
-                          description="Train a sentencepiece tokenizer from .txt/.jsonl/.parquet files; writes "
-                          "PREFIX.model and PREFIX.vocab. Use it with --set data.tokenizer=PREFIX.model.")
-  tt.add_argument("--input", nargs="+", required=True, help="training text files (.txt, .jsonl, .parquet)")
+                          description="Train a sentencepiece tokenizer from text files; writes PREFIX.model and "
+                          "PREFIX.vocab. Use it with --set data.tokenizer=PREFIX.model. It is lossless, as Llama's "
+                          "and Gemma's are: no Unicode normalisation, whitespace, indentation and newlines kept, "
+                          "digits split, and byte fallback for characters never seen in training, so "
+                          "decode(encode(text)) == text for any UTF-8 text.")
+  tt.add_argument("--input", nargs="+", required=True,
+                  help="training text files or glob patterns: .jsonl/.json/.parquet rows (--text-field), any other "
+                  "file (.txt, .tex, .md, .py, ...) one document; also .gz/.bz2/.xz/.zst compressed")
   tt.add_argument("--vocab-size", type=int, default=8000, help="vocabulary size (default 8000)")
   tt.add_argument("--out", required=True, help="output prefix: writes OUT.model and OUT.vocab")
   tt.add_argument("--model-type", default="unigram", choices=("unigram", "bpe"), help="sentencepiece algorithm")
   tt.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet (default text)")
+  tt.add_argument("--sentencepiece-defaults", action="store_true",
+                  help="train with sentencepiece's own defaults instead (lossy: NFKC normalisation, whitespace runs "
+                  "and newlines collapsed, characters unseen in training become UNK); what longctx did before")
 
   x = sub.add_parser(
       "export", help="export a run's weights: portable safetensors, or a Hugging Face Mamba/Mamba-2 directory",
@@ -292,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
       from longctx.data.tokenizers import train_sentencepiece
 
       path = train_sentencepiece(args.input, model_prefix=args.out, vocab_size=args.vocab_size,
-                                 model_type=args.model_type, text_field=args.text_field)
+                                 model_type=args.model_type, text_field=args.text_field,
+                                 lossless=not args.sentencepiece_defaults)
       print(f"wrote {path}; use it with --set data.tokenizer={path}")
       return 0
     if args.command == "export":
@@ -424,13 +433,12 @@ def _count(text: str, flag: str) -> int:
 
 
 def _heldout_eval(model, args) -> int:
-  from longctx.training.loop import build_pipeline, evaluate
+  from longctx.training.loop import build_pipeline, eval_line, evaluate
 
   trainer = model.trainer(lanes=model.cfg.data.batch_size, seg_len=model.cfg.data.seg_len,
                           segments=model.cfg.data.segments_per_step)
   metrics = evaluate(trainer, build_pipeline(model.cfg), model.params, max_batches=args.max_batches)
-  print(f"eval @ step {model.step}: loss {metrics['loss']:.4f} | bits/token {metrics['bits_per_token']:.4f} | "
-        f"ppl {metrics['perplexity']:.2f} | {int(metrics['tokens'])} held-out tokens")
+  print(eval_line(model.step, metrics, limit="--max-batches"))
   return 0
 
 

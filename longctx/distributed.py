@@ -235,6 +235,30 @@ def assert_same(value: str, what: str) -> None:
                            "the same recipe, overrides and --run-dir (a directory all hosts share)")
 
 
+def raise_if_any_failed(error: BaseException | None, what: str) -> None:
+  """Every process raises if any of them failed a step it did alone (process 0 locking the run dir, say):
+  the one that failed raises its own error, the others a DistributedError naming `what`."""
+  import jax
+  from jax.experimental import multihost_utils
+
+  if jax.process_count() > 1:
+    failed = multihost_utils.process_allgather(np.array([error is not None], np.int32)).reshape(-1)
+    if error is None and np.any(failed):
+      raise DistributedError(f"process {int(np.argmax(failed))} failed to {what} (see its error line)")
+  if error is not None:
+    raise error
+
+
+def sum_over_processes(value: int) -> int:
+  """The sum of a host-side count over the processes of the run (itself with one process)."""
+  import jax
+  from jax.experimental import multihost_utils
+
+  if jax.process_count() == 1:
+    return int(value)
+  return int(np.sum(multihost_utils.process_allgather(np.array([value], np.int32))))
+
+
 def gather_lane_state(state: dict) -> dict:
   """The data position of every lane, from each process's `LaneBatcher.state_dict()` of its own lanes.
 
@@ -290,5 +314,5 @@ def synchronized(batches: Iterable[dict], *, pad_batch: Callable[[], dict]) -> I
 
 
 __all__ = ["initialize", "DistributedError", "parse_coordinator", "process_count", "is_host0", "assert_same",
-           "gather_lane_state", "synchronized", "ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID",
+           "gather_lane_state", "synchronized", "raise_if_any_failed", "sum_over_processes", "ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID",
            "ENV_TIMEOUT"]

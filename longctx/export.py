@@ -10,9 +10,11 @@ Two directory formats, each `config.json` + `model.safetensors`:
 
       {"format": "longctx", "format_version": 1,
        "model": {<the ModelConfig fields, "name" included>},
-       "step": N, "tokenizer": "<data.tokenizer spec of the run>" or null}
+       "step": N, "tokenizer": "tokenizer.model" | "byte" | null}
 
-  Any framework reads it (safetensors + JSON); no pickles.
+  Any framework reads it (safetensors + JSON); no pickles. A run trained with a
+  sentencepiece model carries a copy of it as `tokenizer.model` (the same in
+  `--format hf` dirs), so an export needs nothing outside its directory.
 * **Hugging Face** (`--format hf`, mamba and mamba2 only): the directory that
   `transformers.MambaForCausalLM.from_pretrained(DIR)` /
   `Mamba2ForCausalLM.from_pretrained(DIR)` load, with HF's names and layouts
@@ -70,6 +72,7 @@ import numpy as np
 
 from longctx.config import ModelConfig
 from longctx.errors import CheckpointError, ConfigError
+from longctx.data.tokenizers import TOKENIZER_FILE, tokenizer_in
 
 FORMAT = "longctx"
 FORMAT_VERSION = 1
@@ -209,13 +212,45 @@ def _atomic_dir(out: pathlib.Path) -> Iterator[pathlib.Path]:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write(out: pathlib.Path, *, config: dict, tensors: Flat, metadata: dict[str, str]) -> pathlib.Path:
+def _write(out: pathlib.Path, *, config: dict, tensors: Flat, metadata: dict[str, str],
+           tokenizer_file: str | None = None) -> pathlib.Path:
+  """config.json + model.safetensors (+ tokenizer.model, a copy of `tokenizer_file`) in `out`, atomically."""
   from safetensors.numpy import save_file
 
   with _atomic_dir(out) as tmp:
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata=metadata)
+    _honour_umask(tmp / WEIGHTS)  # safetensors creates its file with mode 0600
     (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if tokenizer_file:
+      shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
   return out
+
+
+def _honour_umask(path: pathlib.Path) -> None:
+  mask = os.umask(0)
+  os.umask(mask)
+  os.chmod(path, 0o666 & ~mask)
+
+
+def _export_tokenizer(spec: str | None) -> tuple[str | None, str | None]:
+  """(the "tokenizer" an export's config.json records, the file to copy into it): "byte" stays "byte", a
+  sentencepiece model is copied in as tokenizer.model (as Hugging Face model dirs carry theirs), so the
+  export needs nothing outside it; None when the run recorded none or its file is not found."""
+  if spec in (None, "", "byte"):
+    return spec or None, None
+  if pathlib.Path(spec).is_file():
+    return TOKENIZER_FILE, spec
+  return None, None
+
+
+def export_tokenizer(path: str | pathlib.Path) -> str | None:
+  """The tokenizer of a longctx export dir: "byte", the path of its tokenizer.model, or None."""
+  path = pathlib.Path(path)
+  meta = read_export_meta(path)
+  spec = meta.get("tokenizer")
+  if spec == TOKENIZER_FILE:
+    return str(((path.parent if path.is_file() else path) / TOKENIZER_FILE).absolute())
+  return spec if spec == "byte" else None
 
 
 def _read_json(path: pathlib.Path) -> dict:
@@ -271,10 +306,12 @@ def export_config(cfg: ModelConfig, *, step: int | None, tokenizer: str | None) 
 
 def write_export(out: str | pathlib.Path, *, cfg: ModelConfig, flat: Flat, step: int | None,
                  tokenizer: str | None) -> pathlib.Path:
-  """Write a longctx export dir (atomically) after checking `flat` fits `cfg`."""
+  """Write a longctx export dir (atomically) after checking `flat` fits `cfg`. `tokenizer`: "byte", the path
+  of a sentencepiece model (copied in as tokenizer.model), or None."""
   params_from_flat(flat, like=abstract_params(cfg))
-  return _write(pathlib.Path(out), config=export_config(cfg, step=step, tokenizer=tokenizer),
-                tensors={k: np.asarray(v) for k, v in flat.items()}, metadata={"format": FORMAT})
+  recorded, copy = _export_tokenizer(tokenizer)
+  return _write(pathlib.Path(out), config=export_config(cfg, step=step, tokenizer=recorded),
+                tensors={k: np.asarray(v) for k, v in flat.items()}, metadata={"format": FORMAT}, tokenizer_file=copy)
 
 
 def read_export(path: str | pathlib.Path) -> tuple[ModelConfig, Flat]:
@@ -371,6 +408,8 @@ def export_run(run_dir: str | pathlib.Path, *, fmt: str, out: str | pathlib.Path
   saved = _read_json(run / "config.json")
   model_dict = saved.get("model") or {}
   tokenizer = (saved.get("data") or {}).get("tokenizer")
+  if isinstance(tokenizer, str):
+    tokenizer = tokenizer_in(run, tokenizer)  # the run dir's own copy
   if fmt == "hf":
     try:
       model_cfg = model_config_from_dict(model_dict)
@@ -495,10 +534,13 @@ def to_hf(cfg: ModelConfig, flat: Mapping[str, np.ndarray]) -> Flat:
 
 def write_hf(out: str | pathlib.Path, *, cfg: ModelConfig, flat: Flat, tokenizer: str | None = None,
              step: int | None = None) -> pathlib.Path:
-  """Write a transformers Mamba / Mamba-2 directory (atomically)."""
-  config = hf_config(cfg, tokenizer=tokenizer, step=step)
+  """Write a transformers Mamba / Mamba-2 directory (atomically); a sentencepiece `tokenizer` goes in as
+  tokenizer.model, and its BOS/EOS/PAD ids into config.json."""
+  recorded, copy = _export_tokenizer(tokenizer)
+  config = hf_config(cfg, tokenizer=recorded, step=step)
+  config.update(_hf_tokens(copy or recorded, vocab_size=cfg.vocab_size))
   tensors = {k: v.astype(np.float32) if v.dtype != np.float32 else v for k, v in to_hf(cfg, flat).items()}
-  return _write(pathlib.Path(out), config=config, tensors=tensors, metadata={"format": "pt"})
+  return _write(pathlib.Path(out), config=config, tensors=tensors, metadata={"format": "pt"}, tokenizer_file=copy)
 
 
 def _float(x) -> float:
@@ -625,4 +667,7 @@ def import_hf(hf_dir: str | pathlib.Path, *, out: str | pathlib.Path) -> pathlib
   cfg = config_from_hf(hf)
   flat = from_hf(cfg, read_hf_weights(hf_dir), use_conv_bias=bool(hf.get("use_conv_bias", True)))
   meta = hf.get("longctx") or {}
-  return write_export(out, cfg=cfg, flat=flat, step=meta.get("step"), tokenizer=meta.get("tokenizer"))
+  tokenizer = meta.get("tokenizer")
+  if tokenizer == TOKENIZER_FILE:  # a longctx hf export carries its sentencepiece model
+    tokenizer = str(hf_dir / TOKENIZER_FILE) if (hf_dir / TOKENIZER_FILE).is_file() else None
+  return write_export(out, cfg=cfg, flat=flat, step=meta.get("step"), tokenizer=tokenizer)

@@ -52,7 +52,9 @@ def test_quickstart_end_to_end_shortened(tmp_path, capsys):
   code, out, err = run_cli(["eval", "--compare", str(run_dir), str(run_dir / "eval" / "results.json"), "--out",
                             str(tmp_path / "cmp")], capsys)
   assert code == 0, err
-  assert out.count("transformer@40") >= 4 and (tmp_path / "cmp" / "accuracy_vs_length.png").exists()
+  # Runs are named by their run dir ("qs"); the same run twice gets its step to tell the two apart.
+  assert out.count("qs @ step 40") >= 4 and "transformer@40" not in out
+  assert (tmp_path / "cmp" / "accuracy_vs_length.png").exists()
   for args, message in [
       (["--task", "nope"], "--task 'nope': ['nope'] not in"),
       (["--task", "passkey", "--lengths", "4q"], "length '4q' is not a number like 512, 4k or 1M"),

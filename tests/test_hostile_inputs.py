@@ -84,10 +84,15 @@ def assets(tmp_path_factory):
   (s / "bad.jsonl").write_text('{"text": "fine"}\n{not json\n')
   (s / "other_field.jsonl").write_text(json.dumps({"body": "hello"}) + "\n")
   (s / "table.csv").write_text("text\nhello\n")
+  (s / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n" + random.Random(3).randbytes(512))
+  for i in range(3):
+    (s / "papers" / f"good{i}.tex").parent.mkdir(exist_ok=True)
+    (s / "papers" / f"good{i}.tex").write_text(_text(200, 10 + i))
+  (s / "papers" / "latin1.tex").write_bytes("caf\xe9 au lait ".encode("latin-1") * 50)
   (s / "garbage.model").write_bytes(b"this is not a sentencepiece model\n")
   corpus = s / "corpus.txt"
   corpus.write_text("\n".join(_text(40, i) + f" line{i} {i * 7919}" for i in range(400)))
-  tok = train_sentencepiece([str(corpus)], model_prefix=str(s / "tok320"), vocab_size=320)
+  tok = train_sentencepiece([str(corpus)], model_prefix=str(s / "tok300"), vocab_size=300)
   assert pathlib.Path(tok).is_file()
   code = cli.main(["train", QUICKSTART, "--run-dir", str(s / "A"), *TINY])
   assert code == 0 and (s / "A" / "checkpoints" / "1").is_dir()
@@ -147,6 +152,15 @@ def _write(name: str, data: str | bytes):
   return setup
 
 
+_HELD_LOCKS = []  # run dirs "in use": their locks stay held (by this process) for the rest of the session
+
+
+def _training_in_progress(case_dir, assets):
+  from longctx.training.run_dir import RunDirLock
+
+  _HELD_LOCKS.append(RunDirLock(_copy_run(case_dir, assets)).acquire())
+
+
 @dataclasses.dataclass
 class Case:
   id: str
@@ -154,6 +168,7 @@ class Case:
   expect: str  # a fragment of the one error line
   setup: Callable[[pathlib.Path, pathlib.Path], None] | None = None  # (case dir, assets dir), before snapshot
   code: int = 2
+  env: dict[str, str] = dataclasses.field(default_factory=dict)  # environment variables for the case
 
 
 def train(*extra: str) -> list[str]:
@@ -261,7 +276,11 @@ CASES = [
     Case("data-blank-file", train(*sets("data.source=files", "data.paths=[{S}/blank.txt]")),
          "contain no non-empty documents"),
     Case("data-binary-file", train(*sets("data.source=files", "data.paths=[{S}/binary.txt]")),
-         "(UnicodeDecodeError: 'utf-8' codec can't decode"),
+         "binary.txt' is not UTF-8 text (byte "),
+    Case("data-binary-image", train(*sets("data.source=files", "data.paths=[{S}/image.png]")),
+         "image.png' is not UTF-8 text (byte 0 is 0x89)"),
+    Case("data-one-unreadable-among-many", train(*sets("data.source=files", "data.paths=[{S}/papers/*.tex]")),
+         "data file '{S}/papers/latin1.tex' is not UTF-8 text (byte 3 is 0xe9); convert it to UTF-8"),
     Case("data-huge-single-line", train(*sets("data.source=files", "data.paths=[{S}/huge_line.txt]")),
          "too few to split into training and held-out documents"),
     Case("data-empty-eval-file",
@@ -271,17 +290,21 @@ CASES = [
          ".jsonl files need one JSON object per line"),
     Case("data-jsonl-wrong-field", train(*sets("data.source=files", "data.paths=[{S}/other_field.jsonl]")),
          "field 'text' not in"),
-    Case("data-unsupported-type", train(*sets("data.source=files", "data.paths=[{S}/table.csv]")),
-         "unsupported type '.csv'"),
+    Case("data-hub-offline", train(*sets("data.source=hub", "data.hub_name=deepmind/pg19")),
+         "HF_HUB_OFFLINE is set, so hub dataset 'deepmind/pg19' cannot be streamed", env={"HF_HUB_OFFLINE": "1"}),
+    Case("data-hub-unreachable", train(*sets("data.source=hub", "data.hub_name=deepmind/pg19")),
+         "cannot reach the Hugging Face hub at http://127.0.0.1:9", env={"HF_ENDPOINT": "http://127.0.0.1:9"}),
     Case("data-glob-matches-nothing", train(*sets("data.source=files", "data.paths=[{T}/*.txt]")), "matches no file"),
     Case("data-directory", train(*sets("data.source=files", "data.paths=[{S}]")), "assets0' is a directory"),
     Case("data-files-without-paths", train(*sets("data.source=files")), "needs data.paths"),
     # ------------------------------------------------------------------ tokenizers in training
-    Case("tokenizer-vocab-exceeds-model", train(*sets("data.tokenizer={S}/tok320.model")),
-         "has 320 ids but model.vocab_size=259"),
+    Case("tokenizer-vocab-exceeds-model", train(*sets("data.tokenizer={S}/tok300.model")),
+         "has 300 ids but model.vocab_size=259"),
     Case("tokenizer-garbage-file", train(*sets("data.tokenizer={S}/garbage.model")), "could not be loaded"),
     Case("tokenizer-missing-file", train(*sets("data.tokenizer={T}/tok.model")), "not found"),
     # ------------------------------------------------------------------ a checkpoint of another model
+    Case("train-in-a-run-dir-in-use", train(*TINY[:-1]), "run dir {T}/run is in use by another training (pid ",
+         setup=_training_in_progress),
     Case("resume-with-another-model", ["train", MAMBA, "--run-dir", "{A}", "--no-progress", *sets("train.steps=2")],
          "was trained with another model than this recipe's (model.name 'transformer' -> 'mamba'"),
     Case("resume-with-another-size", ["train", "{Q}", "--run-dir", "{A}", "--no-progress"],
@@ -293,11 +316,13 @@ CASES = [
     Case("tok-input-blank", ["tokenizer", "train", "--input", "{S}/blank.txt", "--out", "{T}/new/dir/tok"],
          "no text found"),
     Case("tok-input-binary", ["tokenizer", "train", "--input", "{S}/binary.txt", "--out", "{T}/tok"],
-         "(UnicodeDecodeError: 'utf-8' codec can't decode"),
+         "binary.txt' is not UTF-8 text (byte "),
+    Case("tok-input-one-unreadable-among-many", ["tokenizer", "train", "--input", "{S}/papers/*.tex", "--out",
+                                                 "{T}/tok"], "latin1.tex' is not UTF-8 text (byte 3 is 0xe9)"),
     Case("tok-input-huge-line", ["tokenizer", "train", "--input", "{S}/huge_line.txt", "--out", "{T}/tok"],
          "--vocab-size=8000 is too large for this text"),
-    Case("tok-input-unsupported", ["tokenizer", "train", "--input", "{S}/table.csv", "--out", "{T}/tok"],
-         "unsupported type '.csv'"),
+    Case("tok-vocab-below-byte-fallback", ["tokenizer", "train", "--input", "{S}/corpus.txt", "--vocab-size", "100",
+                                           "--out", "{T}/tok"], "--vocab-size=100 is too small for this text"),
     Case("tok-input-wrong-field", ["tokenizer", "train", "--input", "{S}/other_field.jsonl", "--out", "{T}/tok"],
          "pass --text-field"),
     Case("tok-vocab-0", ["tokenizer", "train", "--input", "{S}/corpus.txt", "--vocab-size", "0", "--out", "{T}/t"],
@@ -338,8 +363,8 @@ CASES = [
     Case("eval-set-changes-shapes", ["eval", "{A}", *sets("model.d_model=64")], "changes the shapes"),
     Case("eval-set-unknown-key", ["eval", "{A}", *sets("model.nope=1")], "unknown config key 'model.nope'"),
     Case("eval-tokenizer-vocab-exceeds-model", ["eval", "{A}", "--task", "passkey", "--lengths", "64",
-                                                *sets("data.tokenizer={S}/tok320.model")],
-         "has 320 ids but model.vocab_size=259"),
+                                                *sets("data.tokenizer={S}/tok300.model")],
+         "has 300 ids but model.vocab_size=259"),
     Case("eval-max-batches-neg", ["eval", "{A}", "--max-batches", "-1"], "--max-batches"),
     Case("eval-examples-0", ["eval", "{A}", "--task", "passkey", "--examples", "0"], "--examples=0 must be >= 1"),
     Case("eval-length-0", ["eval", "{A}", "--task", "passkey", "--lengths", "0"], "--lengths: length '0' must be >= 1"),
@@ -476,6 +501,8 @@ def _run(args: list[str], capsys) -> tuple[int, str, str, bool]:
 def test_hostile_input(case, assets, tmp_path, tmp_path_factory, monkeypatch, capfd, caplog):
   if case.setup:
     case.setup(tmp_path, assets)
+  for key, value in case.env.items():
+    monkeypatch.setenv(key, value)
   sys_tmp = tmp_path / "systmp"
   sys_tmp.mkdir()
   monkeypatch.setattr(tempfile, "tempdir", str(sys_tmp))

@@ -35,9 +35,9 @@ SETS = ["model.d_model=32", "model.num_layers=2", "model.num_heads=4", "model.wi
         "train.eval_batches=1", "mesh.data=1"]
 
 
-def _train_cmd(run_dir):
+def _train_cmd(run_dir, sets=SETS):
   args = ["train", QUICKSTART, "--run-dir", str(run_dir), "--no-progress"]
-  for s in SETS:
+  for s in sets:
     args += ["--set", s]
   return [sys.executable, "-c", "import sys; from longctx.cli import main; sys.exit(main(sys.argv[1:]))", *args]
 
@@ -136,26 +136,90 @@ def _drop_item(step_dir):
   shutil.rmtree(step_dir / "extra")
 
 
-def _no_manifest_newer_than_a_good_one(step_dir):  # a save killed before its manifest
+def _no_manifest(step_dir):  # committed by orbax, killed before its manifest
   (step_dir / "longctx_manifest.json").unlink()
 
 
-@pytest.mark.parametrize("damage", [_truncate, _flip, _drop_item, _no_manifest_newer_than_a_good_one],
-                         ids=["truncated", "flipped-bytes", "missing-item", "no-manifest"])
-def test_damaged_newest_checkpoint_falls_back_to_the_previous(damage, tmp_path):
+def _no_manifest_and_truncated(step_dir):
+  _no_manifest(step_dir)
+  _truncate(step_dir)
+
+
+def _no_manifest_and_no_commit_record(step_dir):
+  _no_manifest(step_dir)
+  (step_dir / "_CHECKPOINT_METADATA").unlink()
+
+
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory):
+  """(losses of an uninterrupted 6-step run, a run dir stopped after step 4 with checkpoints 3 and 4)."""
+  base = tmp_path_factory.mktemp("six")
+  full = run_training(_cfg(6), base / "full", progress=False, devices=jax.devices()[:1], log=lambda *_: None)
+  run_training(_cfg(6), base / "run", progress=False, devices=jax.devices()[:1], stop_at_step=4, log=lambda *_: None)
+  assert Checkpointer(base / "run" / "checkpoints").all_steps() == [3, 4]  # keep_checkpoints=2
+  return full["losses"], base / "run"
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip, _drop_item, _no_manifest_and_truncated,
+                                    _no_manifest_and_no_commit_record],
+                         ids=["truncated", "flipped-bytes", "missing-item", "no-manifest-truncated",
+                              "no-manifest-no-orbax-commit"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(damage, six_steps, tmp_path):
+  full, stopped = six_steps
   run = tmp_path / "run"
-  full = run_training(_cfg(6), tmp_path / "full", progress=False, devices=jax.devices()[:1], log=lambda *_: None)
-  run_training(_cfg(6), run, progress=False, devices=jax.devices()[:1], stop_at_step=4, log=lambda *_: None)
-  assert Checkpointer(run / "checkpoints").all_steps() == [3, 4]  # keep_checkpoints=2
+  shutil.copytree(stopped, run)
   damage(run / "checkpoints" / "4")
   lines = []
   resumed = run_training(_cfg(6), run, progress=False, devices=jax.devices()[:1], log=lines.append)
-  # An unverified step (no manifest) is only a last resort: step 3 is verified, so 4 goes aside too.
   warning = next(l for l in lines if l.startswith("warning: checkpoint"))
   assert "checkpoints/4 is damaged" in warning and "\n" not in warning
   assert (run / "checkpoints_damaged" / "4").is_dir()  # kept aside, not deleted
   assert any(l.startswith(f"resumed from {run / 'checkpoints' / '3'}") for l in lines), lines
-  assert resumed["losses"] == full["losses"][3:]  # steps 4..6 again, bitwise
+  assert resumed["losses"] == full[3:]  # steps 4..6 again, bitwise
+
+
+def test_a_committed_step_without_its_manifest_is_used_not_discarded(six_steps, tmp_path):
+  """Orbax committed step 4, the process died before its manifest: step 4 is restored (it is intact),
+  gets its manifest, and training goes on from it. Before: it was called damaged and moved aside, and
+  the run went back to step 3 (with checkpoint_every=50 a kill at 120 went back to 50, not 100)."""
+  full, stopped = six_steps
+  run = tmp_path / "run"
+  shutil.copytree(stopped, run)
+  _no_manifest(run / "checkpoints" / "4")
+  lines = []
+  resumed = run_training(_cfg(6, keep_checkpoints=3), run, progress=False, devices=jax.devices()[:1],
+                         log=lines.append)
+  assert not any(l.startswith("warning") for l in lines) and not (run / "checkpoints_damaged").exists(), lines
+  assert any("checkpoint step 4 had no manifest yet" in l for l in lines), lines
+  assert any(l.startswith(f"resumed from {run / 'checkpoints' / '4'}") for l in lines), lines
+  assert verify_step(run / "checkpoints" / "4") is None  # adopted: verified from now on
+  assert resumed["losses"] == full[4:]  # steps 5..6, bitwise
+
+
+def test_sigkill_after_an_async_save_committed_resumes_from_it(tmp_path):
+  """kill -9 after orbax committed step 10 (async saves, the default) and before the next save (20): the
+  resume starts from step 10. Before: its manifest was written only when the next save began, so the
+  resume called 10 damaged, moved it aside and went back to step 5."""
+  run = tmp_path / "run"
+  # The quickstart's own model (steps of ~0.3 s on 2 cores, so the kill lands well before the save at 20).
+  sets = ["mesh.data=1", "data.num_docs=64", "train.steps=20", "train.warmup_steps=2", "train.log_every=1",
+          "train.eval_batches=1", "train.checkpoint_every=10", "train.keep_checkpoints=3"]
+  first = subprocess.run(_train_cmd(run, sets) + ["--stop-at-step", "5"], env=_env(), capture_output=True,
+                         text=True, timeout=300)
+  assert first.returncode == 0, first.stderr
+  proc = subprocess.Popen(_train_cmd(run, sets), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 300
+  committed = run / "checkpoints" / "10" / "commit_success.txt"
+  while not committed.exists() and proc.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.005)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate(timeout=60)
+  assert committed.exists() and _steps_done(run) < 20, "the kill did not land between the saves at 10 and 20"
+  done = subprocess.run(_train_cmd(run, sets), env=_env(), capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  assert f"resumed from {run / 'checkpoints' / '10'} (step 10)" in done.stdout, done.stdout + done.stderr
+  assert "damaged" not in done.stdout + done.stderr and not (run / "checkpoints_damaged").exists()
+  assert sorted(_losses(run)) == list(range(1, 21))
 
 
 # ----------------------------------------------------------------------------- non-finite losses

@@ -191,7 +191,7 @@ class LaneBatcher:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    if not self.repeat and all(self._doc(lane, s.k) is None for lane, s in zip(self.lanes, self._state)):
+    if self.exhausted():
       raise StopIteration
     K, B, S = self.k_segments, len(self.lanes), self.seg_len
     out = {"tokens": np.empty((K, B, S), np.int32), "labels": np.empty((K, B, S), np.int32),
@@ -203,6 +203,14 @@ class LaneBatcher:
         out["tokens"][s, idx], out["labels"][s, idx], out["loss_mask"][s, idx] = tokens, labels, loss
         out["segment_ids"][s, idx], out["reset"][s, idx] = seg_ids, reset
     return out
+
+  def documents_read(self) -> int:
+    """How many documents of this batcher's lanes have had tokens in a batch so far (whole or in part)."""
+    return sum(s.k + (s.offset > 0) for s in self._state)
+
+  def exhausted(self) -> bool:
+    """Every lane has run out of documents (only a non-repeating batcher can)."""
+    return not self.repeat and all(self._doc(lane, s.k) is None for lane, s in zip(self.lanes, self._state))
 
   # ------------------------------------------------------------------ save / restore
 

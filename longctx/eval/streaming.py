@@ -116,7 +116,7 @@ def load_trained(path: str | pathlib.Path, *, overrides: Sequence[str] = ()) -> 
   `overrides` are `--set` strings applied to the saved config (e.g. a data
   source to evaluate on, or a mesh that fits this machine).
   """
-  from longctx.data.tokenizers import check_fits_model, load_tokenizer
+  from longctx.data.tokenizers import check_fits_model, load_tokenizer, tokenizer_in
   from longctx.training.checkpoint import Checkpointer
   from longctx.training.trainer import Trainer
 
@@ -126,6 +126,8 @@ def load_trained(path: str | pathlib.Path, *, overrides: Sequence[str] = ()) -> 
     raise CheckpointError(f"{cfg_path} not found; pass a run directory written by `longctx train` "
                           "(or one of its checkpoints/STEP directories)")
   saved = read_saved_config(cfg_path)
+  if not any(o.startswith("data.tokenizer=") for o in overrides):  # the run's own copy of its tokenizer
+    saved["data"]["tokenizer"] = tokenizer_in(run_dir, saved["data"].get("tokenizer", "byte"))
   cfg = config_lib.apply_overrides(config_lib.from_dict(saved), list(overrides)).validate()
   # Restore with the saved model (its state, e.g. a kNN memory, has the saved size); model overrides
   # may resize state such as `model.memory_size` but must not change the weights.

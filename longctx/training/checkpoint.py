@@ -8,12 +8,17 @@ Orbax writes into a temporary directory and renames it when complete, so a
 crash mid-save never leaves a checkpoint that looks finished; saves can run
 asynchronously while training continues.
 
-Integrity. Once orbax has finished a step, `longctx_manifest.json` is written
-into it (atomically): the size and SHA-256 of every file. Before a resume,
+Integrity. As soon as orbax has committed a step (a background thread waits
+for an asynchronous save), `longctx_manifest.json` is written into it
+(atomically): the size and SHA-256 of every file. Before a resume,
 `newest_intact_step` checks the newest steps against their manifests; a step
-whose manifest is missing (a save that never finished), or with a file
-missing, truncated or altered, is named in one line and moved aside to
-`checkpoints_damaged/` (kept, not deleted) in favour of the previous one.
+with a file missing, truncated or altered is named in one line and moved aside
+to `checkpoints_damaged/` (kept, not deleted) in favour of the previous one.
+A step that orbax committed but that has no manifest yet (the process died in
+the moment between the two) is *committed, unverified*: it is checked against
+orbax's own commit records (`orbax_problem`), restored, and given its manifest
+then; only if that fails is it moved aside. So a kill at any instant loses only
+the steps after the last checkpoint orbax committed.
 
 Retention. Checkpoints are permanent (every `train.checkpoint_every` steps and
 the last; the newest `keep` of them stay) or temporary (every
@@ -29,6 +34,7 @@ import logging
 import os
 import pathlib
 import shutil
+import threading
 from typing import Any, Callable
 
 import jax
@@ -57,7 +63,10 @@ class Checkpointer:
                                            save_interval_steps=1)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("train_state", "extra"))
     self._async = async_save
-    self._pending: list[tuple[int, bool]] = []  # saved steps whose manifest is not written yet
+    self._pending: list[tuple[int, bool]] = []  # saved steps not finalized (manifest, retention) yet
+    self._manifest_thread: threading.Thread | None = None  # writes the manifest once orbax commits
+    self._manifest_error: BaseException | None = None
+    self._closed = False
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -66,7 +75,7 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, train_state: Any, extra: dict, *, permanent: bool = True) -> None:
-    """Save a step (asynchronously if so configured); its manifest follows once orbax has finished it."""
+    """Save a step (asynchronously if so configured); its manifest is written as soon as orbax commits it."""
     self._finalize()
     if self._make_dir:
       if jax.process_index() == 0:
@@ -78,15 +87,33 @@ class Checkpointer:
     self._pending.append((step, permanent))
     if not self._async:
       self._finalize()
+    elif jax.process_index() == 0:  # orbax commits in its own thread; the manifest follows it there
+      self._manifest_thread = threading.Thread(target=self._manifest_when_committed, args=(step, permanent),
+                                               name=f"longctx-manifest-{step}", daemon=True)
+      self._manifest_thread.start()
+
+  def _manifest_when_committed(self, step: int, permanent: bool) -> None:
+    try:
+      self._manager.wait_until_finished()  # returns once orbax has committed (renamed) the step
+      write_manifest(self.directory / str(step), step=step, permanent=permanent)
+    except BaseException as e:  # noqa: BLE001 - re-raised in the main thread by _finalize
+      self._manifest_error = e
 
   def _finalize(self) -> None:
-    """Wait for running saves, write their manifests (process 0), then drop what retention no longer keeps."""
+    """Wait for running saves and their manifests (process 0), then drop what retention no longer keeps."""
     if not self._pending:
       return
     self._manager.wait_until_finished()
+    if self._manifest_thread is not None:
+      self._manifest_thread.join()
+      self._manifest_thread = None
+    if self._manifest_error is not None:
+      error, self._manifest_error = self._manifest_error, None
+      raise error
     if jax.process_index() == 0:
       for step, permanent in self._pending:
-        write_manifest(self.directory / str(step), step=step, permanent=permanent)
+        if not (self.directory / str(step) / MANIFEST).is_file():
+          write_manifest(self.directory / str(step), step=step, permanent=permanent)
       self._pending = []
       self._prune()
     else:
@@ -110,25 +137,42 @@ class Checkpointer:
       self._manager.delete(step)
 
   def newest_intact_step(self, log: Callable[[str], None] = print) -> int | None:
-    """The newest step whose files match its manifest. Newer steps that fail the check are named in one line
-    each and moved to checkpoints_damaged/ (kept, not deleted), so that training can save those steps again.
+    """The newest step that is intact: verified against its manifest, or committed by orbax without a
+    manifest yet (`orbax_problem` finds nothing wrong; the caller restores it and `adopt`s it).
 
-    A step without a manifest (orbax finished it, the process died before the manifest: or a checkpoint of
-    an older longctx) is used, unverified, only if no verified step exists.
+    Newer steps that fail their check are named in one line each and moved to checkpoints_damaged/
+    (kept, not deleted), so that training can save those steps again.
     """
     rejected = []  # (step, problem), newest first
     for step in reversed(self.all_steps()):
-      problem = verify_step(self.directory / str(step))
+      step_dir = self.directory / str(step)
+      problem = verify_step(step_dir)
+      if problem == "no manifest":
+        committed = orbax_problem(step_dir)
+        if committed is None:
+          self._reject(rejected, log)
+          return step
+        problem = f"no manifest, and {committed}"
       if problem is None:
         self._reject(rejected, log)
         return step
       rejected.append((step, problem))
-    unverified = next((step for step, problem in rejected if problem == "no manifest"), None)
-    self._reject([(s, p) for s, p in rejected if unverified is None or s > unverified], log)
-    if unverified is not None:
-      log(f"warning: checkpoint step {unverified} has no manifest (saved by an older longctx, or the process died "
-          "while writing it) and no verified one is older; using it unverified")
-    return unverified
+    self._reject(rejected, log)
+    return None
+
+  def is_verified(self, step: int) -> bool:
+    return verify_step(self.directory / str(step)) is None
+
+  def adopt(self, step: int) -> None:
+    """Write the manifest of a committed step that lacks one, once it has been restored (process 0)."""
+    step_dir = self.directory / str(step)
+    if jax.process_index() == 0 and not (step_dir / MANIFEST).is_file():
+      write_manifest(step_dir, step=step, permanent=True)
+    self._sync(f"adopt {step}")
+
+  def quarantine(self, step: int, problem: str, log: Callable[[str], None] = print) -> None:
+    """Name a step that cannot be used in one line and move it to checkpoints_damaged/."""
+    self._reject([(step, problem)], log)
 
   def _reject(self, rejected: list[tuple[int, str]], log: Callable[[str], None]) -> None:
     for step, problem in rejected:
@@ -170,7 +214,10 @@ class Checkpointer:
     if step not in steps:
       raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; it has {steps}")
     problem = verify_step(self.directory / str(step))
-    if problem not in (None, "no manifest"):
+    if problem == "no manifest":  # committed by orbax, manifest not written yet (or an older longctx)
+      problem = orbax_problem(self.directory / str(step))
+      problem = f"no manifest, and {problem}" if problem else None
+    if problem is not None:
       raise CheckpointError(f"checkpoint {self.directory / str(step)} could not be restored: it is damaged "
                             f"({problem}), so its parameters could not be read; use an older step (--step) or train "
                             "again")
@@ -196,7 +243,12 @@ class Checkpointer:
     return out["train_state"]["params"]
 
   def restore_extra(self, step: int) -> dict:
-    out = self._manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))
+    try:
+      out = self._manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax raises many types; the user needs one line
+      msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+      raise CheckpointError(f"the data position and config of checkpoint {self.directory / str(step)} could not be "
+                            f"read ({type(e).__name__}: {msg})") from None
     return out["extra"]
 
   def wait(self) -> None:
@@ -204,9 +256,12 @@ class Checkpointer:
     self._finalize()
 
   def close(self) -> None:
+    if self._closed:
+      return
     self._manager.wait_until_finished()
     self._finalize()
     self._manager.close()
+    self._closed = True
 
 
 def _digest(path: pathlib.Path) -> str:
@@ -248,6 +303,35 @@ def verify_step(step_dir: pathlib.Path) -> str | None:
       return f"{name} has {path.stat().st_size} bytes, {size} were written"
     if _digest(path) != digest:
       return f"{name} does not match its checksum"
+  return None
+
+
+def orbax_problem(step_dir: pathlib.Path) -> str | None:
+  """None if orbax's own records say it committed this step completely, else what is missing (a few words).
+
+  Used for steps without a manifest. Orbax writes a step into a temporary directory and renames it when
+  complete (or, on object stores, writes `commit_success.txt` last); its `_CHECKPOINT_METADATA` records the
+  commit time, and each item has its own metadata. (Array contents have no checksum here: the restore that
+  follows is the last check.)
+  """
+  meta = step_dir / "_CHECKPOINT_METADATA"
+  try:
+    record = json.loads(meta.read_text())
+  except (OSError, ValueError):
+    return "orbax's _CHECKPOINT_METADATA is missing or unreadable"
+  if not isinstance(record, dict) or not record.get("commit_timestamp_nsecs"):
+    return "orbax never recorded its commit"
+  for item in ("train_state", "extra"):
+    if not (step_dir / item).is_dir():
+      return f"item {item} is missing"
+  for required in ("train_state/_METADATA", "train_state/manifest.ocdbt", "extra/metadata"):
+    if not (step_dir / required).is_file():
+      return f"{required} is missing"
+  try:
+    json.loads((step_dir / "train_state" / "_METADATA").read_text())
+    json.loads((step_dir / "extra" / "metadata").read_text())
+  except (OSError, ValueError):
+    return "orbax's item metadata is unreadable"
   return None
 
 

@@ -1,7 +1,8 @@
 """`longctx train`: data -> compiled steps -> logs, evals, checkpoints; resumes automatically.
 
-Everything that can fail on user input (config, tokenizer, data files, mesh)
-is checked before anything is written to the run directory.
+Everything that can fail on user input (config, tokenizer, data files, mesh, a
+refused resume) is checked before anything is written to the run directory,
+and a run dir another training holds is refused (`run_dir.RunDirLock`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import signal
 import threading
@@ -23,13 +25,15 @@ from longctx import distributed
 from longctx.config import Config
 from longctx.errors import CheckpointError, ConfigError, TrainingError
 from longctx.sharding import describe
+from longctx.training import run_dir as run_dir_lib
 from longctx.training.checkpoint import Checkpointer, load_initial_params
 from longctx.training.metrics import MetricsLogger, plot_loss_curve
 from longctx.training.trainer import Trainer
 
-# Changing these between a checkpoint and a resume would silently change what is trained.
+# Changing these between a checkpoint and a resume would silently change what is trained. (The tokenizer
+# too: it is compared by its contents, against the run dir's copy; see `resolve_tokenizer`.)
 _RESUME_MUST_MATCH = ("model", "data.batch_size", "data.seg_len", "data.segments_per_step", "data.source",
-                      "data.tokenizer", "data.task", "data.seed")
+                      "data.task", "data.seed")
 
 
 @dataclasses.dataclass
@@ -57,14 +61,50 @@ class Pipeline:
                        repeat=False, pad_id=self.tokenizer.pad_id, align=d.align_documents or 1)
 
 
-def build_pipeline(cfg: Config) -> Pipeline:
+def build_pipeline(cfg: Config, *, tokenizer_spec: str | None = None, log: Callable[[str], None] = print) -> Pipeline:
+  """Tokenizer (`tokenizer_spec`, default `cfg.data.tokenizer`) and the train / held-out sources."""
   from longctx.data.sources import build_sources
   from longctx.data.tokenizers import check_fits_model, load_tokenizer
 
-  tokenizer = load_tokenizer(cfg.data.tokenizer)
-  check_fits_model(tokenizer, cfg.data.tokenizer, cfg.model.vocab_size)
-  train_source, eval_source = build_sources(cfg.data, tokenizer)
+  spec = tokenizer_spec or cfg.data.tokenizer
+  tokenizer = load_tokenizer(spec)
+  check_fits_model(tokenizer, spec, cfg.model.vocab_size)
+  train_source, eval_source = build_sources(cfg.data, tokenizer, warn=log)
   return Pipeline(tokenizer, train_source, eval_source)
+
+
+def resolve_tokenizer(cfg: Config, run_dir: pathlib.Path, log: Callable[[str], None]) -> str:
+  """The tokenizer file to train with: the recipe's `data.tokenizer`, checked against the run dir's copy
+  (`RUN/tokenizer.model`) when resuming; the copy itself if the recipe's path is not found here (a run dir
+  moved to another machine, or a command started from another directory)."""
+  spec = cfg.data.tokenizer
+  copy = run_dir / run_dir_lib.TOKENIZER
+  if spec == "byte" or not copy.is_file():
+    return spec
+  if not pathlib.Path(spec).is_file():
+    log(f"data.tokenizer={spec} is not found from here; using the run dir's copy {copy}")
+    return str(copy)
+  if not run_dir_lib.same_file_contents(copy, pathlib.Path(spec)):
+    raise CheckpointError(f"the checkpoints in {run_dir} were trained with another tokenizer: data.tokenizer={spec} "
+                          f"differs from the run's copy {copy}; use that tokenizer (or the recipe that made the run), "
+                          "or a new --run-dir")
+  return spec
+
+
+def run_config_dict(cfg: Config) -> dict:
+  """The config as config.json records it: local paths made absolute, so the run dir's readers (eval,
+  generate, export, --init-from) work from any working directory."""
+  d = config_lib.to_dict(cfg)
+  data = d["data"]
+  data["paths"] = [os.path.abspath(p) for p in data["paths"]]
+  data["eval_paths"] = [os.path.abspath(p) for p in data["eval_paths"]]
+  if data["tokenizer"] != "byte":
+    data["tokenizer"] = os.path.abspath(data["tokenizer"])
+  if data["hub_name"] and os.path.isdir(data["hub_name"]):  # a local directory streamed as a hub dataset
+    data["hub_name"] = os.path.abspath(data["hub_name"])
+  if d["train"]["init_from"]:
+    d["train"]["init_from"] = os.path.abspath(d["train"]["init_from"])
+  return d
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -79,6 +119,11 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def check_resume_compatible(saved: dict, cfg: Config, where: pathlib.Path) -> None:
   saved_flat, now_flat = _flat(saved), _flat(config_lib.to_dict(cfg))
+  old_tok, new_tok = saved_flat.get("data.tokenizer"), now_flat.get("data.tokenizer")
+  if not _same_tokenizer(old_tok, new_tok, copied=(where / run_dir_lib.TOKENIZER).is_file()):
+    raise CheckpointError(f"the checkpoint in {where} was trained with data.tokenizer={_short(old_tok)}, this "
+                          f"recipe has data.tokenizer={_short(new_tok)}; use a new --run-dir (or the recipe that "
+                          "made it)")
   for key in _RESUME_MUST_MATCH:
     old, new = saved_flat.get(key), now_flat.get(key)
     if old != new and isinstance(old, dict) and isinstance(new, dict):  # name the fields that differ
@@ -91,6 +136,19 @@ def check_resume_compatible(saved: dict, cfg: Config, where: pathlib.Path) -> No
       raise CheckpointError(
           f"the checkpoint in {where} was trained with {key}={_short(saved_flat.get(key))}, this recipe has "
           f"{key}={_short(now_flat.get(key))}; use a new --run-dir (or the recipe that made it)")
+
+
+def _same_tokenizer(old: str | None, new: str, *, copied: bool) -> bool:
+  if old is None:
+    return True
+  if copied:  # the run dir has its copy: `resolve_tokenizer` compares the contents
+    return new != "byte"
+  if "byte" in (old, new):
+    return old == new
+  if os.path.abspath(old) == os.path.abspath(new):
+    return True
+  return (pathlib.Path(old).is_file() and pathlib.Path(new).is_file()
+          and run_dir_lib.same_file_contents(pathlib.Path(old), pathlib.Path(new)))
 
 
 def _short(v: Any) -> str:
@@ -145,7 +203,8 @@ def run_training(cfg: Config, run_dir: str | pathlib.Path, *, stop_at_step: int 
   In a multi-process run (`longctx.distributed.initialize`) every process calls
   this with the same config and run dir (on a filesystem all hosts share): each
   reads only its own lanes, all save and restore the checkpoints together, and
-  only process 0 logs, prints and writes metrics, config.json and plots.
+  only process 0 logs, prints, holds the run dir's lock and writes metrics,
+  config.json and plots.
 
   Args:
     stop_at_step: end this run (with a checkpoint) after this global step, as a
@@ -163,40 +222,118 @@ def run_training(cfg: Config, run_dir: str | pathlib.Path, *, stop_at_step: int 
   if not existing.is_dir():
     raise ConfigError(f"run dir {str(run_dir)!r} " + ("is a file, not a directory" if existing == run_dir else
                       f"cannot be made: {str(existing)!r} is a file") + "; pass another --run-dir")
-  pipeline = build_pipeline(cfg)  # data problems surface here, before anything is written
-  trainer = Trainer(cfg, devices=devices)
-  lanes = pipeline.train_lanes(trainer)
   is_host0 = jax.process_index() == 0
   if not is_host0:
     log = lambda *_: None  # noqa: E731
+  tokenizer_spec = resolve_tokenizer(cfg, run_dir, log)
+  pipeline = build_pipeline(cfg, tokenizer_spec=tokenizer_spec, log=log)  # data problems surface here
+  trainer = Trainer(cfg, devices=devices)
+  lanes = pipeline.train_lanes(trainer)
   distributed.assert_same(str(run_dir.absolute()), "the run dir")
   distributed.assert_same(json.dumps(config_lib.to_dict(cfg), sort_keys=True), "the config")
   tc = cfg.train
 
-  ckpt = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
-  latest = ckpt.newest_intact_step(log)
-  if latest is not None:
-    extra = ckpt.restore_extra(latest)
-    check_resume_compatible(extra.get("config", {}), cfg, run_dir)
-    ts, extra = ckpt.restore(latest, trainer.abstract_train_state_sharded())
-    lanes.load_state_dict(extra["data"])
-    log(f"resumed from {run_dir / 'checkpoints' / str(latest)} (step {latest})"
-        + (f"; train.init_from={tc.init_from} is not read again" if tc.init_from else ""))
-  else:
-    ts = trainer.init_train_state()
-    if tc.init_from:
-      ts["params"], line = load_initial_params(tc.init_from, model_cfg=cfg.model,
-                                               abstract_params=trainer.abstract_train_state_sharded()["params"])
-      log(line)
-  start = int(jax.device_get(ts["step"]))
+  lock, error = run_dir_lib.RunDirLock(run_dir), None
   if is_host0:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config_lib.to_dict(cfg), indent=2) + "\n")
-  logger = MetricsLogger(run_dir, enabled=is_host0)
+    try:
+      lock.acquire()
+    except run_dir_lib.RunDirBusy as e:
+      error = e
+  distributed.raise_if_any_failed(error, "lock the run dir")
+  started, ckpt = False, None  # until the run dir is written, a refused run puts back what the lock changed
+  try:
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
+    resumed = _resume(ckpt, trainer, cfg, run_dir, log)
+    if resumed is not None:
+      latest, ts, extra = resumed
+      lanes.load_state_dict(extra["data"])
+      log(f"resumed from {run_dir / 'checkpoints' / str(latest)} (step {latest})"
+          + (f"; train.init_from={tc.init_from} is not read again" if tc.init_from else ""))
+    else:
+      latest = None
+      ts = trainer.init_train_state()
+      if tc.init_from:
+        ts["params"], line = load_initial_params(tc.init_from, model_cfg=cfg.model,
+                                                 abstract_params=trainer.abstract_train_state_sharded()["params"])
+        log(line)
+    start = int(jax.device_get(ts["step"]))
+    heldout = None
+    if is_host0:
+      run_dir.mkdir(parents=True, exist_ok=True)
+      (run_dir / "config.json").write_text(json.dumps(run_config_dict(cfg), indent=2) + "\n")
+      run_dir_lib.copy_tokenizer(run_dir, tokenizer_spec)
+      heldout = _write_heldout(run_dir, cfg, pipeline)
+    started = True
+    return _train_loop(cfg, trainer, pipeline, lanes, ckpt, ts, start=start, latest=latest, run_dir=run_dir,
+                       stop_at_step=stop_at_step, progress=progress and is_host0, log=log, heldout=heldout)
+  finally:
+    if ckpt is not None:
+      ckpt.close()
+    lock.release(undo=not started)
+
+
+def _resume(ckpt: Checkpointer, trainer: Trainer, cfg: Config, run_dir: pathlib.Path, log) -> tuple | None:
+  """(step, train state, extra) of the newest checkpoint that restores, or None.
+
+  A step orbax committed but whose manifest was never written (the process died in between) is restored
+  and then given its manifest; if it does not restore, it is moved aside and the one before is tried. A
+  verified step that does not restore (another model, say) is an error, as is a refused resume.
+  """
+  while (step := ckpt.newest_intact_step(log)) is not None:
+    verified = ckpt.is_verified(step)
+    try:
+      extra = ckpt.restore_extra(step)
+    except CheckpointError as e:
+      if verified:
+        raise
+      ckpt.quarantine(step, f"no manifest, and {e}", log)
+      continue
+    check_resume_compatible(extra.get("config", {}), cfg, run_dir)
+    try:
+      ts, extra = ckpt.restore(step, trainer.abstract_train_state_sharded())
+    except CheckpointError:
+      if verified:
+        raise
+      ckpt.quarantine(step, "no manifest, and its arrays could not be restored", log)
+      continue
+    if not verified:
+      ckpt.adopt(step)
+      log(f"checkpoint step {step} had no manifest yet (the process stopped after orbax committed it): "
+          "it restored, and its manifest is written now")
+    return step, ts, extra
+  return None
+
+
+def _write_heldout(run_dir: pathlib.Path, cfg: Config, pipeline: Pipeline) -> str:
+  """RUN/heldout_documents.txt, and the line that says how many documents were held out and where."""
+  d, source = cfg.data, pipeline.eval_source
+  names = getattr(source, "names", None)
+  if names is not None:
+    total = len(names) + (pipeline.train_source.num_docs or 0)
+    how = (f"data.eval_paths={d.eval_paths}" if d.eval_paths else
+           f"data.eval_fraction={d.eval_fraction} of {total} documents, a stable hash split")
+  elif d.source == "synthetic":
+    names, how = [f"synthetic {d.task} document {i} (seed {source.seed})" for i in range(source.num_docs)], \
+        f"generated: data.task={d.task}"
+  else:  # a hub split: streamed, not listed
+    names, how = [], f"hub dataset {d.hub_name} split {d.eval_split!r}, all of it (streamed, not listed)"
+  path = run_dir_lib.write_heldout(run_dir, names, how=how)
+  count = f"{len(names)} held-out documents" if names else "held-out documents"
+  return f"{count} ({how}): listed in {path}" if names else f"{count}: {how}"
+
+
+def _train_loop(cfg: Config, trainer: Trainer, pipeline: Pipeline, lanes, ckpt: Checkpointer, ts, *, start: int,
+                latest: int | None, run_dir: pathlib.Path, stop_at_step: int | None, progress: bool, log,
+                heldout: str | None) -> dict:
+  """Steps start+1 .. end: log, evaluate, checkpoint; the summary `run_training` returns."""
+  tc, is_host0 = cfg.train, jax.process_index() == 0
+  logger = MetricsLogger(run_dir, enabled=is_host0, start_step=start)
   end = tc.steps if stop_at_step is None else min(tc.steps, stop_at_step)
   if start == 0:
     log(f"model {cfg.model.name}: {trainer.num_params / 1e6:.2f}M params | mesh {describe(trainer.mesh)} | "
         f"{cfg.data.batch_size} lanes x {cfg.data.segments_per_step} segments x {cfg.data.seg_len} tokens per step")
+    if heldout:
+      log(heldout)
     if trainer.mesh.shape["sequence"] > 1:
       form = trainer.model_class.context_parallel or "none of its own; XLA partitions it (each block gathered)"
       log(f"context parallel over {trainer.mesh.shape['sequence']} devices: {form}")
@@ -205,7 +342,7 @@ def run_training(cfg: Config, run_dir: str | pathlib.Path, *, stop_at_step: int 
     return {"data": distributed.gather_lane_state(lanes.state_dict()), "config": config_lib.to_dict(cfg)}
 
   losses, last_saved, train_metrics, eval_metrics = [], latest, {}, {}
-  bar = _progress(end, start, progress and is_host0)
+  bar = _progress(end, start, progress)
   window_tokens, window_start = 0.0, time.perf_counter()
   tokens_per_step = cfg.data.batch_size * cfg.data.segments_per_step * cfg.data.seg_len
   last_save_time, skipped_in_a_row, stopped_by = time.monotonic(), 0, None
@@ -231,7 +368,10 @@ def run_training(cfg: Config, run_dir: str | pathlib.Path, *, stop_at_step: int 
       losses.append(metrics["loss"])
       window_tokens += tokens_per_step  # every token read, targets or not
       bar.update(1)
-      if step % tc.log_every == 0 or step == end:
+      if step == start + 1:  # the first step of a process includes compiling: no throughput from it
+        logger.log(step, "train", metrics)
+        window_tokens, window_start = 0.0, time.perf_counter()
+      elif step % tc.log_every == 0 or step == end:
         elapsed = time.perf_counter() - window_start
         metrics["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
         window_tokens, window_start = 0.0, time.perf_counter()
@@ -253,27 +393,44 @@ def run_training(cfg: Config, run_dir: str | pathlib.Path, *, stop_at_step: int 
     signals.restore()
     bar.close()
     ckpt.close()
+  summary = {"start_step": start, "end_step": end, "losses": losses, "train": train_metrics, "eval": {},
+             "train_state": ts, "plot": None, "run_dir": str(run_dir), "lanes": trainer.local_lane_range()}
   if stopped_by:
     logger.close()
     log(f"stopped by {stopped_by} after step {last_saved}; checkpoint saved in {run_dir / 'checkpoints'}. "
         "Rerun the same command to resume")
-    return {"start_step": start, "end_step": last_saved, "losses": losses, "train": train_metrics, "eval": {},
-            "train_state": ts, "plot": None, "run_dir": str(run_dir), "lanes": trainer.local_lane_range(),
-            "stopped_by": stopped_by}
+    return {**summary, "end_step": last_saved, "stopped_by": stopped_by}
   if end == tc.steps:  # the run is complete: report held-out loss
     eval_metrics = evaluate(trainer, pipeline, ts["params"], max_batches=tc.eval_batches)
     logger.log(end, "eval", eval_metrics)
-    log(f"eval @ step {end}: loss {eval_metrics['loss']:.4f} | bits/token {eval_metrics['bits_per_token']:.4f} | "
-        f"ppl {eval_metrics['perplexity']:.2f} | {int(eval_metrics['tokens'])} held-out tokens")
+    log(eval_line(end, eval_metrics, run_dir=run_dir))
   logger.close()
   plot = plot_loss_curve(run_dir) if is_host0 else None
-  return {"start_step": start, "end_step": end, "losses": losses, "train": train_metrics, "eval": eval_metrics,
-          "train_state": ts, "plot": str(plot) if plot else None, "run_dir": str(run_dir),
-          "lanes": trainer.local_lane_range()}
+  return {**summary, "eval": eval_metrics, "plot": str(plot) if plot else None}
+
+
+def eval_line(step: int, m: dict, *, limit: str = "train.eval_batches", run_dir=None) -> str:
+  """`eval @ step N: loss ... | bits/token ... | ppl ... | over WHAT`, saying what the average is over.
+
+  `limit` names the setting that capped the batches; `run_dir` (in training) adds how to evaluate all."""
+  total, docs = int(m.get("documents_total", 0)), int(m.get("documents", 0))
+  tokens = f"{int(m['tokens'])} target tokens"
+  if m.get("complete", 1.0):
+    over = f"all {docs} held-out documents, {tokens}" if docs else f"every held-out document, {tokens}"
+  else:
+    of = f" of the {total}" if total else ""
+    rest = f"; `longctx eval {run_dir}` reads them all" if run_dir is not None else ""
+    over = f"the first {int(m['batches'])} batches ({limit}): {tokens} from {docs}{of} held-out documents{rest}"
+  return (f"eval @ step {step}: loss {m['loss']:.4f} | bits/token {m['bits_per_token']:.4f} | "
+          f"ppl {m['perplexity']:.2f} | over {over}")
 
 
 def evaluate(trainer: Trainer, pipeline: Pipeline, params, *, max_batches: int = 0) -> dict:
   """Stream every held-out document through fresh lane states (or `max_batches` batches).
+
+  Returns the trainer's metrics (loss, bits_per_token, perplexity, tokens, batches) and what they
+  average over: `documents` read (whole or in part), `documents_total` (0 if the source cannot count
+  them) and `complete` (1.0 if every held-out document was read to its end).
 
   With several processes, one whose lanes run out first feeds fully masked
   batches until the others are done, so all run the same steps.
@@ -286,5 +443,8 @@ def evaluate(trainer: Trainer, pipeline: Pipeline, params, *, max_batches: int =
     batch["reset"][:] = True
     return batch
 
-  batches = distributed.synchronized(pipeline.eval_lanes(trainer), pad_batch=pad_batch)
-  return trainer.evaluate(params, batches, max_batches=max_batches)
+  lanes = pipeline.eval_lanes(trainer)
+  metrics = trainer.evaluate(params, distributed.synchronized(lanes, pad_batch=pad_batch), max_batches=max_batches)
+  incomplete = distributed.sum_over_processes(int(not lanes.exhausted()))
+  return {**metrics, "documents": float(distributed.sum_over_processes(lanes.documents_read())),
+          "documents_total": float(pipeline.eval_source.num_docs or 0), "complete": float(incomplete == 0)}
