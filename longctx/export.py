@@ -19,7 +19,7 @@ Two directory formats, each `config.json` + `model.safetensors`:
   `transformers.MambaForCausalLM.from_pretrained(DIR)` /
   `Mamba2ForCausalLM.from_pretrained(DIR)` load, with HF's names and layouts
   (`[out, in]` linear weights, conv1d `[C, 1, K]`). It computes the same
-  logits (tested to < 1e-4 relative in float32). A config HF cannot express is
+  logits (tested to < 1e-6 relative in float32). A config HF cannot express is
   refused with a one-line error; nothing that loads but computes differently is
   ever written. `import_hf` reads such a directory (ours or one from the hub,
   `model.safetensors`, a sharded `model.safetensors.index.json`, or

@@ -56,34 +56,79 @@ def stream(model, step, tokens, seg, *, segment_ids=None, state=None, reset_firs
   return jnp.concatenate(outs, axis=1), state
 
 
+def assert_states_close(got, want, *, tol, what):
+  """Every leaf of two state pytrees alike: integer and bool leaves equal; float leaves within `tol`
+  (relative, over the leaf) *and* zero exactly where `want` is zero, so leftover state where the reference
+  has none (an unflushed buffer, a slot that should be empty) fails even if the rest of the leaf is large.
+
+  (Mutation, by hand: adding 1e-3 to a zero slot of a cut stream's state passed the old check, which
+  skipped any leaf whose reference was all zeros; it fails this one: tests/test_contract_checks.py.)"""
+  got_leaves, want_leaves = jax.tree.leaves(got), jax.tree.leaves(want)
+  assert len(got_leaves) == len(want_leaves), f"{what}: the state pytrees differ in structure"
+  for i, (a, b) in enumerate(zip(got_leaves, want_leaves)):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape and a.dtype == b.dtype, f"{what}: state leaf {i} is {a.shape} {a.dtype}, not {b.shape}"
+    if not jnp.issubdtype(b.dtype, jnp.floating):
+      np.testing.assert_array_equal(a, b, err_msg=f"{what}: state leaf {i}")
+      continue
+    stray = (b == 0) & (a != 0)
+    assert not np.any(stray), (f"{what}: state leaf {i} {b.shape} has {int(stray.sum())} nonzero entries where the "
+                               f"reference is zero (largest {np.max(np.abs(a[stray])):.2e})")
+    if np.any(b):
+      assert rel_err(a, b) <= tol, f"{what}: state leaf {i} {b.shape} differs: relative error {rel_err(a, b):.2e}"
+
+
 def segment_invariance(model, step, *, n, segs, vocab, tol=1e-5, segment_ids=None):
   tokens = randint(n, (2, n), vocab)
   full, full_state = stream(model, step, tokens, n, segment_ids=segment_ids)
   for seg in segs:
     cut, cut_state = stream(model, step, tokens, seg, segment_ids=segment_ids)
     assert rel_err(cut, full) < tol, f"segments of {seg} differ from one pass of {n}"
-    for a, b in zip(jax.tree.leaves(cut_state), jax.tree.leaves(full_state)):
-      if jnp.issubdtype(a.dtype, jnp.floating):
-        assert rel_err(a, b) < tol or not np.any(np.asarray(b)), f"state after segments of {seg} differs"
-      else:
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_states_close(cut_state, full_state, tol=tol, what=f"the state after segments of {seg}")
+
+
+def _rows(tree, rows):
+  return jax.tree.map(lambda x: np.asarray(x)[np.asarray(rows)], tree)
+
+
+# Reset patterns over four rows: one row, the others, every row, none.
+RESET_PATTERNS = ([True, False, False, False], [False, True, True, False], [True, True, True, True],
+                  [False, False, False, False])
 
 
 def reset_isolation(model, step, *, seg, vocab, prev_segments=2):
-  """Row 0 resets after two different histories; row 1 continues the same history."""
-  prev_a = randint(2, (2, prev_segments * seg), vocab)
-  prev_b = prev_a.at[0].set(randint(3, (prev_segments * seg,), vocab))
-  nxt = randint(4, (2, seg), vocab)
-  zeros = jnp.zeros((2, seg), jnp.int32)
-  outs = []
-  for prev in (prev_a, prev_b):
-    _, state = stream(model, step, prev, seg)
-    logits, _ = step(nxt, state, jnp.array([True, False]), zeros)
-    outs.append(np.asarray(logits))
-  np.testing.assert_array_equal(outs[0][0], outs[1][0])
-  fresh, _ = step(nxt, model.init_state(2), jnp.array([True, True]), zeros)
-  np.testing.assert_array_equal(outs[0][0], np.asarray(fresh[0]))
-  np.testing.assert_array_equal(outs[0][1], outs[1][1])
+  """Both directions, per row, for mixed reset patterns over 4 rows that each carry their own history:
+  a row that resets gives exactly the logits and next state of a fresh start (whatever came before), and a
+  row that does not gives exactly those of its uninterrupted stream.
+
+  (Mutation, by hand: a RetNet whose reset of any row reset every row passed the old check, which looked
+  at the reset row only and at a non-reset row against itself; it fails this one, the non-reset rows
+  then equal a fresh start instead of their stream.)"""
+  rows = 4
+  prev = randint(2, (rows, prev_segments * seg), vocab)
+  other_prev = randint(3, (rows, prev_segments * seg), vocab)
+  nxt = randint(4, (rows, seg), vocab)
+  zeros = jnp.zeros((rows, seg), jnp.int32)
+  _, state = stream(model, step, prev, seg)
+  _, other_state = stream(model, step, other_prev, seg)
+  fresh_logits, fresh_state = step(nxt, model.init_state(rows), jnp.ones(rows, bool), zeros)
+  cont_logits, cont_state = step(nxt, state, jnp.zeros(rows, bool), zeros)
+  for pattern in RESET_PATTERNS:
+    reset = np.array(pattern)
+    for history in (state, other_state):
+      logits, new_state = step(nxt, history, jnp.asarray(reset), zeros)
+      if reset.any():  # a reset row: a fresh start, whatever its history
+        np.testing.assert_array_equal(np.asarray(logits)[reset], np.asarray(fresh_logits)[reset],
+                                      err_msg=f"reset {pattern}: a reset row's logits differ from a fresh start")
+        assert_states_close(_rows(new_state, reset), _rows(fresh_state, reset), tol=0.0,
+                            what=f"reset {pattern}: a reset row's next state vs a fresh start")
+    logits, new_state = step(nxt, state, jnp.asarray(reset), zeros)
+    keep = ~reset
+    if keep.any():  # a row that does not reset: its own stream, untouched by the other rows' resets
+      np.testing.assert_array_equal(np.asarray(logits)[keep], np.asarray(cont_logits)[keep],
+                                    err_msg=f"reset {pattern}: a row that did not reset differs from its stream")
+      assert_states_close(_rows(new_state, keep), _rows(cont_state, keep), tol=0.0,
+                          what=f"reset {pattern}: a row that did not reset vs its stream")
 
 
 def memory_carries(model, step, *, seg, vocab, horizon, segments=4):
@@ -137,8 +182,18 @@ def gradients_reach(model, *, seg, vocab, names, segments=3):
   return flat
 
 
-def sharded_matches_one_device(model_cfg, devices, *, seg_len, steps=2, align=0, tol=1e-5, mesh=None):
-  """Two train steps on real lanes: an 8-device mesh (default data 2, fsdp 2, tensor 2) equals 1 device."""
+def sharded_matches_one_device(model_cfg, devices, *, seg_len, steps=3, align=0, tol=1e-5, mesh=None):
+  """Three train steps on real lanes: an 8-device mesh (default data 2, fsdp 2, tensor 2) equals 1 device.
+
+  Per step: the loss, the gradient norm and every gradient leaf; after the steps: the parameters and the
+  carried model state. The schedule has no warmup, so the first update is a real one (with warmup the
+  first step's learning rate is 0 and both sides' first two losses see the initial parameters), and the
+  gradients are compared themselves because Adam and global-norm clipping hide a uniform gradient scale
+  from the parameters.
+
+  (Mutation, by hand: multiplying the 8-device trainer's gradients by 4 inside `StepFunctions.train_step`
+  passed the old check, which compared losses and parameters after 2 steps, the first at learning rate 0;
+  it fails this one at step 1's grad_norm.)"""
   from longctx import config as config_lib
   from longctx.config import Config, DataConfig, MeshConfig, TrainConfig
   from longctx.data.lanes import LaneBatcher
@@ -149,7 +204,7 @@ def sharded_matches_one_device(model_cfg, devices, *, seg_len, steps=2, align=0,
                data=DataConfig(source="synthetic", task="passkey,mqar", task_length=3 * seg_len // 2,
                                task_min_length=seg_len // 2, prompt_loss_weight=1.0, num_docs=64, batch_size=8,
                                seg_len=seg_len, segments_per_step=2, align_documents=align),
-               train=TrainConfig(steps=steps, learning_rate=3e-3, warmup_steps=1, async_checkpoint=False),
+               train=TrainConfig(steps=steps, learning_rate=3e-3, warmup_steps=0, async_checkpoint=False),
                mesh=MeshConfig(data=-1))
   pipeline = build_pipeline(cfg)
   d = cfg.data
@@ -161,21 +216,25 @@ def sharded_matches_one_device(model_cfg, devices, *, seg_len, steps=2, align=0,
                            ("8", mesh or MeshConfig(data=2, fsdp=2, tensor=2), devices)]:
     trainer = Trainer(config_lib.replace(cfg, mesh=mesh), devices=devs)
     ts = trainer.init_train_state()
-    losses = []
+    metrics, grads = [], []
     for b in batches:
-      ts, m = trainer.train_step(ts, trainer.put_batch(b))
-      losses.append(float(m["loss"]))
-    results[name] = (losses, jax.device_get(ts["params"]), jax.device_get(ts["model_state"]))
+      ts, m, g = trainer.train_step_with_grads(ts, trainer.put_batch(b))
+      metrics.append({k: float(v) for k, v in jax.device_get(m).items()})
+      grads.append(jax.device_get(g))
+    results[name] = ([m["loss"] for m in metrics], jax.device_get(ts["params"]), jax.device_get(ts["model_state"]))
+    results[name + "-metrics"], results[name + "-grads"] = metrics, grads
     results[name + "-trainer"] = trainer
-  for a, b in zip(results["1"][0], results["8"][0]):
-    assert np.isfinite(a) and abs(a - b) / abs(b) < tol, (results["1"][0], results["8"][0])
+  for i, (one, eight) in enumerate(zip(results["1-metrics"], results["8-metrics"])):
+    assert one["learning_rate"] > 0, "a step at learning rate 0 compares nothing"
+    for key in ("loss", "grad_norm"):
+      a, b = one[key], eight[key]
+      assert np.isfinite(a) and abs(a - b) / abs(b) < tol, f"step {i + 1} {key}: 1 device {a}, 8 devices {b}"
+  for i, (g1, g8) in enumerate(zip(results["1-grads"], results["8-grads"])):
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g8)):
+      assert rel_err(b, a) < 10 * tol, f"step {i + 1} gradient {jax.tree_util.keystr(path)}: {rel_err(b, a):.2e}"
   for a, b in zip(jax.tree.leaves(results["1"][1]), jax.tree.leaves(results["8"][1])):
-    assert rel_err(a, b) < 10 * tol
-  for a, b in zip(jax.tree.leaves(results["1"][2]), jax.tree.leaves(results["8"][2])):
-    if jnp.issubdtype(np.asarray(a).dtype, jnp.floating):
-      assert rel_err(a, b) < 10 * tol or (not np.any(np.asarray(b)) and not np.any(np.asarray(a)))
-    else:
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert rel_err(b, a) < 10 * tol
+  assert_states_close(results["8"][2], results["1"][2], tol=10 * tol, what="the carried state, 8 devices vs 1")
   return results
 
 

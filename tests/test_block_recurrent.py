@@ -91,7 +91,7 @@ CONTEXT_MESH = MeshConfig(data=1, fsdp=2, tensor=2, sequence=2)
 def test_sharded_matches_one_device(eight_devices):
   cfg = BlockRecurrentConfig(vocab_size=259, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, window=16,
                              block_len=16, num_states=4, embed_conv=4)
-  results = contract.sharded_matches_one_device(cfg, eight_devices, seg_len=32, align=16, mesh=CONTEXT_MESH)
+  results = contract.sharded_matches_one_device(cfg, eight_devices, seg_len=32, mesh=CONTEXT_MESH)  # documents start inside blocks
   assert contract.runs_context_parallel_form(results["8-trainer"])
 
 

@@ -468,6 +468,16 @@ for _name, _cases in (("generate", GENERATE), ("export", EXPORT), ("import-hf", 
   if _has_command(_name):  # other commands join the table once they exist
     CASES += _cases
 
+HOSTILE_CASES = 159  # the README quotes this number
+
+
+def test_the_table_holds_the_cases_the_readme_counts():
+  """The closing summary prints how many cases ran; this asserts the table has them all (a case dropped or
+  a command missing from `_has_command` would otherwise only lower the printed count)."""
+  assert len({c.id for c in CASES}) == len(CASES) == HOSTILE_CASES, (len(CASES), HOSTILE_CASES)
+  assert f"feeds every command {HOSTILE_CASES} such" in (ROOT / "README.md").read_text()
+
+
 def snapshot(root: pathlib.Path) -> dict[str, str]:
   out = {}
   for p in sorted(root.rglob("*")):

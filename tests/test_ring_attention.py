@@ -44,8 +44,47 @@ def _dense(q, k, v, pos, doc, window):
                             return_lse=True)
 
 
+def _loop_attention(q, k, v, q_pos, k_pos, q_doc, k_doc, window):
+  """Attention in float64 numpy with the visibility rule written out key by key in a plain loop (nothing
+  shared with `ra.visible_mask`): query i sees key j iff same document, j valid (doc >= 0), and
+  0 <= pos_i - pos_j (<= window). Returns (out `[b, sq, h, d]`, lse `[b, h, sq]`; -inf where nothing seen)."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  q_pos, k_pos, q_doc, k_doc = (np.asarray(x) for x in (q_pos, k_pos, q_doc, k_doc))
+  b, sq, h, d = q.shape
+  group = h // k.shape[2]
+  out, lse = np.zeros((b, sq, h, d)), np.full((b, h, sq), -np.inf)
+  for r in range(b):
+    for i in range(sq):
+      seen = []
+      for j in range(k.shape[1]):
+        dist = int(q_pos[i]) - int(k_pos[j])
+        if q_doc[r, i] == k_doc[r, j] and k_doc[r, j] >= 0 and dist >= 0 and (window is None or dist <= window):
+          seen.append(j)
+      if not seen:
+        continue
+      for head in range(h):
+        scores = k[r, seen, head // group] @ q[r, i, head] / np.sqrt(d)
+        top = scores.max()
+        weights = np.exp(scores - top)
+        lse[r, head, i] = top + np.log(weights.sum())
+        out[r, i, head] = weights @ v[r, seen, head // group] / weights.sum()
+  return out, lse
+
+
+def _reference_obeys_the_loop(q, k, v, q_pos, k_pos, q_doc, k_doc, window):
+  ref_out, ref_lse = ra.flash_attention(q, k, v, q_pos=q_pos, k_pos=k_pos, q_doc=q_doc, k_doc=k_doc, window=window,
+                                        impl="reference", return_lse=True)
+  loop_out, loop_lse = _loop_attention(q, k, v, q_pos, k_pos, q_doc, k_doc, window)
+  assert np.array_equal(np.isneginf(np.asarray(ref_lse)), np.isneginf(loop_lse)), "a different set of rows sees nothing"
+  finite = np.isfinite(loop_lse)
+  assert rel_err(np.asarray(ref_lse)[finite], loop_lse[finite]) < 1e-6 and rel_err(ref_out, loop_out) < 1e-5
+
+
 def _matches_dense(fn, q, k, v, pos, doc, window):
-  """`fn(q, k, v) -> (out, lse)` equals dense attention: outputs, lse and the gradients of q, k, v (f32, 1e-5)."""
+  """`fn(q, k, v) -> (out, lse)` equals dense attention: outputs, lse and the gradients of q, k, v (f32, 1e-5);
+  and the dense reference itself equals the plain-loop rule (`_loop_attention`), so a bug in the shared
+  `visible_mask` cannot hide in both."""
+  _reference_obeys_the_loop(q, k, v, pos, pos, doc, doc, window)
   out, lse = jax.jit(fn)(q, k, v)
   ref_out, ref_lse = _dense(q, k, v, pos, doc, window)
   assert out.shape == ref_out.shape and out.dtype == q.dtype
@@ -64,6 +103,23 @@ def test_flash_matches_dense(impl, seq, block_q, block_k, window):
   flash = functools.partial(ra.flash_attention, q_pos=pos, k_pos=pos, q_doc=doc, k_doc=doc, window=window,
                             block_q=block_q, block_k=block_k, impl=impl, return_lse=True)
   _matches_dense(flash, q, k, v, pos, doc, window)
+
+
+@pytest.mark.parametrize("window", [None, 0, 3, 9])
+def test_the_dense_reference_obeys_the_rule_written_as_a_plain_loop(window):
+  """The oracle of every attention test, checked against the rule itself: positions out of order (a zig-zag
+  layout), a query set that differs from the key set, invalid keys (document -1), grouped-query heads.
+
+  (Mutation, by hand: `dist <= window` -> `dist < window` in `visible_mask` passed every flash and ring test,
+  the reference sharing the mask; it fails here.)"""
+  rng = np.random.default_rng(11 if window is None else window)
+  q, k, v, _, _ = _inputs(5, seq=24)
+  k_pos = jnp.asarray(ra.load_balance_order(24, 4, "zigzag"))
+  q_pos = k_pos[::2] + 1
+  k_doc = np.cumsum(rng.random((2, 24)) < 0.1, axis=1).astype(np.int32)
+  k_doc[0, [3, 7, 8]] = -1
+  q_doc = rng.integers(0, 3, (2, 12)).astype(np.int32)
+  _reference_obeys_the_loop(q[:, ::2], k, v, q_pos, k_pos, jnp.asarray(q_doc), jnp.asarray(k_doc), window)
 
 
 def test_flash_skips_blocks_but_not_rows_that_see_nothing():

@@ -41,7 +41,7 @@ def test_gradients_flow_through_the_memory(model):
 def test_sharded_matches_one_device(eight_devices):
   cfg = RMTConfig(vocab_size=259, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, window=16,
                   block_len=16, num_memory=4)
-  contract.sharded_matches_one_device(cfg, eight_devices, seg_len=32, align=16)  # sequence: test_context_parallel
+  contract.sharded_matches_one_device(cfg, eight_devices, seg_len=32)  # sequence: test_context_parallel
 
 
 def test_mask_rows():

@@ -23,6 +23,7 @@ The train state is a plain dict pytree:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Iterable, Iterator
 
@@ -86,7 +87,8 @@ class StepFunctions:
     state, (nll, count) = jax.lax.scan(segment, model_state, batch)
     return state, jnp.sum(nll), jnp.sum(count)
 
-  def train_step(self, ts: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+  def train_step(self, ts: TrainState, batch: Batch, *, with_grads: bool = False):
+    """(new train state, metrics), and the step's gradients (like the parameters) if `with_grads`."""
     def loss_fn(params):
       state, nll, count = self.scan_segments(params, ts["model_state"], batch)
       return nll / jnp.maximum(count, 1.0), (state, count)
@@ -107,7 +109,7 @@ class StepFunctions:
     new_ts = {"step": ts["step"] + 1, "params": params, "opt_state": opt_state, "model_state": state, "rng": rng}
     metrics = dict(zip(METRIC_KEYS, (loss, loss / math.log(2), grad_norm, self.schedule(ts["step"]), count,
                                      skipped)))
-    return new_ts, metrics
+    return (new_ts, metrics, grads) if with_grads else (new_ts, metrics)
 
   def eval_step(self, params, model_state, batch):
     state, nll, count = self.scan_segments(params, model_state, batch)
@@ -194,6 +196,7 @@ class Trainer:
         self.fns.score_step,
         in_shardings=(self.param_shardings, self.model_state_shardings, self.batch_shardings),
         out_shardings=(self.model_state_shardings, token_sharding, token_sharding), donate_argnums=(1,))
+    self._train_step_with_grads = None  # compiled on first use (`train_step_with_grads`)
     self._init = self._jit(self._init_fn, out_shardings=self.train_state_shardings)
     # init_state needs no weights (a contract of SegmentLM), so the abstract model can build it.
     self._init_model_state = self._jit(lambda: abstract_model.init_state(self.cfg.data.batch_size),
@@ -274,6 +277,18 @@ class Trainer:
 
   def train_step(self, ts: TrainState, batch: Batch) -> tuple[TrainState, dict]:
     return self._train_step(ts, batch)
+
+  def train_step_with_grads(self, ts: TrainState, batch: Batch) -> tuple[TrainState, dict, Any]:
+    """`train_step` that also returns the step's gradients, sharded like the parameters (compiled on first
+    use). For comparing layouts: Adam and global-norm clipping are blind to a uniform gradient scale, so
+    equal parameters after an update do not prove equal gradients."""
+    if self._train_step_with_grads is None:
+      metric_shardings = {k: NamedSharding(self.mesh, P()) for k in METRIC_KEYS}
+      self._train_step_with_grads = self._jit(
+          functools.partial(self.fns.train_step, with_grads=True),
+          in_shardings=(self.train_state_shardings, self.batch_shardings),
+          out_shardings=(self.train_state_shardings, metric_shardings, self.param_shardings), donate_argnums=(0,))
+    return self._train_step_with_grads(ts, batch)
 
   def evaluate(self, params, batches: Iterable[dict[str, np.ndarray]], *, max_batches: int = 0,
                progress: Callable[[Iterator], Iterator] | None = None) -> dict[str, float]:
