@@ -52,6 +52,7 @@ def stream(model, step, tokens, seg, *, segment_ids=None, state=None, reset_firs
     reset = ids[:, i] != ids[:, i - 1] if i else jnp.full((b,), reset_first)
     seg_ids = ids[:, i:i + seg] - ids[:, i:i + 1]
     logits, state = step(tokens[:, i:i + seg], state, reset, seg_ids)
+    assert np.all(np.isfinite(np.asarray(logits))), f"non-finite logits in the segment at token {i}"
     outs.append(logits)
   return jnp.concatenate(outs, axis=1), state
 
@@ -71,6 +72,8 @@ def assert_states_close(got, want, *, tol, what):
     if not jnp.issubdtype(b.dtype, jnp.floating):
       np.testing.assert_array_equal(a, b, err_msg=f"{what}: state leaf {i}")
       continue
+    assert np.all(np.isfinite(b)) and np.all(np.isfinite(a)), (
+        f"{what}: state leaf {i} {b.shape} is not finite (the model diverged; equal NaNs compare equal)")
     stray = (b == 0) & (a != 0)
     assert not np.any(stray), (f"{what}: state leaf {i} {b.shape} has {int(stray.sum())} nonzero entries where the "
                                f"reference is zero (largest {np.max(np.abs(a[stray])):.2e})")
@@ -113,6 +116,9 @@ def reset_isolation(model, step, *, seg, vocab, prev_segments=2):
   _, other_state = stream(model, step, other_prev, seg)
   fresh_logits, fresh_state = step(nxt, model.init_state(rows), jnp.ones(rows, bool), zeros)
   cont_logits, cont_state = step(nxt, state, jnp.zeros(rows, bool), zeros)
+  # (Titans MAC without its inner-update clip diverged here, its logits NaN on both sides, which
+  # assert_array_equal calls equal; the non-finite check is what caught it.)
+  assert np.all(np.isfinite(np.asarray(cont_logits))), "non-finite logits after the reference segments"
   for pattern in RESET_PATTERNS:
     reset = np.array(pattern)
     for history in (state, other_state):
@@ -143,6 +149,29 @@ def memory_carries(model, step, *, seg, vocab, horizon, segments=4):
   beyond = slice(horizon + 2, None)
   assert not np.allclose(np.asarray(a[:, beyond]), np.asarray(b[:, beyond]), atol=1e-6), \
       "nothing beyond the XL horizon depends on the changed token: the memory carries nothing"
+
+
+def memory_reaches_the_tail(model, step, *, seg, vocab, horizon, next_start, tail=4, changed=4):
+  """A document's last tokens still depend, through the memory, on its first ones, wherever the next
+  document starts (`next_start`: at a block boundary, or inside a block), and the next document depends
+  on none of them.
+
+  The changed tokens (the document's first `changed`) lie more than `horizon` (what the model sees without
+  its memory) before the tail. (Issue 22: a document starting inside a block used to reset the memory for
+  the whole block, so the previous document's tail, where every recall task puts its answer, read nothing:
+  its logits changed by exactly 0 when the next document started inside a block.)"""
+  assert next_start - tail - changed > horizon, "the tail is within the model's reach without memory"
+  n = -(-(next_start + 2 * seg) // seg) * seg
+  tokens = randint(11, (1, n), vocab)
+  other = tokens.at[0, :changed].set((tokens[0, :changed] + 3) % vocab)
+  ids = (jnp.arange(n) >= next_start).astype(jnp.int32)[None]
+  a, _ = stream(model, step, tokens, seg, segment_ids=ids)
+  b, _ = stream(model, step, other, seg, segment_ids=ids)
+  a, b = np.asarray(a[0]), np.asarray(b[0])
+  moved = np.max(np.abs(a[next_start - tail:next_start] - b[next_start - tail:next_start]))
+  assert moved > 1e-4, (f"the tail of a document followed by one starting at {next_start} does not depend on "
+                        f"its first tokens (max change {moved:.1e}): the memory did not reach it")
+  np.testing.assert_array_equal(a[next_start:], b[next_start:])
 
 
 def no_leak_across_documents(model, step, *, seg, boundary, vocab, segments=3):
@@ -245,6 +274,27 @@ def runs_context_parallel_form(trainer) -> bool:
   return "manual_computation" in text and ("collective_permute" in text or "all_gather" in text)
 
 
+_TAIL_MODELS: dict = {}
+
+
+def _tail_model(model, step, changes: dict, block: int, horizon: int):
+  """(model, step, block, horizon) for `BlockwiseContract.TAIL_CONFIG`: the fixture's model if no changes."""
+  import dataclasses
+
+  from longctx.models import create_model
+
+  if not changes:
+    return model, step, block, horizon
+  cfg = dataclasses.replace(model.cfg, **changes)
+  cfg.validate()
+  key = repr(cfg)
+  if key not in _TAIL_MODELS:
+    tail = create_model(cfg, seed=0)
+    _TAIL_MODELS[key] = (tail, make_step(tail))
+  reach = cfg.num_layers * cfg.window + max(getattr(cfg, "embed_conv", 0) - 1, 0)  # the XL cache + token conv
+  return (*_TAIL_MODELS[key], cfg.resolved_block_len, reach)
+
+
 class BlockwiseContract:
   """The contract tests of a blockwise memory model. Subclass as `TestContract` in the model's test
   module, which provides the `model` and `step` fixtures, and set:
@@ -275,3 +325,18 @@ class BlockwiseContract:
 
   def test_memory_carries_beyond_the_horizon(self, model, step):
     memory_carries(model, step, seg=self.BLOCK, vocab=self.VOCAB, horizon=self.HORIZON)
+
+  # Config changes for the tail test (below): the tail must sit further into its block than the XL cache
+  # reaches, or the previous block's tokens (which read the carried memory) would carry the head to it
+  # through the cache alone and the test could not see a memory reset inside the block.
+  TAIL_CONFIG: dict = {"window": 2, "block_len": 16}
+
+  @pytest.mark.parametrize("where", ["block_start", "inside_block"])
+  def test_memory_reaches_a_documents_tail(self, model, step, where):
+    """(Mutation, by hand: the old reset of the memory for a whole block in which a document starts fails
+    every "inside_block" case here, with a change of exactly 0.)"""
+    model, step, block, horizon = _tail_model(model, step, self.TAIL_CONFIG, self.BLOCK, self.HORIZON)
+    # Within 4 blocks of the document's start (a memory of 3 blocks still holds its first block), and
+    # inside a block: the tail starts block // 2 - 3 tokens into it, beyond the XL cache's reach.
+    start = 4 * block if where == "block_start" else 3 * block + block // 2 + 1
+    memory_reaches_the_tail(model, step, seg=2 * block, vocab=self.VOCAB, horizon=horizon, next_start=start)

@@ -236,6 +236,15 @@ def test_no_leak_across_documents(model, step, boundary):
   contract.no_leak_across_documents(model, step, seg=2 * BLOCK, boundary=boundary, vocab=VOCAB)
 
 
+@pytest.mark.parametrize("where", ["block_start", "inside_block"])
+def test_memory_reaches_a_documents_tail(model, step, where):
+  """Issue 22's tail test for a token-level reset: local attention reaches back only inside the block (and
+  the conv 3 tokens), so the document's head reaches its tail only through the compressive memory."""
+  start = 4 * BLOCK if where == "block_start" else 3 * BLOCK + BLOCK // 2 + 1
+  contract.memory_reaches_the_tail(model, step, seg=2 * BLOCK, vocab=VOCAB, horizon=BLOCK + CFG.embed_conv - 1,
+                                   next_start=start)
+
+
 def test_memory_carries_beyond_the_block(model, step):
   contract.memory_carries(model, step, seg=BLOCK, vocab=VOCAB, horizon=BLOCK + CFG.embed_conv - 1)
 

@@ -47,6 +47,7 @@ def test_registered(model):
 class TestContract(contract.BlockwiseContract):
   VOCAB, BLOCK = VOCAB, BLOCK
   HORIZON = BLOCK  # no XL cache: all a window knows of earlier ones comes through the memory
+  TAIL_CONFIG = {}  # no XL cache to outrun: the module's model
 
 
 def test_gradients_flow_through_the_memory(model):
@@ -111,6 +112,7 @@ class TestEmbedConvContract(contract.BlockwiseContract):
   """With the token conv (its history in the state, beside the memory), MELODI still keeps the contract."""
   VOCAB, BLOCK = VOCAB, BLOCK
   HORIZON = BLOCK + 2  # the block, plus the conv's history of embed_conv - 1 tokens
+  TAIL_CONFIG = {}
 
   @pytest.fixture(scope="class")
   @classmethod

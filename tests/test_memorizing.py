@@ -45,6 +45,7 @@ def test_registered():
 class TestContract(contract.BlockwiseContract):  # 4 blocks write 32 entries into a ring of 24: it wraps
   VOCAB, BLOCK = VOCAB, BLOCK
   HORIZON = 2 * WINDOW  # the XL cache: num_layers x window
+  TAIL_CONFIG = {"window": 2, "block_len": 16, "memory_size": 64}  # the memory holds 4 blocks
 
 
 def test_gradients_reach_gate_scale_and_query(model):

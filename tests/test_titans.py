@@ -199,6 +199,19 @@ def test_no_leak_across_documents(model, step, boundary):
   contract.no_leak_across_documents(model, step, seg=16, boundary=boundary, vocab=VOCAB)
 
 
+@pytest.mark.parametrize("where", ["chunk_start", "inside_chunk"])
+def test_memory_reaches_a_documents_tail(models, where):
+  """Issue 22's tail test (model_contract.memory_reaches_the_tail) for a token-level reset: with a window of
+  2 and chunks of 16 the tail lies further into its chunk than attention and conv reach (7 tokens), so
+  only the neural memory carries the document's head to it, wherever the next document starts."""
+  cfg = dataclasses.replace(CFG, window=2, chunk_size=16)
+  cfg.validate()
+  tail_model = create_model(cfg, seed=0)
+  start = 64 if where == "chunk_start" else 48 + 13
+  contract.memory_reaches_the_tail(tail_model, contract.make_step(tail_model), seg=16, vocab=VOCAB,
+                                   horizon=2 * 2 + HISTORY, next_start=start)
+
+
 def test_memory_carries_beyond_the_attention(model, step):
   contract.memory_carries(model, step, seg=16, vocab=VOCAB, horizon=CFG.num_layers * WINDOW + HISTORY)
 

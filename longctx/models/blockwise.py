@@ -9,13 +9,19 @@ segments that are whole blocks, and `lax.scan` over blocks keeps the compiled
 step the same size for any segment length.
 
 Documents. The whole state (the learned initial memory included) is
-re-initialised at a block whose first token starts a document. A block in
-which a document starts *after* its first token reads the fresh memory for all
-its tokens (the previous document's tail loses its memory for at most one
-block; nothing leaks) and writes only what its last document gives: models
-must mask their memory writes with `last_doc = q_doc == q_doc[:, -1:]`.
-`data.align_documents = block_len` pads every document to whole blocks so this
-never happens in training, and evaluation rows always start at a block.
+re-initialised at a block whose first token starts a document. In a block in
+which a document starts *after* its first token, the tokens before that start
+(the previous document's tail) read the carried memory and the tokens after it
+read the fresh one, and the memory the block writes is its last document's,
+grown from the fresh memory: per token, exactly as if every document had
+started at a block. Since tokens never attend across documents, this is the
+block run twice, once from each memory, with every token (and its XL-cache
+entry) taken from the run of its own memory, and the written memory from the
+run of the last document's (`_read_block`); the second run happens only when
+some row of the batch has a document starting inside the block. Models mask
+their memory writes with `last_doc = q_doc == q_doc[:, -1:]`.
+`data.align_documents = block_len` pads every document to whole blocks, which
+saves the second run.
 
 State (every leaf batch-first):
   k, v:    [batch, layers, window, kv_heads, head_dim]  the XL cache, as in the baseline
@@ -86,6 +92,25 @@ class BlockwiseLM(SegmentLM):
   def segment_multiple(cls, cfg: BlockwiseConfig) -> int:
     return cfg.resolved_block_len
 
+  def _read_block(self, x, carried, fresh, *, caches, q_doc, k_doc):
+    """`forward_block` with each token reading its own document's memory (see Documents above).
+
+    carried / fresh: the memory the block's first document has / a document starting inside it gets.
+    Returns (x, new_kv, memory written) like `forward_block`.
+    """
+    run = lambda memory: self.forward_block(x, memory=memory, caches=caches, q_doc=q_doc, k_doc=k_doc)
+    x_old, kv_old, mem_old = run(carried)
+    later = q_doc > 0  # [batch, block]: tokens of a document that started inside this block
+
+    def with_fresh(_):
+      x_new, kv_new, mem_new = run(fresh)
+      last_is_new = later[:, -1]  # the row's memory after the block is its last document's
+      mem = jax.tree.map(lambda a, b: jnp.where(last_is_new.reshape((-1,) + (1,) * (a.ndim - 1)), a, b.astype(a.dtype)),
+                         mem_new, mem_old)
+      return _pick_tokens(later, x_new, x_old), _pick_tokens(later, kv_new, kv_old), mem
+
+    return jax.lax.cond(jnp.any(later), with_fresh, lambda _: (x_old, kv_old, mem_old), None)
+
   def init_state(self, batch_size: int) -> State:
     cfg = self.cfg
     history = self.embedding.init_history(batch_size)
@@ -118,14 +143,14 @@ class BlockwiseLM(SegmentLM):
       x, blk_ids, rst = inputs
       state = reset_rows(state, fresh, rst)
       q_doc = blk_ids - blk_ids[:, :1]
-      starts_inside = q_doc[:, -1] > 0
-      memory = reset_rows(state["memory"], fresh["memory"], starts_inside)
       if not self.xl_cache:
-        x, _, new_memory = self.forward_block(x, memory=memory, caches=None, q_doc=q_doc, k_doc=q_doc)
+        x, _, new_memory = self._read_block(x, state["memory"], fresh["memory"], caches=None, q_doc=q_doc,
+                                            k_doc=q_doc)
         return {"memory": jax.tree.map(lambda new, old: new.astype(old.dtype), new_memory, state["memory"])}, x
       k_doc = jnp.concatenate([jnp.where(state["valid"], 0, -1), q_doc], axis=1)
       caches = [(state["k"][:, i], state["v"][:, i]) for i in range(cfg.num_layers)]
-      x, new_kv, new_memory = self.forward_block(x, memory=memory, caches=caches, q_doc=q_doc, k_doc=k_doc)
+      x, new_kv, new_memory = self._read_block(x, state["memory"], fresh["memory"], caches=caches, q_doc=q_doc,
+                                               k_doc=k_doc)
       new_memory = jax.tree.map(lambda new, old: new.astype(old.dtype), new_memory, state["memory"])
       new_state = {
           "k": jnp.stack([roll_cache(state["k"][:, i], k) for i, (k, _) in enumerate(new_kv)], axis=1),
@@ -138,6 +163,11 @@ class BlockwiseLM(SegmentLM):
     state, xs = jax.lax.scan(body, state, (x_blocks, id_blocks, block_reset))
     x = xs.swapaxes(0, 1).reshape(b, s, -1)
     return self.embedding.logits(self.final_norm(x)), {**state, **history}
+
+
+def _pick_tokens(later, new, old):
+  """Per token: `new` where `later [batch, block]` is set, else `old` (leaves `[batch, block, ...]`)."""
+  return jax.tree.map(lambda a, b: jnp.where(later.reshape(later.shape + (1,) * (a.ndim - 2)), a, b), new, old)
 
 
 def split_into_blocks(x: jax.Array, ids: jax.Array, block: int) -> tuple[jax.Array, jax.Array, jax.Array]:

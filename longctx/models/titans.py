@@ -79,10 +79,12 @@ Deviations from the paper, and why:
     gates from there. The gates are per token and per head, as in the paper (lucidrains/titans-pytorch
     shares them across a chunk, averaged).
   * `memory_grad_clip` > 0 caps the norm of each chunk's two gradient sums (into S and into M) per lane
-    and head, as lucidrains' `max_grad_norm` caps per-token gradients. Off by default (the paper); the
-    recall recipe sets 1.0: without it the test-time learner diverged within 15 outer steps (memory
-    weights ~5e3 after one 256-token segment, then NaN), a positive feedback of the MLP's curvature
-    growing with its weights. With decay, a bounded update keeps the weights bounded (tested).
+    and head, as lucidrains' `max_grad_norm` caps per-token gradients. On by default (1.0); 0 is the
+    paper's unclipped update, which diverges: in a recall run within 15 outer steps (memory weights
+    ~5e3 after one 256-token segment, then NaN), and even at initialisation on random tokens (the
+    tests' 2-layer MAC model: max |W| 39 after one 16-token segment, 1.5e13 after the second, NaN
+    after the third), a positive feedback of the MLP's curvature growing with its weights. With
+    decay, a bounded update keeps the weights bounded (tested).
 
 State (every leaf batch-first, float32 unless said; L layers, H memory heads, dm memory head dim):
   weights: list of D arrays [batch, L, H, in_j, out_j]   memory weights at the last chunk boundary
@@ -130,7 +132,7 @@ class TitansConfig(TransformerConfig):
   chunk_size: int = 16  # tokens per memory update (MAC: also the attention segment)
   num_persistent: int = 4  # learned (key, value) pairs every token attends to
   memory_lr: float = 1.0  # theta_t = memory_lr * sigmoid(.) / memory_hidden
-  memory_grad_clip: float = 0.0  # > 0: cap the norm of each chunk's inner update (0 = off, the paper)
+  memory_grad_clip: float = 1.0  # > 0: cap the norm of each chunk's inner update (0 = off, the paper; diverges)
 
   def validate(self) -> None:
     super().validate()

@@ -17,5 +17,5 @@ CHUNK = 64
 
 def config() -> Config:
   return Config(model=TitansConfig(**BACKBONE, variant="mag", chunk_size=CHUNK, memory_heads=4, memory_hidden=512,
-                                   num_persistent=16, memory_grad_clip=1.0),
+                                   num_persistent=16),
                 data=pg19_data(align=CHUNK), train=pg19_train(), mesh=MESH)

@@ -23,5 +23,5 @@ CHUNK = 64
 
 def config() -> Config:
   return Config(model=TitansConfig(**BACKBONE, window=1024, variant="mag", chunk_size=CHUNK, memory_heads=16,
-                                   memory_hidden=256, num_persistent=16, memory_grad_clip=1.0),
+                                   memory_hidden=256, num_persistent=16),
                 data=pod_data(lanes=64, seg_len=1024, align=CHUNK), train=pod_train(), mesh=DATA_PARALLEL)

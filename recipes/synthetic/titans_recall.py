@@ -20,5 +20,5 @@ from longctx.models import TitansConfig
 
 def config() -> Config:
   return Config(model=TitansConfig(**BACKBONE, variant="mag", chunk_size=16, memory_heads=2, memory_hidden=128,
-                                   num_persistent=4, memory_grad_clip=1.0),
+                                   num_persistent=4),
                 data=recall_data(), train=recall_train(), mesh=MESH)
