@@ -112,16 +112,20 @@ def _parser() -> argparse.ArgumentParser:
       "  longctx eval runs/recall/transformer --task passkey,mqar,qa1,qa2 --lengths 128,512,2k,8k\n"
       "  longctx eval runs/recall/transformer --task passkey --lengths 16k,1M --depths 0.5 --examples 1\n"
       "  longctx eval runs/quickstart --task ppl --lengths 1k,4k,16k --examples 8\n"
+      "  longctx eval runs/recall/rmt --task reach --lengths 8,64,256,1k --examples 4\n"
       "  longctx eval --compare runs/recall/transformer runs/recall/rmt --out runs/recall/compare")
   e.add_argument("run_dir", nargs="?", default=None,
                  help="a run directory written by `longctx train`, or one of its checkpoints/STEP directories")
   e.add_argument("--task", default=None,
-                 help="comma-separated tasks from passkey, mqar, qa1, qa2, copy, ppl (default: held-out loss only)")
+                 help="comma-separated tasks from passkey, mqar, qa1, qa2, copy, ppl, reach (how far back the prediction "
+                 "depends on the input, forward and by gradient; --lengths are then the distances) (default: "
+                 "held-out loss only)")
   e.add_argument("--lengths", default=None,
                  help="comma-separated context lengths in tokens, e.g. 128,512,2k,1M (k = 1024, M = 1024^2); "
                  "default: 1x, 4x, 16x, 64x the model's attention window (1k..64k without one)")
   e.add_argument("--examples", type=int, default=16,
-                 help="examples per length (per depth / pair count); for ppl: documents (default 16)")
+                 help="examples per length (per depth / pair count); for ppl: documents; for reach: random "
+                 "sequences, at most 8 (default 16)")
   e.add_argument("--depths", default=None, help="passkey key depths in [0, 1] (default 0,0.25,0.5,0.75,1)")
   e.add_argument("--pairs", default=None,
                  help="mqar key-value pair counts, e.g. 4,16,64 (default: grows with the length)")

@@ -85,6 +85,9 @@ class DataConfig:
   task_length: int = 1024  # synthetic: approximate document length in tokens (the maximum if a range)
   task_min_length: int = 0  # synthetic: > 0 draws each length log-uniformly from [task_min_length, task_length]
   prompt_loss_weight: float = 0.0  # synthetic: loss weight of prompt tokens (answers weigh 1; 0 = answer-only)
+  # synthetic passkey: [lo, hi] = the key's depth drawn uniformly in it (0 = the start of the filler, 1 =
+  # just before the question); [] = anywhere. E.g. [0, 0.5] keeps the key at least half a document back.
+  passkey_depth: list[float] = dataclasses.field(default_factory=list)
   num_docs: int = 0  # synthetic: documents per epoch (0 = 10_000); other sources: cap (0 = all)
   eval_fraction: float = 0.02  # stdlib/files without eval_paths: held-out fraction of documents
   skip_unreadable: bool = False  # files: skip (and count, in one warning) files that are not UTF-8 / not JSON
@@ -92,13 +95,21 @@ class DataConfig:
   batch_size: int = 8  # global number of lanes
   seg_len: int = 128  # tokens per segment
   segments_per_step: int = 2  # K: segments per train step (truncated BPTT window)
-  align_documents: int = 0  # > 0 pads every document to a multiple of this many tokens (use model.block_len)
+  # > 0 pads every document to a multiple of this many tokens: model.block_len (documents start at a block),
+  # or a multiple of seg_len, e.g. segments_per_step x seg_len (documents start at a train step, so
+  # backpropagation through the state spans a document that fits in one step)
+  align_documents: int = 0
   seed: int = 0
 
   def validate(self) -> None:
     _positive("data", self, "batch_size", "seg_len", "segments_per_step", "task_length")
-    if self.align_documents < 0 or (self.align_documents and self.seg_len % self.align_documents):
-      raise ConfigError(f"data.align_documents={self.align_documents} must be 0 or divide data.seg_len={self.seg_len}")
+    a = self.align_documents
+    if a < 0 or (a and self.seg_len % a and a % self.seg_len):
+      raise ConfigError(f"data.align_documents={a} must be 0, divide data.seg_len={self.seg_len}, or be a multiple "
+                        "of it")
+    if self.passkey_depth and (len(self.passkey_depth) != 2 or not 0.0 <= self.passkey_depth[0] <=
+                               self.passkey_depth[1] <= 1.0):
+      raise ConfigError(f"data.passkey_depth={self.passkey_depth} must be [] or [lo, hi] with 0 <= lo <= hi <= 1")
     valid = ("stdlib", "files", "hub", "synthetic")
     if self.source not in valid:
       raise ConfigError(f"data.source={self.source!r} is not one of {valid}")
@@ -145,6 +156,9 @@ class TrainConfig:
   # `longctx export` / `longctx import-hf` dir); optimizer, step and data start fresh. "" = random init.
   # Ignored once the run dir has checkpoints of its own (the run then resumes from those).
   init_from: str = ""
+  # Stages with their own data, e.g. ["steps=300 data.task_length=256", "steps=700 data.task_length=1024"]
+  # (see longctx/training/curriculum.py); [] = one stage of `data`. train.steps = the stages' sum.
+  curriculum: list[str] = dataclasses.field(default_factory=list)
 
   def validate(self) -> None:
     _positive("train", self, "steps", "learning_rate", "log_every", "keep_checkpoints", "checkpoint_every")
@@ -199,6 +213,10 @@ class Config:
     self.data.validate()
     self.train.validate()
     self.mesh.validate()
+    if self.train.curriculum:
+      from longctx.training.curriculum import parse_stages
+
+      parse_stages(self)
     return self
 
 

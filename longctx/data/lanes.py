@@ -99,8 +99,8 @@ class LaneBatcher:
                pad_id: int, lane_range: tuple[int, int] | None = None, repeat: bool = True, align: int = 1):
     if num_lanes < 1 or seg_len < 1 or segments_per_step < 1 or align < 1:
       raise DataError("num_lanes, seg_len, segments_per_step and align must be >= 1")
-    if seg_len % align:
-      raise DataError(f"seg_len={seg_len} must be a multiple of the document alignment {align}")
+    if seg_len % align and align % seg_len:
+      raise DataError(f"the document alignment {align} must divide seg_len={seg_len} or be a multiple of it")
     lo, hi = lane_range or (0, num_lanes)
     if not 0 <= lo < hi <= num_lanes:
       raise DataError(f"lane_range {lane_range} is not inside [0, {num_lanes})")

@@ -473,13 +473,14 @@ class SyntheticSource(DocumentSource):
   """
 
   def __init__(self, task: str, *, tokenizer, length: int, num_docs: int, seed: int, min_length: int = 0,
-               prompt_loss_weight: float = 0.0):
+               prompt_loss_weight: float = 0.0, passkey_depth: Sequence[float] = ()):
     from longctx.data import synthetic
 
     super().__init__(seed=seed, shuffle=False)
     self.tasks = synthetic.parse_tasks(task)
     self.tokenizer, self.length, self.min_length, self.num_docs = tokenizer, length, min_length, num_docs
     self.prompt_loss_weight = prompt_loss_weight
+    self.passkey_depth = tuple(passkey_depth) or None
 
   def get(self, epoch: int, i: int) -> Document:
     from longctx.data import synthetic
@@ -490,7 +491,7 @@ class SyntheticSource(DocumentSource):
     if self.min_length:
       length = int(np.exp(rng.uniform(np.log(self.min_length), np.log(self.length))))
     doc, _ = synthetic.make_example(task, rng=rng, length_tokens=length, tokenizer=self.tokenizer,
-                                    prompt_loss_weight=self.prompt_loss_weight)
+                                    prompt_loss_weight=self.prompt_loss_weight, depth_range=self.passkey_depth)
     return doc
 
 
@@ -505,7 +506,7 @@ def build_sources(cfg: DataConfig, tokenizer, *, warn=None) -> tuple[DocumentSou
     n = cfg.num_docs or 10_000
     make = lambda count, seed: SyntheticSource(
         cfg.task, tokenizer=tokenizer, length=cfg.task_length, num_docs=count, seed=seed,
-        min_length=cfg.task_min_length, prompt_loss_weight=cfg.prompt_loss_weight)
+        min_length=cfg.task_min_length, prompt_loss_weight=cfg.prompt_loss_weight, passkey_depth=cfg.passkey_depth)
     return make(n, cfg.seed), make(max(64, n // 50), cfg.seed + 1_000_003)
   if cfg.source == "stdlib":
     files = stdlib_files()

@@ -83,12 +83,13 @@ def _chars_per_token(tokenizer) -> float:
 
 def make_example(task: str, *, rng: np.random.Generator, length_tokens: int, tokenizer,
                  depth: float | None = None, num_pairs: int | None = None,
-                 prompt_loss_weight: float = 0.0) -> tuple[Document, dict]:
+                 prompt_loss_weight: float = 0.0,
+                 depth_range: tuple[float, float] | None = None) -> tuple[Document, dict]:
   """One document of about `length_tokens` tokens.
 
   Args:
     depth: passkey only: where the key sits, 0 = start of the filler, 1 = just
-      before the question (default: uniform at random).
+      before the question (default: uniform at random, in `depth_range` if given).
     num_pairs: mqar only: key-value pairs (default: grows with the length).
     prompt_loss_weight: loss weight of prompt tokens (answers and tails weigh 1).
   Returns:
@@ -99,6 +100,8 @@ def make_example(task: str, *, rng: np.random.Generator, length_tokens: int, tok
   if task not in _GENERATORS:
     raise ConfigError(f"make_example takes one task, got the mixture {task!r}")
   budget = max(64, int(length_tokens * _chars_per_token(tokenizer)))
+  if task == "passkey" and depth is None and depth_range:
+    depth = float(rng.uniform(*depth_range))
   kwargs = {"depth": depth} if task == "passkey" else {"num_pairs": num_pairs} if task == "mqar" else {}
   pieces, answers, params = _GENERATORS[task](rng, budget, **kwargs)
   ids, roles = [], []

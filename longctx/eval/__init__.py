@@ -27,6 +27,11 @@ def run_suite(model: TrainedModel, *, tasks: Sequence[str], lengths: Sequence[in
       out["tasks"][task] = eval_position_loss(model, source, lengths=lengths, examples=examples, seg_len=seg_len,
                                               progress=progress)
       out["tasks"][task]["source"] = model.cfg.data.source
+    elif task == "reach":
+      from longctx.eval.reach import measure_reach
+
+      out["tasks"][task] = measure_reach(model, distances=lengths, seg_len=seg_len, samples=min(examples, 8),
+                                         seed=seed)
     else:
       out["tasks"][task] = eval_recall(model, task, lengths=lengths, examples=examples, seg_len=seg_len,
                                        seed=seed, depths=depths, pairs=pairs, progress=progress)

@@ -101,6 +101,13 @@ def format_tables(runs: Sequence[dict]) -> str:
       by_len = dict(zip(e["lengths"], e["by_length"]))
       lines.append(f"{label:<24}" + "".join(f"{100 * by_len[l]:>7.1f}%" if l in by_len else f"{'-':>8}"
                                            for l in lengths))
+    if any("token_accuracy" in e for _, e in entries):  # partial credit: answer tokens right
+      lines.append(f"{'  answer tokens right:':<24}")
+      for label, e in entries:
+        if "token_accuracy" in e:
+          by_len = dict(zip(e["lengths"], e["token_accuracy"]))
+          lines.append(f"{'  ' + label:<24}" + "".join(f"{100 * by_len[l]:>7.1f}%" if l in by_len else f"{'-':>8}"
+                                                       for l in lengths))
     for label, e in entries:
       if "cells" in e:
         lines += ["", f"{label}: {task} accuracy by {e['cells']} (rows) x length (columns)",
@@ -116,6 +123,11 @@ def format_tables(runs: Sequence[dict]) -> str:
     for label, e in ppl:
       lines.append(f"{label:<24}" + "".join(f"{'-':>14}" if x is None else f"{x:>14.4f}"
                                            for x in e["range_bits_per_token"]))
+  reach = [(label_of(r), r["tasks"]["reach"]) for r in runs if "reach" in r["tasks"]]
+  if reach:
+    from longctx.eval.reach import format_reach
+
+    lines += format_reach(reach)
   return "\n".join(lines).lstrip("\n")
 
 
@@ -238,6 +250,11 @@ def write_plots(runs: Sequence[dict], out_dir: pathlib.Path) -> list[pathlib.Pat
   runs = _named(runs)
   made = [plot_accuracy_vs_length(runs, out_dir / "accuracy_vs_length.png"),
           plot_loss_vs_position(runs, out_dir / "loss_vs_position.png")]
+  reach = [(label_of(r), r["tasks"]["reach"]) for r in runs if "reach" in r["tasks"]]
+  if reach:
+    from longctx.eval.reach import plot_reach
+
+    made.append(plot_reach(reach, out_dir / "reach.png"))
   if len(runs) == 1:
     made.append(plot_passkey_heatmap(runs[0], out_dir / "passkey_heatmap.png"))
   else:

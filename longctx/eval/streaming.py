@@ -229,3 +229,8 @@ def answer_hits(correct: np.ndarray, spans: Sequence[tuple[int, int]]) -> list[b
   span's tokens are scored at entries start-1 .. end-2.
   """
   return [bool(np.all(correct[s - 1: e - 1])) for s, e in spans]
+
+
+def answer_token_hits(correct: np.ndarray, spans: Sequence[tuple[int, int]]) -> tuple[int, int]:
+  """(answer tokens that were the argmax prediction, answer tokens): partial credit, e.g. per passkey digit."""
+  return (int(sum(np.sum(correct[s - 1: e - 1]) for s, e in spans)), int(sum(e - s for s, e in spans)))

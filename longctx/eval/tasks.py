@@ -1,10 +1,13 @@
 """The long-context evaluation suite: what a model recalls, and how loss falls with position.
 
   passkey  accuracy on a depth x length grid (where the key sits x how long the input is)
+(each recall task also reports per-token answer accuracy, partial credit per digit / token, beside
+exact match, so progress shows before whole answers come out right)
   mqar     accuracy (per query) on a pairs x length grid
   qa1, qa2 accuracy vs length (BABILong-style, one / two supporting facts)
   copy     accuracy vs length
   ppl      loss (bits per token) vs token position on long held-out documents
+  reach    forward dependence and gradient over distance (--lengths are the distances; longctx/eval/reach.py)
 
 Every example is streamed through the model state segment by segment
 (`streaming.score_rows`); an answer counts only if each of its tokens is the
@@ -21,10 +24,10 @@ import numpy as np
 
 from longctx.data import synthetic
 from longctx.errors import ConfigError
-from longctx.eval.streaming import TrainedModel, answer_hits, format_length, score_rows
+from longctx.eval.streaming import TrainedModel, answer_hits, answer_token_hits, format_length, score_rows
 
 RECALL_TASKS = synthetic.TASKS
-EVAL_TASKS = RECALL_TASKS + ("ppl",)
+EVAL_TASKS = RECALL_TASKS + ("ppl", "reach")
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -69,6 +72,8 @@ def eval_recall(model: TrainedModel, task: str, *, lengths: Sequence[int], examp
     cell_name, cells = None, [None]
   hits = np.zeros((len(cells), len(lengths)))
   totals = np.zeros((len(cells), len(lengths)))
+  token_hits = np.zeros((len(cells), len(lengths)))  # partial credit: answer tokens predicted right
+  token_totals = np.zeros((len(cells), len(lengths)))
   mean_tokens = []
   for li, length in enumerate(lengths):
     docs, metas = recall_examples(task, length=length, cells=cells, examples=examples, seed=seed,
@@ -79,13 +84,18 @@ def eval_recall(model: TrainedModel, task: str, *, lengths: Sequence[int], examp
       ok = answer_hits(correct[row], meta["answer_spans"])
       hits[row // examples, li] += sum(ok)
       totals[row // examples, li] += len(ok)
+      right, n = answer_token_hits(correct[row], meta["answer_spans"])
+      token_hits[row // examples, li] += right
+      token_totals[row // examples, li] += n
     mean_tokens.append(float(np.mean([len(d) for d in docs])))
   accuracy = hits / np.maximum(totals, 1)
   out = {"task": task, "lengths": list(lengths), "examples": examples, "seed": seed, "seg_len": seg_len,
          "mean_tokens": mean_tokens, "chance": synthetic.CHANCE[task],
-         "by_length": (hits.sum(0) / np.maximum(totals.sum(0), 1)).tolist(), "answers": totals.sum(0).tolist()}
+         "by_length": (hits.sum(0) / np.maximum(totals.sum(0), 1)).tolist(), "answers": totals.sum(0).tolist(),
+         "token_accuracy": (token_hits.sum(0) / np.maximum(token_totals.sum(0), 1)).tolist()}
   if cell_name:
-    out.update({"cells": cell_name, "cell_values": cells, "accuracy": accuracy.tolist()})
+    out.update({"cells": cell_name, "cell_values": cells, "accuracy": accuracy.tolist(),
+                "token_accuracy_cells": (token_hits / np.maximum(token_totals, 1)).tolist()})
   return out
 
 

@@ -25,6 +25,7 @@ from longctx import distributed
 from longctx.config import Config
 from longctx.errors import CheckpointError, ConfigError, TrainingError
 from longctx.sharding import describe
+from longctx.training import curriculum as curriculum_lib
 from longctx.training import run_dir as run_dir_lib
 from longctx.training.checkpoint import Checkpointer, load_initial_params
 from longctx.training.metrics import MetricsLogger, plot_loss_curve
@@ -33,7 +34,7 @@ from longctx.training.trainer import Trainer
 # Changing these between a checkpoint and a resume would silently change what is trained. (The tokenizer
 # too: it is compared by its contents, against the run dir's copy; see `resolve_tokenizer`.)
 _RESUME_MUST_MATCH = ("model", "data.batch_size", "data.seg_len", "data.segments_per_step", "data.source",
-                      "data.task", "data.seed")
+                      "data.task", "data.seed", "train.curriculum")
 
 
 @dataclasses.dataclass
@@ -226,9 +227,9 @@ def run_training(cfg: Config, run_dir: str | pathlib.Path, *, stop_at_step: int 
   if not is_host0:
     log = lambda *_: None  # noqa: E731
   tokenizer_spec = resolve_tokenizer(cfg, run_dir, log)
-  pipeline = build_pipeline(cfg, tokenizer_spec=tokenizer_spec, log=log)  # data problems surface here
-  trainer = Trainer(cfg, devices=devices)
-  lanes = pipeline.train_lanes(trainer)
+  stages = curriculum_lib.parse_stages(cfg)
+  setups = _StageSetups(cfg, stages, tokenizer_spec=tokenizer_spec, devices=devices, log=log)
+  pipeline, trainer, lanes = setups.get(0)  # data problems surface here
   distributed.assert_same(str(run_dir.absolute()), "the run dir")
   distributed.assert_same(json.dumps(config_lib.to_dict(cfg), sort_keys=True), "the config")
   tc = cfg.train
@@ -244,10 +245,16 @@ def run_training(cfg: Config, run_dir: str | pathlib.Path, *, stop_at_step: int 
   try:
     ckpt = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
     resumed = _resume(ckpt, trainer, cfg, run_dir, log)
+    position = StagePosition()
     if resumed is not None:
       latest, ts, extra = resumed
-      lanes.load_state_dict(extra["data"])
-      log(f"resumed from {run_dir / 'checkpoints' / str(latest)} (step {latest})"
+      position = StagePosition.from_dict(extra.get("curriculum"))
+      if position.stage:
+        pipeline, trainer, lanes = setups.get(position.stage)
+      if not position.done:
+        lanes.load_state_dict(extra["data"])
+      log(f"resumed from {run_dir / 'checkpoints' / str(latest)} (step {latest}"
+          + (f", {stages[position.stage].describe()}" if len(stages) > 1 and not position.done else "") + ")"
           + (f"; train.init_from={tc.init_from} is not read again" if tc.init_from else ""))
     else:
       latest = None
@@ -264,8 +271,9 @@ def run_training(cfg: Config, run_dir: str | pathlib.Path, *, stop_at_step: int 
       run_dir_lib.copy_tokenizer(run_dir, tokenizer_spec)
       heldout = _write_heldout(run_dir, cfg, pipeline)
     started = True
-    return _train_loop(cfg, trainer, pipeline, lanes, ckpt, ts, start=start, latest=latest, run_dir=run_dir,
-                       stop_at_step=stop_at_step, progress=progress and is_host0, log=log, heldout=heldout)
+    return _train_loop(cfg, setups, position, (pipeline, trainer, lanes), ckpt, ts, start=start, latest=latest,
+                       run_dir=run_dir, stop_at_step=stop_at_step, progress=progress and is_host0, log=log,
+                       heldout=heldout)
   finally:
     if ckpt is not None:
       ckpt.close()
@@ -322,33 +330,82 @@ def _write_heldout(run_dir: pathlib.Path, cfg: Config, pipeline: Pipeline) -> st
   return f"{count} ({how}): listed in {path}" if names else f"{count}: {how}"
 
 
-def _train_loop(cfg: Config, trainer: Trainer, pipeline: Pipeline, lanes, ckpt: Checkpointer, ts, *, start: int,
-                latest: int | None, run_dir: pathlib.Path, stop_at_step: int | None, progress: bool, log,
-                heldout: str | None) -> dict:
-  """Steps start+1 .. end: log, evaluate, checkpoint; the summary `run_training` returns."""
-  tc, is_host0 = cfg.train, jax.process_index() == 0
+@dataclasses.dataclass
+class StagePosition:
+  """Where a run is in its curriculum (in every checkpoint's extra as "curriculum")."""
+
+  stage: int = 0  # the stage being trained
+  start: int = 0  # the global step after which it began
+  done: bool = False  # the last stage has ended (a run that is complete)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict | None) -> "StagePosition":
+    return cls(**d) if d else cls()
+
+
+class _StageSetups:
+  """Per stage: its pipeline (tokenizer, sources), a Trainer for its batch shape, and its lanes; built when
+  first needed (a Trainer is shared by stages with the same segment length and segments per step)."""
+
+  def __init__(self, cfg: Config, stages, *, tokenizer_spec: str, devices, log):
+    self.cfg, self.stages, self.tokenizer_spec, self.devices, self.log = cfg, stages, tokenizer_spec, devices, log
+    self._trainers: dict[tuple, Trainer] = {}
+    self.scorers: dict[int, Any] = {}  # stage -> TrainedModel for its `until` checks (its compiled steps kept)
+
+  def config(self, i: int) -> Config:
+    return curriculum_lib.stage_config(self.cfg, self.stages[i])
+
+  def get(self, i: int):
+    """(pipeline, trainer, lanes at the start of stage i's documents)."""
+    cfg = self.config(i)
+    pipeline = build_pipeline(cfg, tokenizer_spec=self.tokenizer_spec, log=self.log)
+    key = (cfg.data.seg_len, cfg.data.segments_per_step)
+    if key not in self._trainers:
+      self._trainers[key] = Trainer(cfg, devices=self.devices)
+    trainer = self._trainers[key]
+    return pipeline, trainer, pipeline.train_lanes(trainer)
+
+
+def _train_loop(cfg: Config, setups: _StageSetups, position: StagePosition, current, ckpt: Checkpointer, ts, *,
+                start: int, latest: int | None, run_dir: pathlib.Path, stop_at_step: int | None, progress: bool,
+                log, heldout: str | None) -> dict:
+  """Steps start+1 ..: train the stages in turn, log, evaluate, checkpoint; the summary `run_training` returns.
+
+  `current`: (pipeline, trainer, lanes) of the stage `position` is in, the lanes where the run left them."""
+  tc, is_host0, stages = cfg.train, jax.process_index() == 0, setups.stages
+  pipeline, trainer, lanes = current
   logger = MetricsLogger(run_dir, enabled=is_host0, start_step=start)
-  end = tc.steps if stop_at_step is None else min(tc.steps, stop_at_step)
+  end = start if position.done else tc.steps if stop_at_step is None else min(tc.steps, stop_at_step)
   if start == 0:
+    d = setups.config(0).data
     log(f"model {cfg.model.name}: {trainer.num_params / 1e6:.2f}M params | mesh {describe(trainer.mesh)} | "
-        f"{cfg.data.batch_size} lanes x {cfg.data.segments_per_step} segments x {cfg.data.seg_len} tokens per step")
+        f"{d.batch_size} lanes x {d.segments_per_step} segments x {d.seg_len} tokens per step")
     if heldout:
       log(heldout)
     if trainer.mesh.shape["sequence"] > 1:
       form = trainer.model_class.context_parallel or "none of its own; XLA partitions it (each block gathered)"
       log(f"context parallel over {trainer.mesh.shape['sequence']} devices: {form}")
+    if len(stages) > 1:
+      logger.log(0, "stage", {"stage": 1})
+      log(f"curriculum of {len(stages)} stages; {stages[0].describe()}")
 
-  def extra_state():  # the data position of every lane, gathered from all processes
-    return {"data": distributed.gather_lane_state(lanes.state_dict()), "config": config_lib.to_dict(cfg)}
+  def extra_state():  # the data position of every lane, gathered from all processes, and the stage
+    return {"data": distributed.gather_lane_state(lanes.state_dict()), "config": config_lib.to_dict(cfg),
+            "curriculum": position.to_dict()}
 
   losses, last_saved, train_metrics, eval_metrics = [], latest, {}, {}
-  bar = _progress(end, start, progress)
+  bar = _progress(tc.steps, start, progress)
   window_tokens, window_start = 0.0, time.perf_counter()
-  tokens_per_step = cfg.data.batch_size * cfg.data.segments_per_step * cfg.data.seg_len
   last_save_time, skipped_in_a_row, stopped_by = time.monotonic(), 0, None
   signals = StopSignals()
+  step = start
   try:
-    for step in range(start + 1, end + 1):
+    while step < end:
+      step += 1
+      d = setups.config(position.stage).data
       batch = trainer.put_batch(next(lanes))
       ts, metrics = trainer.train_step(ts, batch)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -366,23 +423,44 @@ def _train_loop(cfg: Config, trainer: Trainer, pipeline: Pipeline, lanes, ckpt: 
               f"{skipped_in_a_row} steps in a row had a non-finite loss or gradient (the last: {bad} at step {step}); "
               f"last good checkpoint: step {last_saved}. Lower train.learning_rate, then rerun to resume")
       losses.append(metrics["loss"])
-      window_tokens += tokens_per_step  # every token read, targets or not
+      window_tokens += d.batch_size * d.segments_per_step * d.seg_len  # every token read, targets or not
       bar.update(1)
+      if len(stages) > 1:
+        metrics["stage"] = position.stage + 1
+      stage, in_stage = stages[position.stage], step - position.start
+      stage_over = in_stage >= stage.steps
+      if stage.until and not stage_over and in_stage % stage.check_every == 0:
+        reached = _until_accuracy(setups, stage, trainer, pipeline, ts["params"], step)
+        logger.log(step, "curriculum", reached)
+        stage_over = reached[f"{stage.until[0]}_accuracy"] >= stage.until[1]
+        log(f"step {step}: {stage.until[0]} accuracy {reached[stage.until[0] + '_accuracy']:.3f} on held-out "
+            f"examples of {stage.data.task_length} tokens" + (f"; {stage.describe()} done" if stage_over else ""))
+      last_step = step == end or (stage_over and position.stage == len(stages) - 1)
       if step == start + 1:  # the first step of a process includes compiling: no throughput from it
         logger.log(step, "train", metrics)
         window_tokens, window_start = 0.0, time.perf_counter()
-      elif step % tc.log_every == 0 or step == end:
+      elif step % tc.log_every == 0 or last_step or stage_over:
         elapsed = time.perf_counter() - window_start
         metrics["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
         window_tokens, window_start = 0.0, time.perf_counter()
         logger.log(step, "train", metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
       train_metrics = metrics
-      if tc.eval_every and step % tc.eval_every == 0 and step != end:
+      if tc.eval_every and step % tc.eval_every == 0 and not last_step:
         eval_metrics = evaluate(trainer, pipeline, ts["params"], max_batches=tc.eval_batches)
         logger.log(step, "eval", eval_metrics)
+      if stage_over:  # the next stage starts on fresh lanes of its own documents, or the run is complete
+        if position.stage == len(stages) - 1:
+          position = StagePosition(position.stage, position.start, done=True)
+          end = step
+        else:
+          position = StagePosition(position.stage + 1, step)
+          pipeline, trainer, lanes = setups.get(position.stage)
+          ts["model_state"] = trainer.init_model_state()
+          logger.log(step, "stage", {"stage": position.stage + 1})
+          log(f"step {step}: {stages[position.stage].describe()}")
       stopped_by = signals.agreed()
-      permanent = step % tc.checkpoint_every == 0 or step == end
+      permanent = step % tc.checkpoint_every == 0 or step == end or stage_over
       timed = tc.checkpoint_minutes and time.monotonic() - last_save_time >= 60 * tc.checkpoint_minutes
       if permanent or timed or stopped_by:
         ckpt.save(step, ts, extra_state(), permanent=permanent)
@@ -393,20 +471,42 @@ def _train_loop(cfg: Config, trainer: Trainer, pipeline: Pipeline, lanes, ckpt: 
     signals.restore()
     bar.close()
     ckpt.close()
-  summary = {"start_step": start, "end_step": end, "losses": losses, "train": train_metrics, "eval": {},
-             "train_state": ts, "plot": None, "run_dir": str(run_dir), "lanes": trainer.local_lane_range()}
+  summary = {"start_step": start, "end_step": step, "losses": losses, "train": train_metrics, "eval": {},
+             "train_state": ts, "plot": None, "run_dir": str(run_dir), "lanes": trainer.local_lane_range(),
+             "stage": position.stage}
   if stopped_by:
     logger.close()
     log(f"stopped by {stopped_by} after step {last_saved}; checkpoint saved in {run_dir / 'checkpoints'}. "
         "Rerun the same command to resume")
     return {**summary, "end_step": last_saved, "stopped_by": stopped_by}
-  if end == tc.steps:  # the run is complete: report held-out loss
+  if position.done or step == tc.steps:  # the run is complete: report held-out loss
     eval_metrics = evaluate(trainer, pipeline, ts["params"], max_batches=tc.eval_batches)
-    logger.log(end, "eval", eval_metrics)
-    log(eval_line(end, eval_metrics, run_dir=run_dir))
+    logger.log(step, "eval", eval_metrics)
+    log(eval_line(step, eval_metrics, run_dir=run_dir))
   logger.close()
   plot = plot_loss_curve(run_dir) if is_host0 else None
-  return {**summary, "eval": eval_metrics, "plot": str(plot) if plot else None}
+  return {**summary, "eval": eval_metrics, "plot": str(plot) if plot else None, "complete": True}
+
+
+def _until_accuracy(setups: _StageSetups, stage, trainer: Trainer, pipeline: Pipeline, params, step: int,
+                    examples: int = 8) -> dict:
+  """Held-out exact-match and per-token answer accuracy of a stage's `until` task, at its documents' length
+  (passkey: at three depths across the stage's depth range); the examples are drawn with their own seed,
+  apart from the training documents."""
+  from longctx.eval.streaming import TrainedModel
+  from longctx.eval.tasks import eval_recall
+
+  cfg, task = setups.config(stage.index), stage.until[0]
+  lo, hi = cfg.data.passkey_depth or (0.0, 1.0)
+  if stage.index not in setups.scorers:
+    setups.scorers[stage.index] = TrainedModel(cfg=cfg, params=params, step=step, run_dir=pathlib.Path("."),
+                                               tokenizer=pipeline.tokenizer, devices=list(trainer.mesh.devices.flat))
+  model = setups.scorers[stage.index]
+  model.params, model.step = params, step
+  result = eval_recall(model, task, lengths=[cfg.data.task_length], examples=examples, seg_len=cfg.data.seg_len,
+                       seed=1, depths=[lo, (lo + hi) / 2, hi], progress=False)
+  return {f"{task}_accuracy": result["by_length"][0], f"{task}_token_accuracy": result["token_accuracy"][0],
+          "stage": stage.index + 1}
 
 
 def eval_line(step: int, m: dict, *, limit: str = "train.eval_batches", run_dir=None) -> str:

@@ -128,6 +128,11 @@ def plot_loss_curve(run_dir: str | pathlib.Path) -> pathlib.Path | None:
   ax.plot(*zip(*train), label="train", lw=1.2)
   if evals:
     ax.plot(*zip(*evals), "o-", label="eval (held-out documents)")
+  starts = [(r["step"], int(r["stage"])) for r in records if r.get("split") == "stage" and "stage" in r]
+  for i, (s, n) in enumerate(starts):  # a curriculum: where each stage began
+    ax.axvline(s, color="gray", ls=":", lw=1, label="curriculum stage starts" if i == 0 else None)
+    ax.annotate(f"stage {n}", (s, 1.0), xycoords=("data", "axes fraction"), fontsize=7, color="gray",
+                xytext=(2, -10), textcoords="offset points")
   ax.set_xlabel("step")
   ax.set_ylabel("loss (nats / token)")
   ax.set_title(run_dir.name)
