@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
 import numbers
 import pathlib
@@ -328,6 +329,13 @@ def _parse_value(raw: str, hint: Any, key: str) -> Any:
   origin = typing.get_origin(hint)
   if origin in (list, tuple):
     (inner,) = typing.get_args(hint)[:1]
+    if inner is str and raw.startswith("["):  # a JSON list of strings, e.g. train.curriculum=["steps=3 ...", ...]
+      try:
+        items = json.loads(raw)
+      except json.JSONDecodeError:
+        items = None
+      if isinstance(items, list) and all(isinstance(x, str) for x in items):
+        return items
     body = raw[1:-1] if raw.startswith("[") and raw.endswith("]") else raw
     items = [s.strip() for s in body.split(",") if s.strip()]
     return [_parse_value(s, inner, key) for s in items]

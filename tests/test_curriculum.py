@@ -3,6 +3,7 @@ resumed exactly inside a stage, ended early by `until`, logged and marked on los
 knobs they use (`data.passkey_depth`, documents aligned to a train step) and per-token answer accuracy."""
 
 import dataclasses
+import pathlib
 
 import jax
 import numpy as np
@@ -164,3 +165,19 @@ def test_answer_token_hits_gives_partial_credit():
   spans = [(2, 5), (6, 9)]  # tokens 2..4 scored at 1..3, tokens 6..8 at 5..7
   assert answer_hits(correct, spans) == [False, False]
   assert answer_token_hits(correct, spans) == (4, 6)
+
+
+def test_every_recall_recipe_is_a_valid_curriculum():
+  """The recall recipes (recipes/synthetic/*_recall.py) load, validate, and grow their documents stage by stage,
+  each aligned to one train step."""
+  root = pathlib.Path(__file__).resolve().parents[1] / "recipes" / "synthetic"
+  recipes = sorted(p for p in root.glob("*_recall.py") if not p.name.startswith("_"))
+  assert len(recipes) >= 10
+  for path in recipes:
+    cfg = config_lib.load_recipe(path).validate()
+    stages = curriculum.parse_stages(cfg)
+    assert len(stages) >= 2 and sum(s.steps for s in stages) == cfg.train.steps, path.name
+    lengths = [s.data.task_length for s in stages]
+    assert lengths == sorted(lengths) and lengths[0] < lengths[-1], path.name
+    for s in stages:
+      assert s.data.align_documents == s.data.segments_per_step * s.data.seg_len, path.name

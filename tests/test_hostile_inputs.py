@@ -212,6 +212,10 @@ CASES = [
     Case("set-not-an-int", train(*sets("model.d_model=abc")), "model.d_model='abc': expected an int"),
     Case("set-list-for-int", train(*sets("model.d_model=[64,128]")), "model.d_model='[64,128]': expected an int"),
     Case("set-missing-equals", train(*sets("train.steps")), "is not of the form key=value"),
+    Case("curriculum-bad-stage", train(*sets('train.curriculum=["steps=3 data.task_lenght=64"]')),
+         "train.curriculum[0]: unknown config key 'data.task_lenght'"),
+    Case("curriculum-steps-do-not-add-up", train(*sets('train.curriculum=["steps=3","steps=4"]')),
+         "the curriculum's stages add up to 7 steps; set train.steps=7"),
     Case("set-empty-key", train(*sets("=5")), "unknown config key ''"),
     Case("set-whole-section", train(*sets("model=3")), "model is a section, not a value"),
     Case("set-into-a-field", train(*sets("model.d_model.x=1")), "model.d_model is not a section"),
@@ -305,7 +309,8 @@ CASES = [
     # ------------------------------------------------------------------ a checkpoint of another model
     Case("train-in-a-run-dir-in-use", train(*TINY[:-1]), "run dir {T}/run is in use by another training (pid ",
          setup=_training_in_progress),
-    Case("resume-with-another-model", ["train", MAMBA, "--run-dir", "{A}", "--no-progress", *sets("train.steps=2")],
+    Case("resume-with-another-model", ["train", MAMBA, "--run-dir", "{A}", "--no-progress",
+                                     *sets("train.steps=2", "train.curriculum=[]")],
          "was trained with another model than this recipe's (model.name 'transformer' -> 'mamba'"),
     Case("resume-with-another-size", ["train", "{Q}", "--run-dir", "{A}", "--no-progress"],
          "was trained with another model than this recipe's (model.d_model 32 -> 128, model.num_heads 2 -> 4"),
@@ -468,7 +473,7 @@ for _name, _cases in (("generate", GENERATE), ("export", EXPORT), ("import-hf", 
   if _has_command(_name):  # other commands join the table once they exist
     CASES += _cases
 
-HOSTILE_CASES = 159  # the README quotes this number
+HOSTILE_CASES = 161  # the README quotes this number
 
 
 def test_the_table_holds_the_cases_the_readme_counts():
