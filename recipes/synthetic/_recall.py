@@ -1,47 +1,55 @@
 """Settings shared by the synthetic recall recipes (a helper module, not a recipe).
 
-Every `<model>_recall.py` trains on the same task mixture with the same
-backbone size, window, optimiser and number of steps, so `longctx eval
---compare` reads as "what the memory buys". Documents are byte-tokenized,
-their lengths log-uniform in [min_length, max_length]; the attention window is
-WINDOW tokens, so evidence further back than that is only reachable through a
-model's memory. The loss covers every token (prompt_loss_weight=1): with
-answer-only loss a model this small sees too few copy targets to form the
-induction heads that retrieval needs within a CPU budget. Copy is in the mixture
-twice (a task named twice is drawn twice as often) because it is the densest
-induction signal: every code character is a target. Two layers, not four: on
-2 CPU cores that buys twice the steps, and with embed_conv one layer can
-already match and a second can copy (measured: with four layers and copy drawn
-1 in 5, copying was still at chance after 1000 steps).
+Every `<model>_recall.py` trains on the same curriculum with the same backbone size, window, optimiser
+and number of steps, so `longctx eval --compare` reads as "what the memory buys"; `transformer_recall.py`
+is the control, whose 2 layers x WINDOW (+ the embedding conv) is all it can see. Documents are
+byte-tokenized. Evaluation asks for 1x, 4x, 16x and 64x WINDOW.
+
+Why the data looks like this (issue 22's diagnosis of the earlier recipes, where no model retrieved beyond
+its window): documents of at most 2 windows were within the control's own reach, few passkeys put the key
+more than a window back, and documents packed back to back split key and answer over two train steps
+(no gradient between them). Here:
+  * the curriculum (`train.curriculum`, see longctx/training/curriculum.py) grows the documents from
+    in-window to 16x WINDOW while each stage keeps short ones in the mixture (log-uniform lengths from
+    task_min_length), so the in-window skill is not erased;
+  * `data.align_documents` = one train step (segments_per_step x seg_len) starts every document at a
+    step, so backpropagation through the memory spans key and answer (the step grows with the stage);
+  * passkey dominates the mixture with copy beside it (copy is the densest induction signal);
+  * the loss covers every token (prompt_loss_weight=1): with answer-only loss a model this small sees
+    too few targets to form the induction heads retrieval needs.
 """
 
 from longctx.config import DataConfig, MeshConfig, TrainConfig
 
-WINDOW = 128  # attention window of every model (and the block length of the memory models)
-STEPS = 2500
+WINDOW = 32  # attention window of every model (and the block length of the memory models)
+SEG_LEN = 64  # tokens per segment (2 blocks)
 # embed_conv: every model reads each token together with the 3 before it; without it, byte-level copying
 # (and so passkey / MQAR retrieval) was not learned in 1000 steps, with it in ~500 (see transformer.py).
 BACKBONE = dict(vocab_size=259, d_model=128, num_layers=2, num_heads=8, window=WINDOW, embed_conv=4)
-MAX_LENGTH = 256  # longest training document (2 windows)
 MESH = MeshConfig(data=-1)
+TASKS = "passkey,passkey,copy"
+
+# (steps, longest document, segments per step): documents up to the step's length, aligned to it.
+STAGES = ((120, 2 * SEG_LEN, 2), (200, 4 * SEG_LEN, 4), (150, 8 * SEG_LEN, 8))
+STEPS = sum(s for s, _, _ in STAGES)
+
+
+def curriculum(stages=STAGES) -> list[str]:
+  """One `train.curriculum` string per stage: its documents' lengths, segments per step and alignment."""
+  return [f"steps={steps} data.task_length={length} data.task_min_length={min(length // 2, 96)} "
+          f"data.segments_per_step={k} data.align_documents={k * SEG_LEN}"
+          for steps, length, k in stages]
 
 
 def recall_data() -> DataConfig:
-  """The task mixture, documents of 64-MAX_LENGTH tokens; 16 lanes x 2 segments x WINDOW = 4096 tokens per step.
-
-  Every recall recipe, control and memory models alike, trains on this data: the same documents in the
-  same order. Log-uniform lengths put an equal share of *tokens* at every length, so the in-window share of
-  the signal is (WINDOW - 64) / (MAX_LENGTH - 64): 33% up to 256 tokens. With documents up to 512 (14%) or
-  1024 (6.7%) a Memorizing Transformer had not learned even in-window copying after 2500 steps (measured),
-  while the same model learns it in ~350 steps on short copy examples alone. Evidence beyond the window is
-  in every document longer than WINDOW (half of them); evaluation then asks for 4x-64x the window.
-  """
-  return DataConfig(source="synthetic", task="passkey,mqar,copy,copy,qa1,qa2", task_min_length=64,
-                    task_length=MAX_LENGTH,
-                    prompt_loss_weight=1.0, tokenizer="byte", batch_size=16, seg_len=WINDOW,
-                    segments_per_step=2, num_docs=100_000)
+  """The first stage's data (the curriculum overrides lengths, segments per step and alignment);
+  8 lanes of SEG_LEN-token segments (8, not 16: twice the updates for the same CPU time)."""
+  _, length, k = STAGES[0]
+  return DataConfig(source="synthetic", task=TASKS, task_min_length=length // 2, task_length=length,
+                    prompt_loss_weight=1.0, tokenizer="byte", batch_size=8, seg_len=SEG_LEN,
+                    segments_per_step=k, align_documents=k * SEG_LEN, num_docs=100_000)
 
 
 def recall_train(steps: int = STEPS) -> TrainConfig:
-  return TrainConfig(steps=steps, learning_rate=3e-3, warmup_steps=50, log_every=25, eval_batches=16,
-                     checkpoint_every=500, weight_decay=0.05)
+  return TrainConfig(steps=steps, learning_rate=3e-3, warmup_steps=30, log_every=25, eval_batches=8,
+                     checkpoint_every=250, weight_decay=0.05, curriculum=curriculum())

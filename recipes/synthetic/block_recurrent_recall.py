@@ -1,11 +1,11 @@
 """Synthetic recall with the Block-Recurrent Transformer (64 recurrent states in layer 1 of 2, blocks of WINDOW).
 
-Same backbone, window and steps as the control (`_recall.py`). Same documents
-as the control (up to 256 tokens, 2 blocks); 16 lanes of 2 segments per step,
-so gradients flow through the recurrent state across 2 blocks. LSTM gates (the paper's better variant on PG-19).
+Same backbone, window, curriculum and steps as the control (`_recall.py`): documents grow stage by stage
+to 16 blocks, each aligned to one train step, so gradients flow through the recurrent state from the key
+to the answer. LSTM gates (the paper's better variant on PG-19).
 
     longctx train recipes/synthetic/block_recurrent_recall.py --run-dir runs/recall/block_recurrent
-    longctx eval runs/recall/block_recurrent --task passkey,mqar,copy,qa1,qa2 --lengths 128,512,2k,8k
+    longctx eval runs/recall/block_recurrent --task passkey,mqar,copy,qa1,qa2 --lengths 32,128,512,2k
 """
 
 from _recall import BACKBONE, MESH, WINDOW, recall_data, recall_train

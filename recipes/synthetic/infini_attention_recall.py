@@ -1,6 +1,6 @@
-"""Synthetic recall with Infini-attention: softmax attention inside 128-token blocks + a compressive memory.
+"""Synthetic recall with Infini-attention: softmax attention inside WINDOW-token blocks + a compressive memory.
 
-Same backbone size, data and steps as the control (`_recall.py`); the block
+Same backbone size, curriculum and steps as the control (`_recall.py`); the block
 (the paper's segment) is the control's window, so a token sees at most its own
 block exactly, and everything earlier in the document only through the
 per-head linear memory M, z (O(1) state, no XL cache). Blocks count from each
@@ -11,7 +11,7 @@ never formed in-window induction in 2500 steps (see memorizing_recall.py);
 `--set model.gate_init=0` gives the paper's start.
 
     longctx train recipes/synthetic/infini_attention_recall.py --run-dir runs/recall/infini_attention
-    longctx eval runs/recall/infini_attention --task passkey,mqar,copy,qa1,qa2 --lengths 128,512,2k,8k
+    longctx eval runs/recall/infini_attention --task passkey,mqar,copy,qa1,qa2 --lengths 32,128,512,2k
 """
 
 from _recall import BACKBONE, MESH, WINDOW, recall_data, recall_train

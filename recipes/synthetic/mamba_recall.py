@@ -1,4 +1,4 @@
-"""Synthetic recall with Mamba (selective scan, no attention): the control's data and steps, 4 Mamba layers.
+"""Synthetic recall with Mamba (selective scan, no attention): the control's curriculum and steps, 4 Mamba layers.
 
 Two Mamba blocks stand in for one Transformer layer (attention + MLP), as in the
 Mamba paper, so 4 layers at d_model 128 match the control's 2 layers in size.
@@ -7,7 +7,7 @@ found such recurrences weak at associative recall; the eval compares it with
 the control at the same lengths.
 
     longctx train recipes/synthetic/mamba_recall.py --run-dir runs/recall/mamba
-    longctx eval runs/recall/mamba --task passkey,mqar,copy,qa1,qa2 --lengths 128,512,2k,8k
+    longctx eval runs/recall/mamba --task passkey,mqar,copy,qa1,qa2 --lengths 32,128,512,2k
 """
 
 from _recall import BACKBONE, MESH, recall_data, recall_train

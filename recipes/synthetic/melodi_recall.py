@@ -1,13 +1,11 @@
 """Synthetic recall with MELODI (32 short-term slots per layer, a 512-entry long-term FIFO in layer 2 of 2).
 
-Same backbone, window and steps as the control (`_recall.py`): windows of
-WINDOW tokens, no XL cache (the short-term memory replaces it). Same documents
-as the control (up to 256 tokens, 2 windows), 16 lanes of 2 segments per
-step. The FIFO gains 16 entries per window, so it spans the
-last 32 windows (4096 tokens).
+Same backbone, window, curriculum and steps as the control (`_recall.py`): windows of WINDOW tokens,
+no XL cache (the short-term memory replaces it). The FIFO gains 16 entries per window, so it spans the
+last 32 windows.
 
     longctx train recipes/synthetic/melodi_recall.py --run-dir runs/recall/melodi
-    longctx eval runs/recall/melodi --task passkey,mqar,copy,qa1,qa2 --lengths 128,512,2k,8k
+    longctx eval runs/recall/melodi --task passkey,mqar,copy,qa1,qa2 --lengths 32,128,512,2k
 """
 
 from _recall import BACKBONE, MESH, WINDOW, recall_data, recall_train

@@ -1,6 +1,6 @@
 """Synthetic recall with Titans (MAG): the control's sliding window, gated by a neural memory learned at test time.
 
-Same backbone size, data and steps as the control (`_recall.py`). Each layer
+Same backbone size, curriculum and steps as the control (`_recall.py`). Each layer
 keeps the control's WINDOW-token attention with its XL cache, plus 4
 persistent (key, value) pairs, and gates its output with a neural memory: a
 2-layer MLP per head (2 heads of 64 channels, hidden 128) whose weights are
@@ -9,7 +9,7 @@ data-dependent forgetting (`models/titans.py`). Evidence beyond the window
 can only come back through those weights.
 
     longctx train recipes/synthetic/titans_recall.py --run-dir runs/recall/titans
-    longctx eval runs/recall/titans --task passkey,mqar,copy,qa1,qa2 --lengths 128,512,2k,8k
+    longctx eval runs/recall/titans --task passkey,mqar,copy,qa1,qa2 --lengths 32,128,512,2k
 """
 
 from _recall import BACKBONE, MESH, recall_data, recall_train
