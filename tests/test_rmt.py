@@ -38,6 +38,21 @@ def test_gradients_flow_through_the_memory(model):
   contract.gradients_reach(model, seg=BLOCK, vocab=VOCAB, names=["memory_init", "memory_out_norm", "wq"])
 
 
+def test_written_memory_starts_at_the_embedding_scale(model, step):
+  """At initialisation the memory a block writes has the per-element RMS of the initial memory and the
+  embeddings (1/sqrt(d_model)), not sqrt(d_model) times it. (Issue 22: with the norm's scale at 1 the
+  memory's residual stream was 11x the tokens' at d_model 128, and a trained RMT's dependence on tokens
+  beyond its window stayed ~1e-3 nats; this check fails on that code: RMS 1.0 against 0.17.)"""
+  d = model.cfg.d_model
+  tokens = contract.randint(3, (2, BLOCK), VOCAB)
+  _, state = step(tokens, model.init_state(2), jnp.ones(2, bool), jnp.zeros_like(tokens))
+  rms = lambda x: float(np.sqrt(np.mean(np.square(np.asarray(x)))))
+  initial = rms(model.memory_init[...])
+  written = rms(state["memory"])
+  assert 0.5 * d ** -0.5 < initial < 2 * d ** -0.5
+  assert 0.5 * initial < written < 2 * initial, (written, initial)
+
+
 def test_sharded_matches_one_device(eight_devices):
   cfg = RMTConfig(vocab_size=259, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, window=16,
                   block_len=16, num_memory=4)

@@ -17,9 +17,9 @@ def rms_norm(x: jax.Array, scale: jax.Array, *, eps: float) -> jax.Array:
 class RMSNorm(nnx.Module):
   """RMSNorm with a learned scale `[features]` (logical axis `embed`)."""
 
-  def __init__(self, features: int, *, eps: float = 1e-6, axis_name: str = "embed"):
+  def __init__(self, features: int, *, eps: float = 1e-6, axis_name: str = "embed", init: float = 1.0):
     self.eps = eps
-    self.scale = nnx.Param(jnp.ones((features,), jnp.float32), logical_axes=(axis_name,))
+    self.scale = nnx.Param(jnp.full((features,), init, jnp.float32), logical_axes=(axis_name,))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return rms_norm(x, self.scale[...], eps=self.eps)

@@ -14,12 +14,13 @@ Every layer is the baseline's pre-norm block; its attention sees, per query:
   write slot i  the read slots, the block tokens of the block's last document,
                 and write slots <= i
 Memory slots carry no rotary position; tokens are rotated as in the baseline.
-The initial memory is a learned `[m, d_model]` parameter (N(0, 1), the
+The initial memory is a learned `[m, d_model]` parameter (N(0, 1/d_model), the
 embedding scale); gradients flow through the memory across all blocks of a
 train step (BPTT over K segments; the trainer stops them between steps).
 
 Deviation from the paper (documented option): `memory_norm=True` RMS-normalises
-the written memory with a learned scale, which keeps memory norms bounded over
+the written memory with a learned scale (initially 1/sqrt(d_model), the initial memory's and the
+embeddings' scale), which keeps memory norms bounded over
 streams of millions of tokens; `memory_norm=False` feeds raw hidden states
 back as in the reference code.
 
@@ -175,7 +176,11 @@ class RMT(BlockwiseLM):
     self.blocks = nnx.List([Block(cfg, rngs=rngs, attention_cls=MemoryAttention) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     self.memory_init = param(rngs, (cfg.num_memory, cfg.d_model), ("memory", "embed"), fan_in=cfg.d_model)
-    self.memory_out_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.memory_norm else None
+    # The written memory starts at the scale of the initial memory and the embeddings, N(0, 1/d) per
+    # element: at scale 1 it was sqrt(d) = 11x the tokens' residual stream at d_model 128, so a block's
+    # attention and MLP moved the next write by a small fraction of the memory's own norm.
+    self.memory_out_norm = (RMSNorm(cfg.d_model, eps=cfg.norm_eps, init=cfg.d_model ** -0.5) if cfg.memory_norm
+                            else None)
 
   def init_memory(self, batch_size: int):
     return jnp.zeros((batch_size, self.cfg.num_memory, self.cfg.d_model), jnp.float32)
