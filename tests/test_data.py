@@ -95,7 +95,7 @@ def test_documents_aligned_to_blocks():
     doc_starts = np.flatnonzero(starts)[:len(docs)]
     np.testing.assert_array_equal(np.diff(doc_starts), [-(-len(src.docs[j]["tokens"]) // 8) * 8
                                                         for j in range(lane, len(lengths), 2)][:len(docs) - 1])
-  with pytest.raises(DataError, match="multiple of the document alignment"):
+  with pytest.raises(DataError, match="the document alignment 8 must divide seg_len=12 or be a multiple of it"):
     LaneBatcher(src, num_lanes=2, seg_len=12, segments_per_step=1, pad_id=TOK.pad_id, align=8)
   with pytest.raises(ConfigError, match="align_documents"):
     DataConfig(seg_len=12, align_documents=8).validate()
