@@ -380,7 +380,7 @@ def _train_loop(cfg: Config, setups: _StageSetups, position: StagePosition, curr
   logger = MetricsLogger(run_dir, enabled=is_host0, start_step=start)
   end = start if position.done else tc.steps if stop_at_step is None else min(tc.steps, stop_at_step)
   if start == 0:
-    d = setups.config(0).data
+    d = stages[0].data
     log(f"model {cfg.model.name}: {trainer.num_params / 1e6:.2f}M params | mesh {describe(trainer.mesh)} | "
         f"{d.batch_size} lanes x {d.segments_per_step} segments x {d.seg_len} tokens per step")
     if heldout:
@@ -405,7 +405,7 @@ def _train_loop(cfg: Config, setups: _StageSetups, position: StagePosition, curr
   try:
     while step < end:
       step += 1
-      d = setups.config(position.stage).data
+      d = stages[position.stage].data
       batch = trainer.put_batch(next(lanes))
       ts, metrics = trainer.train_step(ts, batch)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
