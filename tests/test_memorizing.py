@@ -12,7 +12,7 @@ from longctx.errors import ConfigError
 from longctx.models import create_model, list_models
 from longctx.models import memorizing  # noqa: F401  (registers "memorizing")
 from longctx.models.memorizing import (
-    Memorizing, MemorizingConfig, empty_memory, knn_attention, knn_retrieve, l2_normalize, ring_write)
+    Memorizing, MemorizingConfig, empty_memory, joint_knn_attention, knn_attention, knn_retrieve, l2_normalize, ring_write)
 
 VOCAB, WINDOW, BLOCK, MEM, TOPK = 50, 8, 8, 24, 4
 
@@ -46,6 +46,50 @@ class TestContract(contract.BlockwiseContract):  # 4 blocks write 32 entries int
   VOCAB, BLOCK = VOCAB, BLOCK
   HORIZON = 2 * WINDOW  # the XL cache: num_layers x window
   TAIL_CONFIG = {"window": 2, "block_len": 16, "memory_size": 64}  # the memory holds 4 blocks
+
+
+class TestJointContract(contract.BlockwiseContract):
+  """The same contract with one softmax over the window and the memory, in the top layer."""
+  VOCAB, BLOCK = VOCAB, BLOCK
+  HORIZON = 2 * WINDOW
+  TAIL_CONFIG = {"window": 2, "block_len": 16, "memory_size": 64}
+
+  @pytest.fixture(scope="class")
+  @classmethod
+  def model(cls):
+    return create_model(tiny_config(knn_combine="joint", knn_layers=[-1]), seed=0)
+
+  @pytest.fixture(scope="class")
+  @classmethod
+  def step(cls, model):
+    return contract.make_step(model)
+
+
+def _one_layer_joint(window, seed=0):
+  return create_model(tiny_config(num_layers=1, knn_layers=[0], knn_combine="joint", window=window,
+                                  memory_size=64, top_k=64), seed=seed)
+
+
+def test_joint_attention_with_the_whole_memory_is_attention_over_the_whole_document():
+  """A window of 8 plus a memory that returns every older entry gives exactly the logits of a window of 64
+  (which never needs its memory): entries still in the window are not retrieved a second time, positions
+  are on one clock across blocks and segments, and a document starting inside a block gets a fresh one.
+  (Mutation, by hand: retrieving the entries the window already sees changes the logits by ~1e-1.)"""
+  small, wide = _one_layer_joint(8), _one_layer_joint(64)
+  nnx.update(wide, nnx.state(small, nnx.Param))
+  tokens = contract.randint(21, (2, 48), VOCAB)
+  ids = jnp.stack([jnp.zeros(48, jnp.int32), (jnp.arange(48) >= 19).astype(jnp.int32)])
+  a, _ = contract.stream(small, contract.make_step(small), tokens, 16, segment_ids=ids)
+  b, _ = contract.stream(wide, contract.make_step(wide), tokens, 16, segment_ids=ids)
+  assert rel_err(a, b) < 1e-5, rel_err(a, b)
+  c, _ = contract.stream(small, contract.make_step(small), tokens, 16)  # and the documents matter
+  assert rel_err(a, c) > 1e-3
+
+
+def test_joint_layer_has_no_gate_and_its_gradients_reach_scale_and_query():
+  model = create_model(tiny_config(knn_combine="joint"), seed=0)
+  flat = contract.gradients_reach(model, seg=BLOCK, vocab=VOCAB, names=["knn_scale", "['blocks'][0]['attn']['wq']"])
+  assert not any("knn_gate" in name for name in flat)
 
 
 def test_gradients_reach_gate_scale_and_query(model):
@@ -200,12 +244,15 @@ def test_search_and_write_stay_on_each_lanes_device(eight_devices, method):
   b, s, h, kvh, M, d = 8, 4, 4, 2, 64, 8
   lane = NamedSharding(Mesh(np.array(eight_devices), ("lanes",)), P("lanes"))
   arg = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype, sharding=lane)
-  mem = {"k": arg((b, M, kvh, d)), "v": arg((b, M, kvh, d)), "valid": arg((b, M), bool), "ptr": arg((b,), jnp.int32)}
+  mem = {"k": arg((b, M, kvh, d)), "v": arg((b, M, kvh, d)), "valid": arg((b, M), bool), "ptr": arg((b,), jnp.int32),
+         "pos": arg((b, M), jnp.int32), "clock": arg((b,), jnp.int32)}
 
   def f(q, scale, mem):
     out = knn_attention(q, mem["k"], mem["v"], mem["valid"], scale, top_k=TOPK, method=method, query_chunk=2)
     k = q[:, :, :kvh]
-    return out, ring_write(mem, k, k, jnp.ones((b, s), bool))
+    joint = joint_knn_attention(q, k, k, mem, scale, local_mask=jnp.ones((b, s, s), bool),
+                                q_pos=mem["clock"][:, None] + jnp.arange(s), window=2, top_k=TOPK, method=method)
+    return out, joint, ring_write(mem, k, k, jnp.ones((b, s), bool))
 
   scale = jax.ShapeDtypeStruct((h,), jnp.float32, sharding=NamedSharding(lane.mesh, P()))
   hlo = jax.jit(f).lower(arg((b, s, h, d)), scale, mem).compile().as_text()
@@ -233,7 +280,9 @@ def test_ring_write_matches_numpy_simulation():
         if mask[r, t]:
           p = ref["ptr"][r]
           ref["k"][r, p], ref["v"][r, p], ref["valid"][r, p] = k[r, t], v[r, t], True
+          ref["pos"][r, p] = ref["clock"][r] + t
           ref["ptr"][r] = (p + 1) % M
+      ref["clock"][r] += L
     for name in ref:
       np.testing.assert_array_equal(np.asarray(mem[name]), ref[name], err_msg=name)
 
@@ -256,6 +305,8 @@ def test_errors_are_clear():
     tiny_config(knn_query_chunk=3)
   with pytest.raises(ConfigError, match="memory_dtype"):
     tiny_config(memory_dtype="int8")
+  with pytest.raises(ConfigError, match="knn_combine"):
+    tiny_config(knn_combine="sum")
 
 
 def test_flops_count_the_memory_scoring():

@@ -30,6 +30,18 @@ kNN layer, per block (x `[b, L, d_model]` the normed input):
   q (Wq, and the layers below), the scale and the gate through the k retrieved
   entries only, never through the M scores, and never into the database.
 
+Joint combination (`knn_combine="joint"`, a deviation: the paper gates). The kNN layer's local attention
+scores like its retrieval, with no positions, and one softmax covers both (T = W + L window keys):
+    q^ = q / |q|, k^ = k / |k| over [cache; block]                                `[b, L, h | kv, d]`
+    local[i, t]  = |scale_h| * q^_i . k^_t   where t is in i's window (`window_mask`)
+    I_i          = top-k over the entries at stream positions <= p_i - W - 1 (those the window
+                   no longer sees; nothing is counted twice)
+    y_i = softmax_[t, j]([local[i, t]; s[i, j]]) . [v_t; sg(V[I_ij])]
+  A head that learns to find a key inside its window (trained on short documents) finds the same key,
+  scored the same way, after it has left the window for the memory: with top_k >= every past entry
+  the layer is exact position-free attention over the whole document. Positions reach it only through
+  the layers below (rotary) and the causal mask.
+
 Memory write, after the block is read (the current block is seen by local
 attention, never by its own retrieval): the block's k^ = k / |k| and v of the
 tokens of the block's last document (`last_doc_mask`) go into the ring buffer
@@ -43,7 +55,10 @@ Memory (state["memory"]), one entry per kNN layer i, every leaf batch-first so
 the trainer shards the database over lanes (data x fsdp) and no collective ever
 moves it (search, gather and scatter are all per row):
   f"layer{i}": {"k": [b, M, kv, d], "v": [b, M, kv, d]  (memory_dtype)
-                "valid": [b, M] bool, "ptr": [b] int32 (next slot to write)}
+                "valid": [b, M] bool, "ptr": [b] int32 (next slot to write),
+                "pos": [b, M] int32 (each entry's stream position), "clock": [b] int32 (the
+                position of the next block's first token; positions count from the document's
+                first block)}
 
 Cost per token and kNN layer: 2 h d M FLOPs of scoring plus the top-k over M,
 and a transient `[b, knn_query_chunk or L, h, M]` float32 score array (bound it
@@ -78,13 +93,14 @@ from flax import nnx
 
 from longctx.errors import ConfigError
 from longctx.layers import RMSNorm
-from longctx.layers.attention import NEG_INF
+from longctx.layers.attention import NEG_INF, window_mask
 from longctx.models.blockwise import (BlockwiseConfig, BlockwiseLM, check_layer_list, last_doc_mask,
                                       resolve_layer_list)
 from longctx.models.registry import register_model
 from longctx.models.transformer import Attention, Block, Embedding
 
 RETRIEVAL_METHODS = ("exact", "approx")
+COMBINE_MODES = ("gate", "joint")
 MEMORY_DTYPES = ("float32", "bfloat16")
 
 
@@ -100,6 +116,10 @@ class MemorizingConfig(BlockwiseConfig):
   knn_scale_init: float = 0.0  # initial kNN attention scale (0 = sqrt(head_dim))
   knn_gate_init: float = 0.0  # initial gate bias b (g = sigmoid(b); 0 = an even mix, as meliad)
   memory_dtype: str = "float32"  # dtype of the stored keys / values ("float32" or "bfloat16")
+  # "gate": y = y_local (1 - g) + y_mem g (the paper). "joint": the kNN layer's local attention scores like its
+  # retrieval (L2-normalised, position-free, the learned scale) and one softmax covers the window and the
+  # retrieved entries outside it, so a head that finds a key in the window finds it in the memory too.
+  knn_combine: str = "gate"
 
   def validate(self) -> None:
     super().validate()
@@ -119,6 +139,8 @@ class MemorizingConfig(BlockwiseConfig):
       raise ConfigError(f"model.knn_scale_init={self.knn_scale_init} must be >= 0 (0 = sqrt(head_dim))")
     if self.memory_dtype not in MEMORY_DTYPES:
       raise ConfigError(f"model.memory_dtype={self.memory_dtype!r} is not one of {MEMORY_DTYPES}")
+    if self.knn_combine not in COMBINE_MODES:
+      raise ConfigError(f"model.knn_combine={self.knn_combine!r} is not one of {COMBINE_MODES}")
 
   @property
   def resolved_knn_layers(self) -> tuple[int, ...]:
@@ -141,7 +163,7 @@ def _gather(mem: jax.Array, idx: jax.Array) -> jax.Array:
 
 
 def knn_retrieve(queries, mem_keys, mem_valid, *, top_k: int, method: str = "exact",
-                 recall_target: float = 0.95, query_chunk: int = 0):
+                 recall_target: float = 0.95, query_chunk: int = 0, mem_pos=None, q_limit=None):
   """Top-k search of every query in its (row, kv head) database by dot product. No gradient.
 
   Args:
@@ -150,9 +172,11 @@ def knn_retrieve(queries, mem_keys, mem_valid, *, top_k: int, method: str = "exa
     method: "exact" or "approx" (`jax.lax.approx_max_k` with `recall_target`; exact = recall 1.0).
     query_chunk: > 0 scores that many queries at a time (divides s), bounding
       the `[b, chunk, h, M]` score array.
+    mem_pos `[b, M]`, q_limit `[b, s]` int: optional; query i may only retrieve an entry with
+      mem_pos <= q_limit[i] (joint attention: the entries its local window does not already see).
   Returns:
     scores `[b, s, h, k]` float32 (descending; NEG_INF where invalid),
-    indices `[b, s, h, k]` int32 into M, found `[b, s, h, k]` bool: the entry is valid.
+    indices `[b, s, h, k]` int32 into M, found `[b, s, h, k]` bool: the entry is valid (and allowed).
   """
   if method not in RETRIEVAL_METHODS:
     raise ValueError(f"retrieval method {method!r} is not one of {RETRIEVAL_METHODS}")
@@ -161,10 +185,17 @@ def knn_retrieve(queries, mem_keys, mem_valid, *, top_k: int, method: str = "exa
   g = h // kvh
   queries = jax.lax.stop_gradient(queries)
   mem_keys = jax.lax.stop_gradient(mem_keys)
+  limited = mem_pos is not None
+  if not limited:  # one code path: a limit every entry meets
+    mem_pos = jnp.zeros(mem_valid.shape, jnp.int32)
+    q_limit = jnp.zeros((b, s), jnp.int32)
 
-  def search(q):  # q [b, c, kv, g, d] -> scores, idx [b, c, kv, g, k]
+  def usable(limit):  # limit [b, c] -> [b, c, M]
+    return mem_valid[:, None, :] & (mem_pos[:, None, :] <= limit[:, :, None])
+
+  def search(q, limit):  # q [b, c, kv, g, d], limit [b, c] -> scores, idx [b, c, kv, g, k]
     c = jnp.einsum("bskgd,bmkd->bskgm", q.astype(mem_keys.dtype), mem_keys, preferred_element_type=jnp.float32)
-    c = jnp.where(mem_valid[:, None, None, None, :], c, NEG_INF)
+    c = jnp.where(usable(limit)[:, :, None, None, :], c, NEG_INF)
     # recall_target=1.0 makes approx_max_k exact on every backend (XLA skips the reduction step). It is used
     # for "exact" instead of `jax.lax.top_k`, whose TopK op the SPMD partitioner does not split along batch
     # dimensions: a lane-sharded score array would be all-gathered onto every device.
@@ -176,14 +207,31 @@ def knn_retrieve(queries, mem_keys, mem_valid, *, top_k: int, method: str = "exa
       raise ValueError(f"query_chunk={query_chunk} must divide the number of queries {s}")
     n = s // query_chunk
     qc = q.reshape(b, n, query_chunk, kvh, g, d).swapaxes(0, 1)
-    scores, idx = jax.lax.map(search, qc)
+    lc = q_limit.reshape(b, n, query_chunk).swapaxes(0, 1)
+    scores, idx = jax.lax.map(lambda a: search(*a), (qc, lc))
     scores = scores.swapaxes(0, 1).reshape(b, s, kvh, g, top_k)
     idx = idx.swapaxes(0, 1).reshape(b, s, kvh, g, top_k)
   else:
-    scores, idx = search(q)
+    scores, idx = search(q, q_limit)
   idx = idx.astype(jnp.int32)
   found = jax.vmap(lambda v, i: v[i])(mem_valid, idx)
+  if limited:
+    found &= jax.vmap(lambda p, i: p[i])(mem_pos, idx) <= q_limit[:, :, None, None, None]
   return (scores.reshape(b, s, h, top_k), idx.reshape(b, s, h, top_k), found.reshape(b, s, h, top_k))
+
+
+def _retrieved(queries, memory, *, top_k, method, recall_target, query_chunk, q_limit=None):
+  """The top-k entries of each query: keys, values `[b, s, kv, g, k, d]` float32 (no gradient), found."""
+  b, s, h, d = queries.shape
+  kvh = memory["k"].shape[2]
+  g = h // kvh
+  limit = {} if q_limit is None else {"mem_pos": memory["pos"], "q_limit": q_limit}
+  _, idx, found = knn_retrieve(queries, memory["k"], memory["valid"], top_k=top_k, method=method,
+                               recall_target=recall_target, query_chunk=query_chunk, **limit)
+  idx = idx.reshape(b, s, kvh, g, top_k)
+  rk = jax.lax.stop_gradient(_gather(memory["k"], idx)).astype(jnp.float32)
+  rv = jax.lax.stop_gradient(_gather(memory["v"], idx)).astype(jnp.float32)
+  return rk, rv, found.reshape(b, s, kvh, g, top_k)
 
 
 def knn_attention(queries, mem_keys, mem_values, mem_valid, scale, *, top_k: int, method: str = "exact",
@@ -200,39 +248,76 @@ def knn_attention(queries, mem_keys, mem_values, mem_valid, scale, *, top_k: int
   b, s, h, d = queries.shape
   kvh = mem_keys.shape[2]
   g = h // kvh
-  _, idx, found = knn_retrieve(queries, mem_keys, mem_valid, top_k=top_k, method=method,
-                               recall_target=recall_target, query_chunk=query_chunk)
-  idx = idx.reshape(b, s, kvh, g, top_k)
-  rk = jax.lax.stop_gradient(_gather(mem_keys, idx)).astype(jnp.float32)  # [b, s, kv, g, k, d]
-  rv = jax.lax.stop_gradient(_gather(mem_values, idx)).astype(jnp.float32)
+  rk, rv, found = _retrieved(queries, {"k": mem_keys, "v": mem_values, "valid": mem_valid}, top_k=top_k,
+                             method=method, recall_target=recall_target, query_chunk=query_chunk)
   q = queries.astype(jnp.float32).reshape(b, s, kvh, g, d)
   logits = jnp.einsum("bskgd,bskgjd->bskgj", q, rk) * scale.astype(jnp.float32).reshape(1, 1, kvh, g, 1)
-  found = found.reshape(b, s, kvh, g, top_k)
   logits = jnp.where(found, logits, NEG_INF)
   probs = jnp.where(found, jax.nn.softmax(logits, axis=-1), 0.0)
   out = jnp.einsum("bskgj,bskgjd->bskgd", probs, rv)
   return out.reshape(b, s, h, d)
 
 
+def joint_knn_attention(q, k, v, memory, scale, *, local_mask, q_pos, window: int, top_k: int,
+                        method: str = "exact", recall_target: float = 0.95, query_chunk: int = 0) -> jax.Array:
+  """One softmax over a block's local window and its top-k memory entries outside that window.
+
+  Every score is `|scale_h| * q^ . k^` (L2-normalised, no positions), for the window's keys as for the
+  retrieved ones, so a head that finds a key in its window finds the same key, scored the same, once it
+  has left the window for the memory; entries still inside the window are not retrieved (nothing counts
+  twice). With top_k >= every past entry this is exact position-free attention over the whole document.
+
+  Args:
+    q: `[b, L, h, d]` the block's queries; k, v: `[b, T, kv, d]` the window's keys/values
+      ([XL cache; block], unnormalised); memory: the layer's ring buffer (`empty_memory`, keys stored
+      L2-normalised, entries at stream positions `pos`); scale `[h]` (> 0).
+    local_mask: `[b, L, T]` bool, the window (`window_mask`); q_pos: `[b, L]` stream positions of the
+      queries, on the memory's clock; window: the local window (a query at p sees keys at p - window .. p).
+  Returns:
+    `[b, L, h, d]` float32. The database gets no gradient; the queries, the window's keys and values and
+    the scale do.
+  """
+  b, s, h, d = q.shape
+  kvh = k.shape[2]
+  g = h // kvh
+  qh = l2_normalize(q).reshape(b, s, kvh, g, d)
+  scale = scale.astype(jnp.float32).reshape(1, 1, kvh, g, 1)
+  local = jnp.einsum("bskgd,btkd->bskgt", qh, l2_normalize(k)) * scale
+  local_ok = local_mask[:, :, None, None, :]
+  rk, rv, found = _retrieved(qh.reshape(b, s, h, d), memory, top_k=top_k, method=method,
+                             recall_target=recall_target, query_chunk=query_chunk, q_limit=q_pos - window - 1)
+  remote = jnp.einsum("bskgd,bskgjd->bskgj", qh, rk) * scale
+  ok = jnp.concatenate([jnp.broadcast_to(local_ok, local.shape), found], axis=-1)
+  logits = jnp.where(ok, jnp.concatenate([local, remote], axis=-1), NEG_INF)
+  probs = jnp.where(ok, jax.nn.softmax(logits, axis=-1), 0.0)
+  t = k.shape[1]
+  out = (jnp.einsum("bskgt,btkd->bskgd", probs[..., :t], v.astype(jnp.float32))
+         + jnp.einsum("bskgj,bskgjd->bskgd", probs[..., t:], rv))
+  return out.reshape(b, s, h, d)
+
+
 def empty_memory(batch_size: int, *, memory_size: int, kv_heads: int, head_dim: int, dtype=jnp.float32) -> dict:
-  """A cleared ring buffer: zeros, nothing valid, write pointer 0."""
+  """A cleared ring buffer: zeros, nothing valid, write pointer 0, clock 0."""
   shape = (batch_size, memory_size, kv_heads, head_dim)
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-          "valid": jnp.zeros((batch_size, memory_size), bool), "ptr": jnp.zeros((batch_size,), jnp.int32)}
+          "valid": jnp.zeros((batch_size, memory_size), bool), "ptr": jnp.zeros((batch_size,), jnp.int32),
+          "pos": jnp.zeros((batch_size, memory_size), jnp.int32), "clock": jnp.zeros((batch_size,), jnp.int32)}
 
 
 def ring_write(memory: dict, keys: jax.Array, values: jax.Array, mask: jax.Array) -> dict:
-  """Append the masked tokens' (key, value) pairs to each row's ring buffer. No gradient.
+  """Append the masked tokens' (key, value) pairs of a block to each row's ring buffer. No gradient.
 
   Args:
-    memory: {"k", "v": `[b, M, kv, d]`, "valid": `[b, M]`, "ptr": `[b]`} (`empty_memory`).
+    memory: {"k", "v": `[b, M, kv, d]`, "valid", "pos": `[b, M]`, "ptr", "clock": `[b]`} (`empty_memory`).
     keys, values: `[b, L, kv, d]`; mask: `[b, L]` bool, the tokens to write.
   Returns:
     The memory after writing row r's masked tokens, in order, to slots
     ptr[r], ptr[r] + 1, ... (mod M); if more than M are masked only the last M
-    are written. ptr advances by the number written (mod M).
+    are written. ptr advances by the number written (mod M). Token i of the
+    block is at stream position clock + i (stored in pos); clock advances by L.
   """
   M = memory["k"].shape[1]
+  L = mask.shape[1]
   mask = mask.astype(bool)
   rank = jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1  # [b, L]: order among the written tokens
   count = jnp.sum(mask, axis=1, dtype=jnp.int32)  # [b]
@@ -240,24 +325,27 @@ def ring_write(memory: dict, keys: jax.Array, values: jax.Array, mask: jax.Array
   slot = jnp.where(keep, (memory["ptr"][:, None] + rank) % M, M)  # M = out of range: dropped
   keys = jax.lax.stop_gradient(keys).astype(memory["k"].dtype)
   values = jax.lax.stop_gradient(values).astype(memory["v"].dtype)
+  positions = memory["clock"][:, None] + jnp.arange(L, dtype=jnp.int32)
   scatter = jax.vmap(lambda buf, i, new: buf.at[i].set(new, mode="drop"))
   return {"k": scatter(memory["k"], slot, keys), "v": scatter(memory["v"], slot, values),
           "valid": scatter(memory["valid"], slot, jnp.ones(mask.shape, bool)),
-          "ptr": ((memory["ptr"] + count) % M).astype(jnp.int32)}
+          "ptr": ((memory["ptr"] + count) % M).astype(jnp.int32),
+          "pos": scatter(memory["pos"], slot, positions), "clock": (memory["clock"] + L).astype(jnp.int32)}
 
 
 # ----------------------------------------------------------------------------- layers
 
 
 class KNNAttention(Attention):
-  """The baseline's attention plus gated kNN attention over the layer's memory."""
+  """The baseline's attention plus kNN attention over the layer's memory (gated, or one joint softmax)."""
 
   def __init__(self, cfg: MemorizingConfig, *, rngs: nnx.Rngs):
     super().__init__(cfg, rngs=rngs)
     h = cfg.num_heads
     scale = cfg.knn_scale_init or cfg.resolved_head_dim ** 0.5
     self.knn_scale = nnx.Param(jnp.full((h,), scale, jnp.float32), logical_axes=("heads",))
-    self.knn_gate = nnx.Param(jnp.full((h,), cfg.knn_gate_init, jnp.float32), logical_axes=("heads",))
+    if cfg.knn_combine == "gate":
+      self.knn_gate = nnx.Param(jnp.full((h,), cfg.knn_gate_init, jnp.float32), logical_axes=("heads",))
 
   def __call__(self, x, *, cache_k, cache_v, q_doc, k_doc, memory):
     """x `[b, L, d_model]`; cache `[b, W, kv, d]`; memory the layer's ring buffer (`empty_memory`).
@@ -265,12 +353,22 @@ class KNNAttention(Attention):
     Returns the output `[b, L, d_model]` and the block's unrotated k, v `[b, L, kv, d]`.
     """
     cfg = self.cfg
-    y_local, q, k, v = self.attend(x, cache_k=cache_k, cache_v=cache_v, q_doc=q_doc, k_doc=k_doc)
-    y_mem = knn_attention(l2_normalize(q), memory["k"], memory["v"], memory["valid"],
-                          jnp.abs(self.knn_scale[...]), top_k=cfg.top_k, method=cfg.retrieval,
-                          recall_target=cfg.recall_target, query_chunk=cfg.knn_query_chunk)
-    gate = jax.nn.sigmoid(self.knn_gate[...].astype(jnp.float32))[:, None]  # [h, 1]
-    y = (y_local.astype(jnp.float32) * (1 - gate) + y_mem * gate).astype(x.dtype)
+    knn = dict(top_k=cfg.top_k, method=cfg.retrieval, recall_target=cfg.recall_target,
+               query_chunk=cfg.knn_query_chunk)
+    scale = jnp.abs(self.knn_scale[...])
+    if cfg.knn_combine == "joint":
+      q, k, v = (jnp.einsum("bsd,dhk->bshk", x, w[...].astype(x.dtype)) for w in (self.wq, self.wk, self.wv))
+      w, s = cache_k.shape[1], x.shape[1]
+      local_mask = window_mask(w + jnp.arange(s), jnp.arange(w + s), q_doc, k_doc, window=cfg.window)
+      y = joint_knn_attention(q, jnp.concatenate([cache_k.astype(k.dtype), k], axis=1),
+                              jnp.concatenate([cache_v.astype(v.dtype), v], axis=1), memory, scale,
+                              local_mask=local_mask, q_pos=memory["clock"][:, None] + jnp.arange(s),
+                              window=cfg.window, **knn).astype(x.dtype)
+    else:
+      y_local, q, k, v = self.attend(x, cache_k=cache_k, cache_v=cache_v, q_doc=q_doc, k_doc=k_doc)
+      y_mem = knn_attention(l2_normalize(q), memory["k"], memory["v"], memory["valid"], scale, **knn)
+      gate = jax.nn.sigmoid(self.knn_gate[...].astype(jnp.float32))[:, None]  # [h, 1]
+      y = (y_local.astype(jnp.float32) * (1 - gate) + y_mem * gate).astype(x.dtype)
     return jnp.einsum("bshk,hkd->bsd", y, self.wo[...].astype(x.dtype)), k, v
 
 
