@@ -42,6 +42,16 @@ def _window() -> int:
   return _recall.WINDOW
 
 
+def _state_sizes(name: str, longest: int) -> list[str]:
+  """`--set` overrides that size a recipe's state for the longest evaluation: a kNN memory holds all of it."""
+  sys.path.insert(0, str(ROOT))
+  from longctx import config as config_lib  # noqa: PLC0415
+
+  model = config_lib.load_recipe(RECIPES / f"{name}_recall.py").model
+  size = getattr(model, "memory_size", None)  # the Memorizing Transformer's kNN memory (entries per head)
+  return ["--set", f"model.memory_size={longest}"] if size is not None and size < longest else []
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -79,7 +89,7 @@ def main(argv=None) -> int:
       out.mkdir(parents=True, exist_ok=True)
       timing.write_text(json.dumps(minutes, indent=1))
     cmd = _longctx("eval", str(run), "--task", args.tasks, "--lengths", lengths, "--examples", str(args.examples),
-                   "--no-progress", cores=args.cores)
+                   "--no-progress", *_state_sizes(m, 64 * w), cores=args.cores)
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
     cmd = _longctx("eval", str(run), "--task", "reach", "--lengths", ",".join(str(w * m) for m in (1, 2, 4, 8, 16)),
@@ -115,7 +125,7 @@ def markdown_table(runs, minutes: dict, tasks) -> str:
       exact = " / ".join(f"{100 * a:.0f}" for a in e["by_length"])
       partial = " / ".join(f"{100 * a:.0f}" for a in e.get("token_accuracy", []))
       cells.append(exact + (f" ({partial})" if partial else ""))
-    name = run.name + (" (control)" if run.name == "transformer" else "")
+    name = run.name + (" (control)" if run.name.startswith("transformer") else "")
     lines.append(f"| {name} | {minutes.get(run.name, float('nan')):.1f} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n\n(exact match %, greedy; in brackets: answer tokens right %)\n"
 

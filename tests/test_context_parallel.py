@@ -68,6 +68,16 @@ def test_memorizing_local_attention_runs_the_ring(eight_devices):
   assert _runs_sharded_form(results["8-trainer"])
 
 
+def test_memorizing_joint_attention_matches_one_device(eight_devices):
+  """knn_combine='joint' in every layer: its window is dense attention the SPMD partitioner splits along
+  `sequence` (no hand-written ring), with the memory's stream positions on the same clock."""
+  from longctx.models import MemorizingConfig
+
+  cfg = MemorizingConfig(vocab_size=259, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, window=8,
+                         block_len=16, memory_size=40, top_k=40, knn_combine="joint", knn_layers=[0, 1])
+  contract.sharded_matches_one_device(cfg, eight_devices, seg_len=32, mesh=BLOCKWISE_MESH, steps=2)
+
+
 def _recurrent_configs():
   from longctx.models import Mamba2Config, MambaConfig, RetNetConfig
 

@@ -32,6 +32,9 @@ TASKS = "passkey,passkey,copy"
 # (steps, longest document, segments per step): documents up to the step's length, aligned to it.
 STAGES = ((120, 2 * SEG_LEN, 2), (200, 4 * SEG_LEN, 4), (150, 8 * SEG_LEN, 8))
 STEPS = sum(s for s, _, _ in STAGES)
+# A model whose retrieval is position-free (memorizing_recall.py) needs no long documents to learn it: one
+# stage of 128-token documents (the passkey ~60 tokens back, beyond the window) and many cheap steps.
+SHORT_STAGES = ((900, 2 * SEG_LEN, 2),)
 
 
 def curriculum(stages=STAGES) -> list[str]:
@@ -39,6 +42,11 @@ def curriculum(stages=STAGES) -> list[str]:
   return [f"steps={steps} data.task_length={length} data.task_min_length={min(length // 2, 96)} "
           f"data.segments_per_step={k} data.align_documents={k * SEG_LEN}"
           for steps, length, k in stages]
+
+
+def short_curriculum():
+  """The stages of the short-document schedule (for `recall_train(stages=...)`)."""
+  return SHORT_STAGES
 
 
 def recall_data() -> DataConfig:
@@ -50,6 +58,6 @@ def recall_data() -> DataConfig:
                     segments_per_step=k, align_documents=k * SEG_LEN, num_docs=100_000)
 
 
-def recall_train(steps: int = STEPS) -> TrainConfig:
-  return TrainConfig(steps=steps, learning_rate=3e-3, warmup_steps=30, log_every=25, eval_batches=8,
-                     checkpoint_every=250, weight_decay=0.05, curriculum=curriculum())
+def recall_train(stages=STAGES) -> TrainConfig:
+  return TrainConfig(steps=sum(s for s, _, _ in stages), learning_rate=3e-3, warmup_steps=30, log_every=25,
+                     eval_batches=8, checkpoint_every=250, weight_decay=0.05, curriculum=curriculum(stages))
