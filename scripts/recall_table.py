@@ -55,7 +55,7 @@ def _state_sizes(name: str, longest: int) -> list[str]:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-  p.add_argument("--models", default=",".join(("transformer",) + MEMORY_MODELS),
+  p.add_argument("--models", default=",".join(("transformer", "transformer_short") + MEMORY_MODELS),
                  help="comma-separated recipe names (recipes/synthetic/<name>_recall.py); default: all, control first")
   p.add_argument("--out", default="runs/recall", help="parent of the run dirs; the table and plots go to OUT/compare")
   p.add_argument("--tasks", default="passkey,mqar,qa1", help="recall tasks to evaluate (default passkey,mqar,qa1)")

@@ -81,6 +81,12 @@ all documented options or choices of this code base:
     all-gather the lane-sharded `[b, L, h, M]` scores onto every device.
   * Memory is per (row, kv head) with grouped-query attention; writes use the
     last document of the block only (see `blockwise.py`).
+  * `knn_combine="joint"` (not in meliad) replaces the gate by one softmax over
+    the window and the retrieved entries, as the Focused Transformer
+    (Tworkowski et al. 2023) joins retrieved pairs to the local context, and
+    drops rotary positions from the kNN layers' local attention so that both
+    are scored alike. It is what made retrieval beyond the window learnable
+    in the recall recipe (docs/recall.md); the gate is the default.
 """
 
 from __future__ import annotations
