@@ -363,7 +363,7 @@ class KNNAttention(Attention):
                query_chunk=cfg.knn_query_chunk)
     scale = jnp.abs(self.knn_scale[...])
     if cfg.knn_combine == "joint":
-      q, k, v = (jnp.einsum("bsd,dhk->bshk", x, w[...].astype(x.dtype)) for w in (self.wq, self.wk, self.wv))
+      q, k, v = self.project(x)
       w, s = cache_k.shape[1], x.shape[1]
       local_mask = window_mask(w + jnp.arange(s), jnp.arange(w + s), q_doc, k_doc, window=cfg.window)
       y = joint_knn_attention(q, jnp.concatenate([cache_k.astype(k.dtype), k], axis=1),

@@ -84,6 +84,10 @@ class Attention(nnx.Module):
     out, _, k, v = self.attend(x, cache_k=cache_k, cache_v=cache_v, q_doc=q_doc, k_doc=k_doc)
     return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(x.dtype)), k, v
 
+  def project(self, x):
+    """x `[batch, seg, d_model]` -> unrotated q `[batch, seg, heads, head_dim]`, k, v `[batch, seg, kv_heads, head_dim]`."""
+    return tuple(jnp.einsum("bsd,dhk->bshk", x, w[...].astype(x.dtype)) for w in (self.wq, self.wk, self.wv))
+
   def attend(self, x, *, cache_k, cache_v, q_doc, k_doc):
     """The windowed attention before the output projection.
 
@@ -91,9 +95,7 @@ class Attention(nnx.Module):
     unrotated q `[batch, seg, heads, head_dim]`, k, v `[batch, seg, kv_heads, head_dim]`.
     """
     cfg = self.cfg
-    q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(x.dtype))
-    k = jnp.einsum("bsd,dhk->bshk", x, self.wk[...].astype(x.dtype))
-    v = jnp.einsum("bsd,dhk->bshk", x, self.wv[...].astype(x.dtype))
+    q, k, v = self.project(x)
     out = cached_window_attention(q, k, v, cache_k=cache_k, cache_v=cache_v, q_doc=q_doc,
                                   cache_doc=k_doc[:, :cache_k.shape[1]], window=cfg.window, rope_base=cfg.rope_base,
                                   impl=cfg.attention_impl, block=cfg.attention_block or None)

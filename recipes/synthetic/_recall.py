@@ -31,7 +31,6 @@ TASKS = "passkey,passkey,copy"
 
 # (steps, longest document, segments per step): documents up to the step's length, aligned to it.
 STAGES = ((120, 2 * SEG_LEN, 2), (200, 4 * SEG_LEN, 4), (150, 8 * SEG_LEN, 8))
-STEPS = sum(s for s, _, _ in STAGES)
 # A model whose retrieval is position-free (memorizing_recall.py) needs no long documents to learn it: one
 # stage of 128-token documents (the passkey ~60 tokens back, beyond the window) and many cheap steps.
 SHORT_STAGES = ((900, 2 * SEG_LEN, 2),)
@@ -44,11 +43,6 @@ def curriculum(stages=STAGES) -> list[str]:
           for steps, length, k in stages]
 
 
-def short_curriculum():
-  """The stages of the short-document schedule (for `recall_train(stages=...)`)."""
-  return SHORT_STAGES
-
-
 def recall_data() -> DataConfig:
   """The first stage's data (the curriculum overrides lengths, segments per step and alignment);
   8 lanes of SEG_LEN-token segments (8, not 16: twice the updates for the same CPU time)."""
@@ -59,5 +53,6 @@ def recall_data() -> DataConfig:
 
 
 def recall_train(stages=STAGES) -> TrainConfig:
+  """The shared optimiser and logging, trained for the stages' steps (`STAGES` or `SHORT_STAGES`)."""
   return TrainConfig(steps=sum(s for s, _, _ in stages), learning_rate=3e-3, warmup_steps=30, log_every=25,
                      eval_batches=8, checkpoint_every=250, weight_decay=0.05, curriculum=curriculum(stages))

@@ -6,7 +6,7 @@ every length (docs/recall.md), while it copies the key 20 tokens back (in its wi
     longctx train recipes/synthetic/transformer_short_recall.py --run-dir runs/recall/transformer_short
 """
 
-from _recall import BACKBONE, MESH, recall_data, recall_train, short_curriculum
+from _recall import BACKBONE, MESH, SHORT_STAGES, recall_data, recall_train
 
 from longctx.config import Config
 from longctx.models import TransformerConfig
@@ -14,4 +14,4 @@ from longctx.models import TransformerConfig
 
 def config() -> Config:
   return Config(model=TransformerConfig(**{**BACKBONE, "embed_conv": 8}), data=recall_data(),
-                train=recall_train(stages=short_curriculum()), mesh=MESH)
+                train=recall_train(stages=SHORT_STAGES), mesh=MESH)
