@@ -10,7 +10,7 @@ enough to tell "key is " from "sky is "). `transformer_short_recall.py` is its c
 backbone, convolution and schedule, at chance beyond its window.
 
 Measured (docs/recall.md): passkey 100% / 91% / 60% / 16% exact at 1x / 4x / 16x / 64x the window after
-~7 CPU-minutes, the control 0% everywhere; the same settings for 1500 steps reached 89% / 18% / 0% at
+~7 CPU-minutes (seeds 1 and 2: 48% and 68% at 16x), the control 0% everywhere; the same settings for 1500 steps reached 89% / 18% / 0% at
 4x / 16x / 64x, so the result is not yet robust to the schedule.
 
     longctx train recipes/synthetic/memorizing_recall.py --run-dir runs/recall/memorizing
