@@ -8,7 +8,8 @@ import pytest
 from longctx.config import DataConfig
 from longctx.data import synthetic
 from longctx.data.lanes import LaneBatcher
-from longctx.data.sources import DocumentSource, build_sources, make_document
+from longctx.data.document import make_document
+from longctx.data.sources import DocumentSource, build_sources
 from longctx.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, load_tokenizer, train_sentencepiece
 from longctx.errors import ConfigError, DataError
 

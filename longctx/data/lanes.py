@@ -32,7 +32,8 @@ from typing import Iterator
 
 import numpy as np
 
-from longctx.data.sources import Document, DocumentSource
+from longctx.data.document import Document
+from longctx.data.sources import DocumentSource
 from longctx.errors import DataError
 
 PAD_DOC = -1  # lane position of a lane with no documents left

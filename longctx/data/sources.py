@@ -1,9 +1,6 @@
 """Document sources: the Python stdlib, local files, HF hub streams, synthetic tasks.
 
-A document is `{"tokens": int32 [n], "target_mask": bool [n]}` with tokens =
-[BOS] + body + [EOS]; `target_mask[i]` says whether token i is a prediction
-target (predicted from the tokens before it); `target_mask[0]` is False. An
-optional `loss_weight` float32 [n] replaces the mask's 0/1 loss weights.
+Every source yields `Document`s (`longctx/data/document.py`).
 
 A source is deterministic given its seed: `get(epoch, i)` (random access, where
 the source allows) or `documents(epoch)` (sequential) yield the same documents
@@ -21,24 +18,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from longctx.config import DataConfig
+from longctx.data.document import Document, make_document
 from longctx.errors import DataError
-
-Document = dict[str, np.ndarray]
-
-
-def make_document(body: np.ndarray, tokenizer, *, target_mask: np.ndarray | None = None) -> Document:
-  """Wrap token ids `[n]` as [BOS] + body + [EOS]; every token after BOS is a target unless
-  `target_mask [n]` (for the body) says otherwise. EOS is a target iff the body's last token is."""
-  body = np.asarray(body, np.int32)
-  tokens = np.concatenate([[tokenizer.bos_id], body, [tokenizer.eos_id]]).astype(np.int32)
-  if target_mask is None:
-    mask = np.ones(tokens.shape, bool)
-  else:
-    tm = np.asarray(target_mask, bool)
-    mask = np.concatenate([[False], tm, [tm[-1] if len(tm) else True]])
-  mask[0] = False
-  return {"tokens": tokens, "target_mask": mask}
-
 
 class DocumentSource:
   """Base class. Subclasses with random access set `num_docs` and implement `_load(i)`."""

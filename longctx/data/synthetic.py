@@ -30,7 +30,7 @@ import re
 
 import numpy as np
 
-from longctx.data.sources import Document, make_document
+from longctx.data.document import Document, make_document
 from longctx.errors import ConfigError
 
 TASKS = ("passkey", "mqar", "copy", "qa1", "qa2")
