@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from longctx.errors import ConfigError
+from longctx.plotting import pyplot
 
 BACKGROUND = (32, 127)  # the random input: printable ASCII byte ids
 PROBE_IDS = (128, 256)  # ids placed at probed distances (one id per distance; bytes a text model rarely sees)
@@ -131,9 +132,7 @@ def format_reach(entries: Sequence[tuple[str, dict]]) -> list[str]:
 
 def plot_reach(entries: Sequence[tuple[str, dict]], path):
   """reach.png: forward dependence and gradient vs distance, log-log, one line per run, attention reach marked."""
-  from longctx.eval.report import _pyplot
-
-  plt = _pyplot()
+  plt = pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for i, (label, e) in enumerate(entries):
     color = f"C{i}"

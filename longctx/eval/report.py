@@ -24,6 +24,7 @@ from typing import Sequence
 
 from longctx.errors import CheckpointError
 from longctx.eval.streaming import format_length
+from longctx.plotting import pyplot
 
 RESULTS = "results.json"
 
@@ -131,20 +132,11 @@ def format_tables(runs: Sequence[dict]) -> str:
   return "\n".join(lines).lstrip("\n")
 
 
-def _pyplot():
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  return plt
-
-
 def plot_passkey_heatmap(results: dict, path: pathlib.Path) -> pathlib.Path | None:
   e = results["tasks"].get("passkey")
   if not e or "cells" not in e:
     return None
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(max(5.0, 2.0 + 0.9 * len(e["lengths"])),
                                   max(3.5, 1.5 + 0.5 * len(e["cell_values"]))))
   im = ax.imshow(e["accuracy"], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
@@ -167,7 +159,7 @@ def plot_accuracy_vs_length(runs: Sequence[dict], path: pathlib.Path) -> pathlib
   tasks = _recall_tasks(runs)
   if not tasks:
     return None
-  plt = _pyplot()
+  plt = pyplot()
   fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.4), squeeze=False)
   for ax, task in zip(axes[0], tasks):
     chance = None
@@ -199,7 +191,7 @@ def plot_loss_vs_position(runs: Sequence[dict], path: pathlib.Path) -> pathlib.P
   if fig is None:
     return None
   fig.savefig(path, dpi=120)
-  _pyplot().close(fig)
+  pyplot().close(fig)
   return path
 
 
@@ -208,7 +200,7 @@ def loss_vs_position_figure(runs: Sequence[dict]):
   entries = [(label_of(r), r, r["tasks"]["ppl"]) for r in runs if "ppl" in r["tasks"]]
   if not entries:
     return None
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.2))
   docs_ax = ax.twinx()
   few_from = None  # the first position where some run's points average fewer than MIN_DOCUMENTS documents

@@ -8,6 +8,8 @@ import os
 import pathlib
 from typing import Any
 
+from longctx.plotting import pyplot
+
 
 SUPERSEDED = "metrics_superseded.jsonl"
 
@@ -119,11 +121,7 @@ def plot_loss_curve(run_dir: str | pathlib.Path) -> pathlib.Path | None:
   evals = [(r["step"], r["loss"]) for r in records if r.get("split") == "eval" and "loss" in r]
   if not train:
     return None
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(7, 4))
   ax.plot(*zip(*train), label="train", lw=1.2)
   if evals:
