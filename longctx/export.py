@@ -59,299 +59,26 @@ mis-shaped tensor, a model or option HF cannot express) raises a one-line
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import math
-import os
 import pathlib
-import shutil
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from longctx.config import ModelConfig
-from longctx.errors import CheckpointError, ConfigError
 from longctx.data.tokenizers import TOKENIZER_FILE, tokenizer_in
+from longctx.errors import CheckpointError, ConfigError
+from longctx.io.export_dir import (  # noqa: F401  (the stable API above, re-exported)
+    export_tokenizer, model_config_from_dict, model_from_export, read_export, read_export_meta,
+    tokenizer_to_record, write_export)
+from longctx.io.files import CONFIG, WEIGHTS, check_out, read_json, read_safetensors, write_dir
+from longctx.io.params import (  # noqa: F401
+    Flat, abstract_params, flatten_params, load_params_into, model_from_flat, params_from_flat)
+from longctx.io.runs import resolve_checkpoint
 
-FORMAT = "longctx"
-FORMAT_VERSION = 1
 FORMATS = ("safetensors", "hf")
 HF_MODELS = ("mamba", "mamba2")
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
-
-Flat = dict[str, np.ndarray]
-
-
-# ----------------------------------------------------------------------------- flat params
-
-
-def flatten_params(tree: Mapping) -> Flat:
-  """A nested param dict (`nnx.to_pure_dict`, keys str or int) -> {"blocks.0.mixer.in_proj": array}."""
-  out: Flat = {}
-
-  def walk(node, prefix):
-    for key, value in node.items():
-      name = f"{prefix}{key}"
-      if isinstance(value, Mapping):
-        walk(value, name + ".")
-      else:
-        out[name] = value
-
-  walk(tree, "")
-  return out
-
-
-def _paths(tree: Mapping, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      yield from _paths(value, prefix + (key,))
-    else:
-      yield prefix + (key,), value
-
-
-def params_from_flat(flat: Mapping[str, np.ndarray], *, like: Mapping) -> dict:
-  """Nest `flat` into the structure of `like` (a pure param dict of arrays or ShapeDtypeStructs).
-
-  Each array is cast to its counterpart's dtype. Raises a one-line CheckpointError
-  naming the first missing, unexpected or mis-shaped tensor.
-  """
-  expected = {".".join(str(k) for k in path): (path, leaf) for path, leaf in _paths(like)}
-  missing = sorted(set(expected) - set(flat))
-  extra = sorted(set(flat) - set(expected))
-  if missing or extra:
-    parts = []
-    if missing:
-      parts.append(f"{len(missing)} missing (first: {missing[0]})")
-    if extra:
-      parts.append(f"{len(extra)} unexpected (first: {extra[0]})")
-    raise CheckpointError(f"the weights do not fit this model: {', '.join(parts)} tensors; "
-                          "export and load with the same model config")
-  out: dict = {}
-  for name, (path, leaf) in expected.items():
-    value = flat[name]
-    if tuple(value.shape) != tuple(leaf.shape):
-      raise CheckpointError(f"tensor {name} has shape {tuple(value.shape)} but the model needs "
-                            f"{tuple(leaf.shape)}; export and load with the same model config")
-    node = out
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = np.asarray(value).astype(leaf.dtype, copy=False)
-  return out
-
-
-def abstract_params(cfg: ModelConfig) -> dict:
-  """The model's parameters as a pure dict of ShapeDtypeStructs (nothing allocated)."""
-  from flax import nnx
-
-  from longctx.models import build_model
-
-  model = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
-  return nnx.to_pure_dict(nnx.state(model))
-
-
-def load_params_into(model, flat: Mapping[str, np.ndarray]):
-  """Replace every parameter of the nnx `model` by `flat`'s (checked as `params_from_flat`); returns it."""
-  from flax import nnx
-  import jax.numpy as jnp
-
-  state = nnx.state(model)
-  pure = params_from_flat(flat, like=nnx.to_pure_dict(state))
-  nnx.replace_by_pure_dict(state, _tree_map(jnp.asarray, pure))
-  nnx.update(model, state)
-  return model
-
-
-def model_from_export(path: str | pathlib.Path):
-  """Build the exported model with its weights (float32 as stored); returns the nnx model."""
-  cfg, flat = read_export(path)
-  return model_from_flat(cfg, flat)
-
-
-def model_from_flat(cfg: ModelConfig, flat: Mapping[str, np.ndarray]):
-  """The nnx model of `cfg` holding `flat`'s weights, without a random init first."""
-  from flax import nnx
-  import jax.numpy as jnp
-
-  from longctx.models import build_model
-
-  abstract = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  pure = params_from_flat(flat, like=nnx.to_pure_dict(state))
-  nnx.replace_by_pure_dict(state, _tree_map(jnp.asarray, pure))
-  return nnx.merge(graphdef, state)
-
-
-def _tree_map(fn: Callable, tree: Mapping) -> dict:
-  return {k: _tree_map(fn, v) if isinstance(v, Mapping) else fn(v) for k, v in tree.items()}
-
-
-# ----------------------------------------------------------------------------- files
-
-
-def _check_out(out: pathlib.Path) -> None:
-  if out.exists() and (not out.is_dir() or any(out.iterdir())):
-    raise ConfigError(f"--out {out} already exists and is not empty; pick a new directory or delete it")
-
-
-@contextlib.contextmanager
-def _atomic_dir(out: pathlib.Path) -> Iterator[pathlib.Path]:
-  """Yield a temporary sibling of `out` to fill; it becomes `out` only if the block succeeds."""
-  _check_out(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir()
-  try:
-    yield tmp
-    if out.exists():
-      out.rmdir()
-    tmp.rename(out)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _write(out: pathlib.Path, *, config: dict, tensors: Flat, metadata: dict[str, str],
-           tokenizer_file: str | None = None) -> pathlib.Path:
-  """config.json + model.safetensors (+ tokenizer.model, a copy of `tokenizer_file`) in `out`, atomically."""
-  from safetensors.numpy import save_file
-
-  with _atomic_dir(out) as tmp:
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata=metadata)
-    _honour_umask(tmp / WEIGHTS)  # safetensors creates its file with mode 0600
-    (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if tokenizer_file:
-      shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
-  return out
-
-
-def _honour_umask(path: pathlib.Path) -> None:
-  mask = os.umask(0)
-  os.umask(mask)
-  os.chmod(path, 0o666 & ~mask)
-
-
-def _export_tokenizer(spec: str | None) -> tuple[str | None, str | None]:
-  """(the "tokenizer" an export's config.json records, the file to copy into it): "byte" stays "byte", a
-  sentencepiece model is copied in as tokenizer.model (as Hugging Face model dirs carry theirs), so the
-  export needs nothing outside it; None when the run recorded none or its file is not found."""
-  if spec in (None, "", "byte"):
-    return spec or None, None
-  if pathlib.Path(spec).is_file():
-    return TOKENIZER_FILE, spec
-  return None, None
-
-
-def export_tokenizer(path: str | pathlib.Path) -> str | None:
-  """The tokenizer of a longctx export dir: "byte", the path of its tokenizer.model, or None."""
-  path = pathlib.Path(path)
-  meta = read_export_meta(path)
-  spec = meta.get("tokenizer")
-  if spec == TOKENIZER_FILE:
-    return str(((path.parent if path.is_file() else path) / TOKENIZER_FILE).absolute())
-  return spec if spec == "byte" else None
-
-
-def _read_json(path: pathlib.Path) -> dict:
-  if not path.is_file():
-    raise CheckpointError(f"{path} not found")
-  try:
-    value = json.loads(path.read_text())
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise CheckpointError(f"{path} is not valid JSON ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-  if not isinstance(value, dict):
-    raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, expected an object")
-  return value
-
-
-def _read_safetensors(path: pathlib.Path) -> Flat:
-  from safetensors.numpy import load_file
-
-  if not path.is_file():
-    raise CheckpointError(f"{path} not found")
-  try:
-    return load_file(str(path))
-  except Exception as e:  # the library raises several types for damaged files
-    msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-    raise CheckpointError(f"{path} is not a readable safetensors file ({msg}); export it again") from None
-
-
-def model_config_from_dict(values: Mapping) -> ModelConfig:
-  """A validated ModelConfig from its dict (`"name"` picks the registered config class)."""
-  from longctx.models import get_model_class
-
-  if not isinstance(values, Mapping) or "name" not in values:
-    raise CheckpointError("the model config has no 'name'; expected the dict of a longctx ModelConfig")
-  cls = get_model_class(values["name"]).config_class
-  names = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(values) - names)
-  if unknown:
-    raise ConfigError(f"unknown model config key {unknown[0]!r} for model {values['name']!r}; "
-                      f"valid keys: {', '.join(sorted(names))}")
-  from longctx.config import section_from_dict
-
-  cfg = section_from_dict(cls, dict(values), "model")  # a value of the wrong type: one line, not a TypeError
-  cfg.validate()
-  return cfg
-
-
-# ----------------------------------------------------------------------------- longctx export
-
-
-def export_config(cfg: ModelConfig, *, step: int | None, tokenizer: str | None) -> dict:
-  return {"format": FORMAT, "format_version": FORMAT_VERSION, "model": dataclasses.asdict(cfg), "step": step,
-          "tokenizer": tokenizer}
-
-
-def write_export(out: str | pathlib.Path, *, cfg: ModelConfig, flat: Flat, step: int | None,
-                 tokenizer: str | None) -> pathlib.Path:
-  """Write a longctx export dir (atomically) after checking `flat` fits `cfg`. `tokenizer`: "byte", the path
-  of a sentencepiece model (copied in as tokenizer.model), or None."""
-  params_from_flat(flat, like=abstract_params(cfg))
-  recorded, copy = _export_tokenizer(tokenizer)
-  return _write(pathlib.Path(out), config=export_config(cfg, step=step, tokenizer=recorded),
-                tensors={k: np.asarray(v) for k, v in flat.items()}, metadata={"format": FORMAT}, tokenizer_file=copy)
-
-
-def read_export(path: str | pathlib.Path) -> tuple[ModelConfig, Flat]:
-  """Read a longctx export dir (or its model.safetensors): the model config and its flat weights.
-
-  The weights are checked against the config (every tensor present, none extra,
-  shapes right), so `params_from_flat(flat, like=...)` of a model built from
-  the returned config cannot fail.
-  """
-  path = pathlib.Path(path)
-  if path.is_file() and path.name == WEIGHTS:
-    path = path.parent
-  if not path.is_dir():
-    raise CheckpointError(f"export directory {path} not found; write one with `longctx export RUN --format "
-                          "safetensors --out DIR` or `longctx import-hf HF_DIR --out DIR`")
-  meta = _read_json(path / CONFIG)
-  if meta.get("format") != FORMAT:
-    hint = ""
-    if "model_type" in meta:
-      hint = f"; it looks like a Hugging Face model: run `longctx import-hf {path} --out DIR` first"
-    elif "train" in meta:
-      hint = f"; it looks like a run dir: run `longctx export {path} --format safetensors --out DIR` first"
-    raise CheckpointError(f"{path / CONFIG} is not a longctx export (format={meta.get('format')!r}){hint}")
-  version = meta.get("format_version", 0)
-  if not isinstance(version, int) or version > FORMAT_VERSION:
-    raise CheckpointError(f"{path} has export format_version {version!r}; this longctx reads versions up to "
-                          f"{FORMAT_VERSION}: upgrade longctx")
-  try:
-    cfg = model_config_from_dict(meta.get("model"))
-  except ConfigError as e:
-    raise CheckpointError(f"{path / CONFIG}: {e}") from None
-  flat = _read_safetensors(path / WEIGHTS)
-  params_from_flat(flat, like=abstract_params(cfg))
-  return cfg, flat
-
-
-def read_export_meta(path: str | pathlib.Path) -> dict:
-  """The config.json of a longctx export (format, model, step, tokenizer)."""
-  path = pathlib.Path(path)
-  return _read_json((path.parent if path.is_file() else path) / CONFIG)
 
 
 # ----------------------------------------------------------------------------- runs
@@ -364,7 +91,6 @@ def restore_params(run_dir: str | pathlib.Path, *, step: int | None = None) -> t
   whatever mesh the run was trained on. `run_dir` may also be `RUN/checkpoints/STEP`.
   """
   from longctx import config as config_lib
-  from longctx.eval.streaming import resolve_checkpoint
   from longctx.training.checkpoint import Checkpointer
 
   run_dir, path_step = resolve_checkpoint(run_dir)
@@ -372,7 +98,7 @@ def restore_params(run_dir: str | pathlib.Path, *, step: int | None = None) -> t
     step = path_step
   if not run_dir.is_dir():
     raise CheckpointError(f"run directory {run_dir} not found; pass a directory written by `longctx train`")
-  saved = _read_json(run_dir / "config.json")
+  saved = read_json(run_dir / "config.json")
   try:
     cfg = config_lib.from_dict(saved).validate()
   except ConfigError as e:  # a missing section, an unknown key, a value of the wrong type
@@ -399,13 +125,12 @@ def export_run(run_dir: str | pathlib.Path, *, fmt: str, out: str | pathlib.Path
   if fmt not in FORMATS:
     raise ConfigError(f"--format {fmt!r} is not one of {FORMATS}")
   out = pathlib.Path(out)
-  _check_out(out)
-  from longctx.eval.streaming import resolve_checkpoint
+  check_out(out)
 
   run, _ = resolve_checkpoint(run_dir)
   if not run.is_dir():
     raise CheckpointError(f"run directory {run} not found; pass a directory written by `longctx train`")
-  saved = _read_json(run / "config.json")
+  saved = read_json(run / "config.json")
   model_dict = saved.get("model") or {}
   tokenizer = (saved.get("data") or {}).get("tokenizer")
   if isinstance(tokenizer, str):
@@ -536,11 +261,11 @@ def write_hf(out: str | pathlib.Path, *, cfg: ModelConfig, flat: Flat, tokenizer
              step: int | None = None) -> pathlib.Path:
   """Write a transformers Mamba / Mamba-2 directory (atomically); a sentencepiece `tokenizer` goes in as
   tokenizer.model, and its BOS/EOS/PAD ids into config.json."""
-  recorded, copy = _export_tokenizer(tokenizer)
+  recorded, copy = tokenizer_to_record(tokenizer)
   config = hf_config(cfg, tokenizer=recorded, step=step)
   config.update(_hf_tokens(copy or recorded, vocab_size=cfg.vocab_size))
   tensors = {k: v.astype(np.float32) if v.dtype != np.float32 else v for k, v in to_hf(cfg, flat).items()}
-  return _write(pathlib.Path(out), config=config, tensors=tensors, metadata={"format": "pt"}, tokenizer_file=copy)
+  return write_dir(pathlib.Path(out), config=config, tensors=tensors, metadata={"format": "pt"}, tokenizer_file=copy)
 
 
 def _float(x) -> float:
@@ -631,14 +356,14 @@ def read_hf_weights(hf_dir: pathlib.Path) -> Flat:
   """model.safetensors, a sharded model.safetensors.index.json, or pytorch_model.bin (needs torch)."""
   single, index, pickle = hf_dir / WEIGHTS, hf_dir / "model.safetensors.index.json", hf_dir / "pytorch_model.bin"
   if single.is_file():
-    return _read_safetensors(single)
+    return read_safetensors(single)
   if index.is_file():
-    shards = sorted(set((_read_json(index).get("weight_map") or {}).values()))
+    shards = sorted(set((read_json(index).get("weight_map") or {}).values()))
     if not shards:
       raise CheckpointError(f"{index} has no weight_map")
     out: Flat = {}
     for shard in shards:
-      out.update(_read_safetensors(hf_dir / shard))
+      out.update(read_safetensors(hf_dir / shard))
     return out
   if pickle.is_file():
     try:
@@ -662,8 +387,8 @@ def import_hf(hf_dir: str | pathlib.Path, *, out: str | pathlib.Path) -> pathlib
     raise CheckpointError(f"Hugging Face model directory {hf_dir} not found (download it first, e.g. "
                           "huggingface-cli download state-spaces/mamba-130m-hf --local-dir DIR)")
   out = pathlib.Path(out)
-  _check_out(out)
-  hf = _read_json(hf_dir / CONFIG)
+  check_out(out)
+  hf = read_json(hf_dir / CONFIG)
   cfg = config_from_hf(hf)
   flat = from_hf(cfg, read_hf_weights(hf_dir), use_conv_bias=bool(hf.get("use_conv_bias", True)))
   meta = hf.get("longctx") or {}

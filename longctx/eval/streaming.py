@@ -17,7 +17,6 @@ the host never stalls the device.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import pathlib
 import re
@@ -29,6 +28,7 @@ import numpy as np
 from longctx import config as config_lib
 from longctx.config import Config
 from longctx.errors import CheckpointError, ConfigError
+from longctx.io.runs import read_saved_config, resolve_checkpoint  # noqa: F401  (resolve_checkpoint: eval's API)
 
 # Tokens per compiled call: enough to amortise dispatch, small enough to keep memory flat.
 TOKENS_PER_CALL = 4096
@@ -86,28 +86,6 @@ class TrainedModel:
       cfg = config_lib.replace(self.cfg, data=data)
       self._trainers[key] = Trainer(cfg, devices=self.devices)
     return self._trainers[key]
-
-
-def resolve_checkpoint(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
-  """A run dir (latest step) or `RUN/checkpoints/STEP` -> (run dir, step or None)."""
-  path = pathlib.Path(path)
-  if path.name.isdigit() and path.parent.name == "checkpoints":
-    return path.parent.parent, int(path.name)
-  return path, None
-
-
-def read_saved_config(cfg_path: pathlib.Path) -> dict:
-  """A run's config.json as a dict that `config_lib.from_dict` accepts; one-line CheckpointError otherwise."""
-  fix = "it is written by `longctx train`: restore it from a copy, or train again in a new run dir"
-  try:
-    saved = json.loads(cfg_path.read_text(encoding="utf-8"))
-  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-    raise CheckpointError(f"{cfg_path} is not valid JSON ({type(e).__name__}: {str(e)[:150]}); {fix}") from None
-  try:
-    config_lib.from_dict(saved)
-  except ConfigError as e:
-    raise CheckpointError(f"{cfg_path} is not a longctx config ({e}); {fix}") from None
-  return saved
 
 
 def load_trained(path: str | pathlib.Path, *, overrides: Sequence[str] = ()) -> TrainedModel:

@@ -42,6 +42,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from longctx.errors import CheckpointError, ConfigError
+from longctx.io.export_dir import read_export
+from longctx.io.params import flatten_params, params_from_flat
 
 
 MANIFEST = "longctx_manifest.json"
@@ -343,13 +345,6 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
 # ----------------------------------------------------------------------------- fine-tuning: initial weights
 
 
-def flat_names(tree: Any) -> dict[str, Any]:
-  """`{"blocks": {0: {"attn": {"wq": x}}}}` -> `{"blocks.0.attn.wq": x}`: the names exports use."""
-  from longctx.export import flatten_params
-
-  return flatten_params(tree)
-
-
 def _model_differences(saved: dict, now: dict) -> list[str]:
   keys = sorted(set(saved) | set(now))
   return [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if k != "name" and saved.get(k) != now.get(k)]
@@ -405,8 +400,6 @@ def load_initial_params(source: str | pathlib.Path, *, model_cfg: Any, abstract_
       ckpt.close()
     what = f"{where / str(step)}"
   else:
-    from longctx.export import params_from_flat, read_export
-
     saved_cfg, flat = read_export(where)
     saved = config_lib.to_dict(saved_cfg)
     _check_same_model(source, saved, now, abstract_params, {k: np.shape(v) for k, v in flat.items()})
@@ -427,7 +420,7 @@ def _orbax_shapes(step_dir: pathlib.Path) -> dict[str, tuple] | None:
     meta = ocp.PyTreeCheckpointer().metadata(step_dir / "train_state")
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
-    return {k: tuple(v.shape) for k, v in flat_names(tree["params"]).items()}
+    return {k: tuple(v.shape) for k, v in flatten_params(tree["params"]).items()}
   except Exception:  # noqa: BLE001 - metadata is only for a clearer error
     return None
   finally:
@@ -440,7 +433,7 @@ def _check_same_model(source, saved: dict, now: dict, abstract_params: Any, shap
                       "use a recipe of the same model")
   if shapes is None:
     return
-  wanted = {k: tuple(s.shape) for k, s in flat_names(abstract_params).items()}
+  wanted = {k: tuple(s.shape) for k, s in flatten_params(abstract_params).items()}
   missing = sorted(set(wanted) - set(shapes))
   bad = [k for k in wanted if k in shapes and tuple(shapes[k]) != wanted[k]]
   if missing or bad:
