@@ -14,6 +14,13 @@ def rms_norm(x: jax.Array, scale: jax.Array, *, eps: float) -> jax.Array:
   return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """`x / |x|` over the last axis, in float32 (a zero vector stays 0): the position-free, scale-free keys
+  and queries of cosine / kNN attention and of Titans' memory."""
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
 class RMSNorm(nnx.Module):
   """RMSNorm with a learned scale `[features]` (logical axis `embed`)."""
 

@@ -83,7 +83,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from longctx.errors import ConfigError
-from longctx.layers import GatedMLP, RMSNorm, masked_attention, param
+from longctx.layers import GatedMLP, RMSNorm, l2_normalize, masked_attention, param
 from longctx.models.blockwise import (BlockwiseConfig, BlockwiseLM, check_layer_list, last_doc_mask,
                                       resolve_layer_list)
 from longctx.models.registry import register_model
@@ -118,12 +118,6 @@ class BlockRecurrentConfig(BlockwiseConfig):
 
 
 # ----------------------------------------------------------------------------- pure functions
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """`x / |x|` over the last axis, in float32 (meliad's `normalize_kq`)."""
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
 def cosine_attention(q, k, v, mask, *, scale) -> jax.Array:

@@ -98,7 +98,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from longctx.errors import ConfigError
-from longctx.layers import RMSNorm
+from longctx.layers import RMSNorm, l2_normalize
 from longctx.layers.attention import NEG_INF, window_mask
 from longctx.models.blockwise import (BlockwiseConfig, BlockwiseLM, check_layer_list, last_doc_mask,
                                       resolve_layer_list)
@@ -154,12 +154,6 @@ class MemorizingConfig(BlockwiseConfig):
 
 
 # ----------------------------------------------------------------------------- pure functions
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """`x / |x|` over the last axis, computed in float32 (a zero vector stays 0)."""
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
 def _gather(mem: jax.Array, idx: jax.Array) -> jax.Array:

@@ -111,7 +111,7 @@ from jax.sharding import PartitionSpec as P
 from longctx import sharding as shd
 from longctx.errors import ConfigError
 from longctx.kernels import ring_attention as ra
-from longctx.layers import GatedMLP, RMSNorm, param, rotary, window_mask, window_ring_attention
+from longctx.layers import GatedMLP, RMSNorm, l2_normalize, param, rotary, window_mask, window_ring_attention
 from longctx.layers.attention import NEG_INF
 from longctx.models.base import SegmentLM, reset_rows
 from longctx.models.registry import register_model
@@ -376,10 +376,6 @@ def memory_segment(carry, q, k, v, z, *, starts, init, theta_scale, grad_clip=0.
 
 
 # ----------------------------------------------------------------------------- layers
-
-
-def l2_normalize(x, eps: float = 1e-6):
-  return x * lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
 def prefix_attention(q, q_raw, k, v, mask, pk, pv):
