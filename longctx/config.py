@@ -29,6 +29,12 @@ from longctx.errors import ConfigError
 class ModelConfig:
   """Fields shared by every model. Subclasses add their own."""
 
+  # Fields of a subclass naming layers that differ from the others (a kNN layer, a recurrent layer), which
+  # the dry run keeps in place when it reduces the depth: lists of indices (negative counts from the top)
+  # and single indices read through `resolved_<field>` (None = no such layer).
+  layer_lists: typing.ClassVar[tuple[str, ...]] = ()
+  layer_indices: typing.ClassVar[tuple[str, ...]] = ()
+
   name: str = "transformer"
   vocab_size: int = 259
   d_model: int = 128

@@ -26,9 +26,9 @@ from 5, Memorizing from 6; below that layers add less, and extrapolating from
 5 and 6 layers put Memorizing 22% low). So by default the step is compiled at 6
 and 8 ordinary layers and every figure is extrapolated linearly to the
 recipe's depth; `full=True` compiles the recipe as it is. Layers that differ
-from the others (`recurrent_layers`, `knn_layers`, `long_layer`; where they sit
-changed temporaries by under 2%) are kept in both reduced copies, so the
-difference is two ordinary layers.
+from the others (those the model config names in `layer_lists` / `layer_indices`,
+e.g. `knn_layers`; where they sit changed temporaries by under 2%) are kept in
+both reduced copies, so the difference is two ordinary layers.
 """
 
 from __future__ import annotations
@@ -48,9 +48,6 @@ from longctx.errors import ConfigError, LongctxError
 
 FIELDS = ("argument", "output", "alias", "temp", "generated_code")
 REDUCED = (6, 8)  # ordinary layers in the two reduced copies
-# Config fields holding layer indices: lists (negative counts from the top) or one index (-1 = the middle).
-LAYER_LISTS = ("recurrent_layers", "knn_layers")
-LAYER_INDEX = ("long_layer",)
 # XLA:CPU flags that skip LLVM optimisation: the buffer assignment (all we read) is unchanged, compiles ~2x faster.
 FAST_CPU_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
@@ -108,10 +105,10 @@ def special_layers(model: ModelConfig) -> tuple[int, ...]:
   """Indices (sorted, non-negative) of the layers that differ from the ordinary ones."""
   n = model.num_layers
   found = set()
-  for name in LAYER_LISTS:
-    found.update(i % n for i in getattr(model, name, ()) or ())
-  for name in LAYER_INDEX:
-    resolved = getattr(model, f"resolved_{name}", None)
+  for name in model.layer_lists:
+    found.update(i % n for i in getattr(model, name) or ())
+  for name in model.layer_indices:
+    resolved = getattr(model, f"resolved_{name}")
     if resolved is not None:
       found.add(resolved)
   return tuple(sorted(found))
@@ -127,11 +124,11 @@ def reduced_model(model: ModelConfig, ordinary: int) -> ModelConfig:
   placed = {i: min(i - k, ordinary) + k for k, i in enumerate(special)}  # i - k ordinary layers come before it
   changes = {"num_layers": ordinary + len(special)}
   n = model.num_layers
-  for name in LAYER_LISTS:
-    if getattr(model, name, None):
+  for name in model.layer_lists:
+    if getattr(model, name):
       changes[name] = [placed[i % n] for i in getattr(model, name)]
-  for name in LAYER_INDEX:
-    if getattr(model, f"resolved_{name}", None) is not None:
+  for name in model.layer_indices:
+    if getattr(model, f"resolved_{name}") is not None:
       changes[name] = placed[getattr(model, f"resolved_{name}")]
   return dataclasses.replace(model, **changes)
 

@@ -14,12 +14,12 @@ import pytest
 
 from longctx import cli, dryrun
 from longctx import config as config_lib
+from longctx.models import list_models
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 POD = ROOT / "recipes" / "pod"
 POD_RECIPES = sorted(p.stem for p in POD.glob("*.py") if not p.name.startswith("_"))
-MODELS = ["transformer", "rmt", "memorizing", "block_recurrent", "melodi", "retnet", "mamba", "mamba2",
-          "infini_attention", "titans"]
+MODELS = sorted(list_models())  # every registered model has a pod recipe
 GIB = 2**30
 
 
@@ -58,8 +58,8 @@ def one_layer(name: str) -> list[str]:
   """--set overrides for a copy of a recipe with one ordinary layer (and its special layers, in place)."""
   small = dryrun.reduced_model(config_lib.load_recipe(POD / f"{name}.py").model, 1)
   sets = [f"model.num_layers={small.num_layers}"]
-  sets += [f"model.{k}=[{','.join(map(str, getattr(small, k)))}]" for k in dryrun.LAYER_LISTS if hasattr(small, k)]
-  sets += [f"model.{k}={getattr(small, k)}" for k in dryrun.LAYER_INDEX if hasattr(small, k)]
+  sets += [f"model.{k}=[{','.join(map(str, getattr(small, k)))}]" for k in small.layer_lists]
+  sets += [f"model.{k}={getattr(small, k)}" for k in small.layer_indices]
   return [a for s in sets for a in ("--set", s)]
 
 

@@ -94,6 +94,7 @@ GATES = ("fixed", "lstm")
 
 @dataclasses.dataclass
 class BlockRecurrentConfig(BlockwiseConfig):
+  layer_lists = ("recurrent_layers",)  # the dry run keeps this layer when it reduces the depth
   name: str = "block_recurrent"
   recurrent_layers: list[int] = dataclasses.field(default_factory=lambda: [-2])  # negative from the top
   num_states: int = 64  # S: state vectors per recurrent layer (512 in the paper)

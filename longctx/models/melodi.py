@@ -116,6 +116,7 @@ from longctx.models.transformer import Attention, Block, Embedding
 
 @dataclasses.dataclass
 class MelodiConfig(BlockwiseConfig):
+  layer_indices = ("long_layer",)  # the dry run keeps this layer when it reduces the depth
   name: str = "melodi"
   short_memory: int = 32  # S: short-term memory slots per layer (reference 64)
   summary_tokens: int = 32  # U: summary tokens per window (reference 64)

@@ -112,6 +112,7 @@ MEMORY_DTYPES = ("float32", "bfloat16")
 
 @dataclasses.dataclass
 class MemorizingConfig(BlockwiseConfig):
+  layer_lists = ("knn_layers",)  # the dry run keeps this layer when it reduces the depth
   name: str = "memorizing"
   knn_layers: list[int] = dataclasses.field(default_factory=lambda: [-2])  # layer indices; negative from the top
   memory_size: int = 8192  # M: entries per (row, kv head), a ring buffer
