@@ -9,7 +9,6 @@ from longctx.config import MeshConfig
 from conftest import rel_err
 from longctx.errors import ConfigError, LongctxError
 from longctx.models import create_model, list_models
-from longctx.models import block_recurrent  # noqa: F401  (registers "block_recurrent")
 from longctx.models.block_recurrent import (
     BlockRecurrent, BlockRecurrentConfig, cosine_attention, fixed_gate, lstm_gate)
 

@@ -10,7 +10,6 @@ from flax import nnx
 
 import model_contract as contract
 from longctx.config import MeshConfig
-import longctx.models.melodi  # noqa: F401  (registers "melodi")
 from longctx.errors import ConfigError, LongctxError
 from longctx.models import create_model, list_models
 from longctx.models.melodi import Melodi, MelodiConfig, fifo_append, long_mask, melodi_mask

@@ -10,7 +10,6 @@ import model_contract as contract
 from conftest import rel_err
 from longctx.errors import ConfigError
 from longctx.models import create_model, list_models
-from longctx.models import memorizing  # noqa: F401  (registers "memorizing")
 from longctx.layers import l2_normalize
 from longctx.models.memorizing import (
     Memorizing, MemorizingConfig, empty_memory, joint_knn_attention, knn_attention, knn_retrieve, ring_write)

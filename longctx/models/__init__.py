@@ -1,29 +1,24 @@
-"""Every model behind the one segment-recurrent interface (see `base.py`)."""
+"""Every model behind the one segment-recurrent interface (see `base.py`).
+
+A model is one module of this package that registers itself with `@register_model`. Importing the package
+imports each of its modules, so a new model file is found without being listed anywhere; every registered
+model class and its config class are then names of this package (`from longctx.models import RMTConfig`).
+"""
+
+import importlib
+import pkgutil
 
 from flax import nnx
 
 from longctx.models.base import SegmentLM, reset_rows
-from longctx.models.registry import get_model_class, list_models, register_model
-from longctx.models import transformer  # noqa: F401  (registers "transformer")
-from longctx.models.transformer import Transformer, TransformerConfig
-from longctx.models import rmt  # noqa: F401  (registers "rmt")
-from longctx.models.rmt import RMT, RMTConfig
-from longctx.models import memorizing  # noqa: F401  (registers "memorizing")
-from longctx.models.memorizing import Memorizing, MemorizingConfig
-from longctx.models import block_recurrent  # noqa: F401  (registers "block_recurrent")
-from longctx.models.block_recurrent import BlockRecurrent, BlockRecurrentConfig
-from longctx.models import melodi  # noqa: F401  (registers "melodi")
-from longctx.models.melodi import Melodi, MelodiConfig
-from longctx.models import retnet  # noqa: F401  (registers "retnet")
-from longctx.models.retnet import RetNet, RetNetConfig
-from longctx.models import mamba  # noqa: F401  (registers "mamba")
-from longctx.models.mamba import Mamba, MambaConfig
-from longctx.models import mamba2  # noqa: F401  (registers "mamba2")
-from longctx.models.mamba2 import Mamba2, Mamba2Config
-from longctx.models import infini_attention  # noqa: F401  (registers "infini_attention")
-from longctx.models.infini_attention import InfiniAttention, InfiniAttentionConfig
-from longctx.models import titans  # noqa: F401  (registers "titans")
-from longctx.models.titans import Titans, TitansConfig
+from longctx.models.registry import get_model_class, list_models, register_model, registered
+
+for _module in pkgutil.iter_modules(__path__):
+  importlib.import_module(f"{__name__}.{_module.name}")
+for _cls in registered():
+  globals()[_cls.__name__] = _cls
+  globals()[_cls.config_class.__name__] = _cls.config_class
+del _module, _cls
 
 
 def build_model(cfg, *, rngs: nnx.Rngs) -> SegmentLM:

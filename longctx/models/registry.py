@@ -31,3 +31,8 @@ def get_model_class(name: str) -> type:
 def list_models() -> dict[str, str]:
   """Name -> one-line description, sorted by name."""
   return {name: _MODELS[name].description for name in sorted(_MODELS)}
+
+
+def registered() -> list[type]:
+  """Every registered model class, in registration order."""
+  return list(_MODELS.values())
