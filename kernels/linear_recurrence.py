@@ -24,7 +24,7 @@ Shapes (batch, seq, heads first, like the attention layers):
 Returns `o [batch, seq, heads, value_dim]` (dtype of v) and the final state
 `[batch, heads, key_dim, value_dim]` float32. All arithmetic is float32.
 
-Three implementations behind `impl` (CONVENTIONS.md §3):
+Three implementations behind `impl` (docs/contracts.md §3):
   "reference"  a `lax.scan` over tokens: the definition, slow and obvious.
   "xla"        chunked: inside a chunk of `chunk_size` tokens a masked (decayed)
                quadratic product, between chunks a `lax.scan` passing the state.

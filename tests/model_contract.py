@@ -1,4 +1,4 @@
-"""Checks every model must pass (CONVENTIONS.md section 1), shared by the per-model test files.
+"""Checks every model must pass (docs/contracts.md section 1), shared by the per-model test files.
 
 Each function takes a model (or its config) and asserts one contract:
   segment_invariance     a stream cut into segments of any allowed length gives the same logits
