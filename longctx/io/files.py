@@ -18,6 +18,7 @@ from longctx.io.params import Flat
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
+
 def check_out(out: pathlib.Path) -> None:
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
     raise ConfigError(f"--out {out} already exists and is not empty; pick a new directory or delete it")
