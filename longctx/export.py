@@ -126,7 +126,6 @@ def export_run(run_dir: str | pathlib.Path, *, fmt: str, out: str | pathlib.Path
     raise ConfigError(f"--format {fmt!r} is not one of {FORMATS}")
   out = pathlib.Path(out)
   check_out(out)
-
   run, _ = resolve_checkpoint(run_dir)
   if not run.is_dir():
     raise CheckpointError(f"run directory {run} not found; pass a directory written by `longctx train`")

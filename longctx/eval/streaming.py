@@ -28,7 +28,7 @@ import numpy as np
 from longctx import config as config_lib
 from longctx.config import Config
 from longctx.errors import CheckpointError, ConfigError
-from longctx.io.runs import read_saved_config, resolve_checkpoint  # noqa: F401  (resolve_checkpoint: eval's API)
+from longctx.io.runs import read_saved_config, resolve_checkpoint
 
 # Tokens per compiled call: enough to amortise dispatch, small enough to keep memory flat.
 TOKENS_PER_CALL = 4096

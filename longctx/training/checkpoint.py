@@ -42,7 +42,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from longctx.errors import CheckpointError, ConfigError
-from longctx.io.export_dir import read_export
+from longctx.io.export_dir import FORMAT, read_export
+from longctx.io.files import CONFIG
 from longctx.io.params import flatten_params, params_from_flat
 
 
@@ -354,10 +355,10 @@ def _locate(source: pathlib.Path) -> tuple[str, pathlib.Path, int | None]:
   """What `source` is: ("export", dir, None) or ("orbax", checkpoints dir, step or None for the latest)."""
   if not source.exists():
     raise CheckpointError(f"--init-from {source}: no such file or directory")
-  meta = source / "config.json"
+  meta = source / CONFIG
   if meta.is_file():
     try:
-      if json.loads(meta.read_text()).get("format") == "longctx":
+      if json.loads(meta.read_text()).get("format") == FORMAT:
         return "export", source, None
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
       pass
