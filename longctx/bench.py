@@ -39,7 +39,8 @@ import numpy as np
 from longctx import config as config_lib
 from longctx.config import Config, DataConfig, MeshConfig, TrainConfig
 from longctx.errors import ConfigError
-from longctx.models import get_model_class
+from longctx import recipe as recipe_lib
+from longctx.models import config_for, get_model_class
 
 
 def measure_matmul_peak(*, dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:
@@ -190,25 +191,21 @@ def bench_stream(cfg: Config, *, lengths: list[int], peak_flops: float, progress
 
 def bench_config(model: str, *, d_model: int, seg_len: int, lanes: int, layers: int, window: int, dtype: str,
                  segments: int = 1, overrides: Sequence[str] = ()) -> Config:
-  """A small one-device config of any registered model, sized by the common fields.
+  """A small one-device config of any registered model, sized by the common fields (`models.config_for`).
 
   `overrides` are `model.FIELD=VALUE` strings; each applies to the models whose
   config has FIELD (e.g. `model.memory_size=65536` only to the Memorizing Transformer).
   """
   model_cls = get_model_class(model)
-  heads = max(1, d_model // 64)
   defaults = {f.name: f.default for f in dataclasses.fields(model_cls.config_class)}
-  fields = set(defaults)
-  kwargs = {"d_model": d_model, "num_layers": layers, "vocab_size": 259}
+  sizes = {"d_model": d_model, "num_layers": layers, "vocab_size": 259, "window": window}
   if defaults.get("num_heads"):  # 0 = the model derives its heads (Mamba-2: expand x d_model / head_dim)
-    kwargs["num_heads"] = heads
-  if "window" in fields:
-    kwargs["window"] = window
-  cfg = Config(model=model_cls.config_class(**kwargs),
+    sizes["num_heads"] = max(1, d_model // 64)
+  cfg = Config(model=config_for(model, **sizes),
                data=DataConfig(batch_size=lanes, seg_len=seg_len, segments_per_step=segments),
                train=TrainConfig(steps=1000, compute_dtype=dtype), mesh=MeshConfig(data=1))
-  mine = [o for o in overrides if o.split("=", 1)[0].removeprefix("model.") in fields]
-  return config_lib.apply_overrides(cfg, mine).validate() if mine else cfg.validate()
+  mine = [o for o in overrides if o.split("=", 1)[0].removeprefix("model.") in defaults]
+  return recipe_lib.validate(config_lib.apply_overrides(cfg, mine) if mine else cfg)
 
 
 def check_overrides(models: Sequence[str], overrides: Sequence[str]) -> None:

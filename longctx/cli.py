@@ -41,7 +41,19 @@ class _Parser(argparse.ArgumentParser):
     self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
 
 
+def _registry() -> tuple[list[str], list[str], dict[str, str]]:
+  """(every registered model, those that read whole blocks, name -> transformers model_type of those with a
+  Hugging Face counterpart): the help texts name them from the registry."""
+  from longctx.export import hf_models
+  from longctx.models import list_models, registered
+
+  return (list(list_models()), [c.registry_name for c in registered() if not c.supports_token_decoding],
+          hf_models())
+
+
 def _parser() -> argparse.ArgumentParser:
+  models, blockwise, hf = _registry()
+  hf_names = " and ".join(hf) or "none"
   p = _Parser(
       prog="longctx", description="Long-context language models in JAX: train, evaluate, benchmark.",
       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -152,7 +164,7 @@ def _parser() -> argparse.ArgumentParser:
       "file through the model state segment by segment (any length, in the memory of one segment; progress on "
       "stderr), then decode new tokens one at a time and print the continuation to stdout as it comes. The prompt "
       "is read as a document (BOS first); decoding stops at --max-new-tokens or at the end-of-document token.\n\n"
-      "Models that read whole blocks (rmt, block_recurrent, memorizing, melodi) decode by re-running the open "
+      f"Models that read whole blocks ({', '.join(blockwise)}) decode by re-running the open "
       "block from the state at its start for every new token: exact, at one block's work per token.",
       epilog="examples:\n"
       "  longctx generate runs/quickstart --prompt-file prompt.txt --max-new-tokens 200\n"
@@ -204,33 +216,34 @@ def _parser() -> argparse.ArgumentParser:
                   "and newlines collapsed, characters unseen in training become UNK); what longctx did before")
 
   x = sub.add_parser(
-      "export", help="export a run's weights: portable safetensors, or a Hugging Face Mamba/Mamba-2 directory",
+      "export", help=f"export a run's weights: portable safetensors, or a Hugging Face directory ({hf_names})",
       formatter_class=argparse.RawDescriptionHelpFormatter,
       description="Export the weights of a checkpoint of RUN_DIR into a new directory OUT (written to a\n"
       "temporary directory first and renamed when complete, so OUT is never half-written).\n\n"
       "  --format safetensors  any model: OUT/model.safetensors (every parameter under its dotted name, e.g.\n"
       "                        blocks.0.mixer.in_proj, float32) and OUT/config.json (model config, step,\n"
       "                        tokenizer); readable by any framework, and by `longctx train --init-from OUT`\n"
-      "  --format hf           mamba and mamba2 only: OUT/config.json + OUT/model.safetensors that\n"
-      "                        transformers' MambaForCausalLM / Mamba2ForCausalLM.from_pretrained(OUT) load and\n"
-      "                        that give the same logits; a setting HF cannot express is refused",
+      f"  --format hf           {hf_names} only: OUT/config.json + OUT/model.safetensors that transformers'\n"
+      "                        AutoModelForCausalLM.from_pretrained(OUT) loads and that give the same logits; a\n"
+      "                        setting HF cannot express is refused",
       epilog="examples:\n"
       "  longctx export runs/quickstart --format safetensors --out exports/quickstart\n"
       "  longctx export runs/mamba --format hf --out exports/mamba-hf --step 2000")
   x.add_argument("run_dir", metavar="RUN_DIR",
                  help="a run directory written by `longctx train`, or one of its checkpoints/STEP directories")
   x.add_argument("--format", required=True, choices=("safetensors", "hf"),
-                 help="safetensors: longctx names and layouts, every model; hf: a transformers Mamba / Mamba-2 "
-                 "directory (models mamba and mamba2)")
+                 help=f"safetensors: longctx names and layouts, every model; hf: a transformers directory "
+                 f"(models {hf_names})")
   x.add_argument("--out", required=True, metavar="DIR",
                  help="the directory to create; it must not exist yet or be empty")
   x.add_argument("--step", type=int, default=None, metavar="N",
                  help="the checkpoint step to export (default: the latest in RUN_DIR/checkpoints)")
 
   ih = sub.add_parser(
-      "import-hf", help="convert a Hugging Face Mamba/Mamba-2 directory into a longctx export to fine-tune",
+      "import-hf", help=f"convert a Hugging Face directory ({', '.join(hf.values()) or 'none'}) into a longctx export "
+      "to fine-tune",
       formatter_class=argparse.RawDescriptionHelpFormatter,
-      description="Read a local transformers MambaForCausalLM or Mamba2ForCausalLM directory (config.json plus\n"
+      description=f"Read a local transformers directory of model_type {', '.join(hf.values())} (config.json plus\n"
       "model.safetensors, a sharded model.safetensors.index.json, or pytorch_model.bin, which needs torch)\n"
       "and write it to OUT in the format of `longctx export --format safetensors`; fine-tune it with\n"
       "`longctx train RECIPE --init-from OUT`. HF settings longctx cannot compute (use_bias, another\n"
@@ -254,7 +267,8 @@ def _parser() -> argparse.ArgumentParser:
       "  longctx bench --d-models 128,256,512 --seg-lens 512,2048\n"
       "  longctx bench --d-models 128 --seg-lens '' --stream-lengths 1k,16k,256k,1M --json bench.json")
   b.add_argument("--models", "--model", dest="models", default="transformer",
-                 help="comma-separated registered models; the first is the baseline (default transformer)")
+                 help=f"comma-separated registered models, the first the baseline (default transformer); one of "
+                 f"{', '.join(models)}")
   b.add_argument("--d-models", default="128,256,512", help="comma-separated d_model values (default 128,256,512)")
   b.add_argument("--seg-lens", default="512,2048",
                  help="train table: comma-separated segment lengths (default 512,2048; '' = no train table)")
@@ -334,8 +348,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args) -> int:
-  from longctx import config as config_lib
   from longctx import distributed
+  from longctx import recipe as recipe_lib
 
   # A dry run stays on this host; training joins the other processes first, before JAX starts its backend.
   if not args.dry_run and distributed.initialize(args.coordinator, args.num_processes, args.process_id,
@@ -347,7 +361,7 @@ def _train(args) -> int:
   if args.stop_at_step is not None and args.stop_at_step < 1:
     raise ConfigError(f"--stop-at-step={args.stop_at_step} must be >= 1 (the step after which this run ends)")
   overrides = args.overrides + ([f"train.init_from={args.init_from}"] if args.init_from else [])
-  cfg = config_lib.apply_overrides(config_lib.load_recipe(args.recipe), overrides).validate()
+  cfg = recipe_lib.load_and_check(args.recipe, overrides)
   if args.dry_run:
     from longctx.estimate import estimate_run
 

@@ -1,28 +1,28 @@
-"""Typed configuration: dataclasses, recipe loading and dotted overrides.
+"""Typed configuration: the dataclasses of a run and dotted overrides, at the bottom of the import graph.
 
-A recipe is a Python file that defines `config() -> Config`. The CLI loads it
-and applies overrides such as `--set model.d_model=512 train.steps=100`. An
-unknown key or a value of the wrong type raises `ConfigError` naming the key
-and the valid choices.
+The CLI applies overrides such as `--set model.d_model=512 train.steps=100`; an unknown key or a value of
+the wrong type raises `ConfigError` naming the key and the valid choices. Each section checks its own
+values (`validate`); loading a recipe, reading a saved config and the checks across sections and against
+the registered models live in `longctx/recipe.py`, above the models and the data.
 
-Each model registers its own config dataclass (a subclass of `ModelConfig`),
-so `model.*` overrides are checked against the fields of the chosen model.
+Each model registers its own config dataclass (a subclass of `ModelConfig`), so `model.*` overrides are
+checked against the fields of the chosen model.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import numbers
-import pathlib
-import sys
-import traceback
 import typing
 from typing import Any
 
 from longctx.errors import ConfigError
+
+
+KERNELS = ("auto", "reference", "xla", "pallas")  # model.kernel: see longctx/layers/kernel.py
+TASKS = ("passkey", "mqar", "copy", "qa1", "qa2")  # data.task: the synthetic tasks (longctx/data/synthetic.py)
 
 
 @dataclasses.dataclass
@@ -34,21 +34,57 @@ class ModelConfig:
   # and single indices read through `resolved_<field>` (None = no such layer).
   layer_lists: typing.ClassVar[tuple[str, ...]] = ()
   layer_indices: typing.ClassVar[tuple[str, ...]] = ()
+  # The mixer of every layer (a name registered with layers.block.register_mixer), unless the subclass
+  # overrides `layer_pattern`.
+  mixer: typing.ClassVar[str] = ""
+  # Settings of a tiny model of this kind (besides vocab 50, d_model 32, 2 layers, 4 heads): what the shared
+  # contract test (tests/test_contract.py) builds for every registered model.
+  tiny: typing.ClassVar[dict] = {}
 
-  name: str = "transformer"
+  name: str = ""
   vocab_size: int = 259
   d_model: int = 128
   num_layers: int = 2
-  num_heads: int = 4
-  head_dim: int = 0  # 0 = d_model // num_heads
   d_ff: int = 0  # 0 = round(8/3 * d_model) up to a multiple of 64 (gated MLP)
   tie_embeddings: bool = True
   norm_eps: float = 1e-6
+  embed_conv: int = 0  # width of a causal depthwise conv over token embeddings (0 = off; 4 helps recall)
+  kernel: str = "auto"  # "auto", "reference", "xla" or "pallas": which implementation the kernels run
 
   def validate(self) -> None:
-    _positive("model", self, "vocab_size", "d_model", "num_layers", "num_heads")
-    if self.head_dim < 0 or self.d_ff < 0:
-      raise ConfigError("model.head_dim and model.d_ff must be >= 0 (0 = derived default)")
+    _positive("model", self, "vocab_size", "d_model", "num_layers")
+    if self.d_ff < 0:
+      raise ConfigError("model.d_ff must be >= 0 (0 = derived default)")
+    if self.embed_conv < 0 or self.embed_conv == 1:
+      raise ConfigError(f"model.embed_conv={self.embed_conv} must be 0 (off) or a width >= 2 (e.g. 4)")
+    if self.kernel not in KERNELS:
+      raise ConfigError(f"model.kernel={self.kernel!r} is not one of {KERNELS}")
+
+  def layer_pattern(self) -> list[str]:
+    """The mixer of each layer, bottom first (names registered with `layers.block.register_mixer`)."""
+    return [self.mixer] * self.num_layers
+
+  @property
+  def resolved_d_ff(self) -> int:
+    if self.d_ff:
+      return self.d_ff
+    return int(math.ceil(8 * self.d_model / 3 / 64) * 64)
+
+
+@dataclasses.dataclass
+class MultiHeadConfig(ModelConfig):
+  """A model whose layers split d_model into heads (attention, retention)."""
+
+  tiny: typing.ClassVar[dict] = {"num_heads": 4}
+
+  num_heads: int = 4
+  head_dim: int = 0  # 0 = d_model // num_heads
+
+  def validate(self) -> None:
+    super().validate()
+    _positive("model", self, "num_heads")
+    if self.head_dim < 0:
+      raise ConfigError("model.head_dim must be >= 0 (0 = d_model // num_heads)")
     if self.head_dim == 0 and self.d_model % self.num_heads:
       raise ConfigError(
           f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}; "
@@ -57,12 +93,6 @@ class ModelConfig:
   @property
   def resolved_head_dim(self) -> int:
     return self.head_dim or self.d_model // self.num_heads
-
-  @property
-  def resolved_d_ff(self) -> int:
-    if self.d_ff:
-      return self.d_ff
-    return int(math.ceil(8 * self.d_model / 3 / 64) * 64)
 
 
 @dataclasses.dataclass
@@ -127,14 +157,21 @@ class DataConfig:
     if not 0.0 <= self.eval_fraction < 1.0:
       raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
     if self.source == "synthetic":
-      from longctx.data.synthetic import parse_tasks
-
       parse_tasks(self.task)
       if not 0 <= self.task_min_length <= self.task_length:
         raise ConfigError(f"data.task_min_length={self.task_min_length} must be in [0, data.task_length="
                           f"{self.task_length}]")
       if not 0.0 <= self.prompt_loss_weight <= 1.0:
         raise ConfigError(f"data.prompt_loss_weight={self.prompt_loss_weight} must be in [0, 1]")
+
+
+def parse_tasks(spec: str) -> tuple[str, ...]:
+  """`data.task`: `"passkey"` or a mixture `"passkey,mqar,qa1"` -> a tuple of known task names."""
+  tasks = tuple(t.strip() for t in spec.split(",") if t.strip())
+  bad = [t for t in tasks if t not in TASKS]
+  if not tasks or bad:
+    raise ConfigError(f"data.task={spec!r}: {bad or 'empty'} not in {TASKS} (a mixture is comma-separated)")
+  return tasks
 
 
 @dataclasses.dataclass
@@ -164,7 +201,7 @@ class TrainConfig:
   # Ignored once the run dir has checkpoints of its own (the run then resumes from those).
   init_from: str = ""
   # Stages with their own data, e.g. ["steps=300 data.task_length=256", "steps=700 data.task_length=1024"]
-  # (see longctx/training/curriculum.py); [] = one stage of `data`. train.steps = the stages' sum.
+  # (see longctx/data/curriculum.py); [] = one stage of `data`. train.steps = the stages' sum.
   curriculum: list[str] = dataclasses.field(default_factory=list)
 
   def validate(self) -> None:
@@ -203,27 +240,13 @@ class Config:
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
-  def validate(self) -> "Config":
-    from longctx.models import get_model_class  # registry lives with the models
-
-    cls = get_model_class(self.model.name)
-    if type(self.model) is not cls.config_class:
-      raise ConfigError(
-          f"model.name={self.model.name!r} needs a {cls.config_class.__name__}, "
-          f"got {type(self.model).__name__}")
-    for section in ("model", "data", "train", "mesh"):  # a recipe may set any Python value: check the types first
+  def check_types(self) -> "Config":
+    """Every field holds a value of its declared type (a recipe may set any Python value); one-line ConfigError."""
+    for section in ("model", "data", "train", "mesh"):
       obj = getattr(self, section)
       hints = typing.get_type_hints(type(obj))
       for f in dataclasses.fields(obj):
         _checked(getattr(obj, f.name), hints[f.name], f"{section}.{f.name}")
-    self.model.validate()
-    self.data.validate()
-    self.train.validate()
-    self.mesh.validate()
-    if self.train.curriculum:
-      from longctx.training.curriculum import parse_stages
-
-      parse_stages(self)
     return self
 
 
@@ -242,30 +265,6 @@ def _positive(section: str, obj: Any, *names: str) -> None:
 def to_dict(cfg: Any) -> dict:
   """Nested plain dict of a config (for JSON logs and checkpoints)."""
   return dataclasses.asdict(cfg)
-
-
-def from_dict(d: dict) -> Config:
-  """Inverse of `to_dict` (the model section picks its registered config class).
-
-  Raises ConfigError (one line) for anything `to_dict` could not have written: a missing or unknown section
-  or key, or a value of the wrong type.
-  """
-  from longctx.models import get_model_class
-
-  sections = {"model": None, "data": DataConfig, "train": TrainConfig, "mesh": MeshConfig}
-  if not isinstance(d, dict):
-    raise ConfigError(f"a config must be a JSON object with sections {', '.join(sections)}; got a "
-                      f"{type(d).__name__}")
-  missing = [name for name in sections if not isinstance(d.get(name), dict)]
-  unknown = sorted(set(d) - set(sections))
-  if missing or unknown:
-    raise ConfigError(f"a config needs the sections {', '.join(sections)} (objects); "
-                      + (f"missing: {', '.join(missing)}" if missing else f"unknown: {', '.join(unknown)}"))
-  name = d["model"].get("name", "")
-  if not isinstance(name, str):
-    raise ConfigError(f"model.name={name!r}: expected a model name (a string)")
-  sections["model"] = get_model_class(name).config_class
-  return Config(**{section: section_from_dict(cls, d[section], section) for section, cls in sections.items()})
 
 
 def section_from_dict(cls, values: dict, prefix: str):
@@ -325,13 +324,13 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
           raise ConfigError(f"{key.strip()} is a section, not a value; override one of its fields, e.g. "
                             f"{key.strip()}.{example}=...")
         hint = typing.get_type_hints(type(target))[part]
-        setattr(target, part, _parse_value(raw.strip(), hint, key))
+        setattr(target, part, parse_value(raw.strip(), hint, key))
       else:
         target = getattr(target, part)
   return cfg
 
 
-def _parse_value(raw: str, hint: Any, key: str) -> Any:
+def parse_value(raw: str, hint: Any, key: str) -> Any:
   origin = typing.get_origin(hint)
   if origin in (list, tuple):
     (inner,) = typing.get_args(hint)[:1]
@@ -344,7 +343,7 @@ def _parse_value(raw: str, hint: Any, key: str) -> Any:
         return items
     body = raw[1:-1] if raw.startswith("[") and raw.endswith("]") else raw
     items = [s.strip() for s in body.split(",") if s.strip()]
-    return [_parse_value(s, inner, key) for s in items]
+    return [parse_value(s, inner, key) for s in items]
   if hint is bool:
     if raw.lower() in ("true", "1", "yes", "on"):
       return True
@@ -369,63 +368,12 @@ def _parse_value(raw: str, hint: Any, key: str) -> Any:
   raise ConfigError(f"{key}: cannot override a field of type {hint}")
 
 
-# ----------------------------------------------------------------------------- recipes
-
-
-def load_recipe(path: str | pathlib.Path) -> Config:
-  """Import a recipe file and return its validated `config()`."""
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise ConfigError(f"recipe file {str(path)!r} not found; pass a path like recipes/quickstart.py")
-  if path.suffix != ".py":
-    raise ConfigError(f"recipe file {str(path)!r} is not a .py file; a recipe is Python code defining config(), "
-                      "like recipes/quickstart.py")
-  module_name = f"longctx_recipe_{path.stem}"
-  spec = importlib.util.spec_from_file_location(module_name, path)
-  module = importlib.util.module_from_spec(spec)
-  # As for a script, the recipe's own directory is importable: recipes share settings through
-  # sibling modules whose names start with "_" (e.g. recipes/synthetic/_recall.py).
-  sys.path.insert(0, str(path.resolve().parent))
-  # Loading a recipe writes nothing (no __pycache__ beside it): a dry run or a rejected config leaves no trace.
-  dont_write_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
-  try:
-    spec.loader.exec_module(module)
-    if not callable(getattr(module, "config", None)):
-      raise ConfigError(f"recipe {path} defines no config() function returning a longctx Config"
-                        + (f" (its config is a {type(module.config).__name__})" if hasattr(module, "config") else ""))
-    cfg = module.config()
-  except ConfigError:
-    raise
-  except (Exception, SystemExit) as e:  # a recipe that raises or exits: name the file, line and error, in one line
-    frame = _last_frame_in(e, path)
-    line = e.lineno if isinstance(e, SyntaxError) and _same_file(e.filename, path) else frame.lineno if frame else None
-    where = f"{path}:{line}" if line else str(path)
-    text = (e.msg if isinstance(e, SyntaxError) else "" if isinstance(e, SystemExit) and e.code is None
-            else str(e)).strip().splitlines()
-    raise ConfigError(f"recipe {where} raised {type(e).__name__}" + (f": {text[0]}" if text else "")) from None
-  finally:
-    sys.dont_write_bytecode = dont_write_bytecode
-    sys.path.remove(str(path.resolve().parent))
-  if not isinstance(cfg, Config):
-    raise ConfigError(f"recipe {path}: config() returned {type(cfg).__name__}, expected longctx.config.Config")
-  return cfg
-
-
-def _last_frame_in(e: BaseException, path: pathlib.Path):
-  frames = [f for f in traceback.extract_tb(e.__traceback__) if _same_file(f.filename, path)]
-  return frames[-1] if frames else None
-
-
-def _same_file(filename: str | None, path: pathlib.Path) -> bool:
-  return bool(filename) and pathlib.Path(filename).resolve() == path.resolve()
-
-
 def replace(cfg: Config, **sections: Any) -> Config:
   """A copy of `cfg` with whole sections replaced."""
   return dataclasses.replace(cfg, **sections)
 
 
 __all__ = [
-    "Config", "ModelConfig", "DataConfig", "TrainConfig", "MeshConfig",
-    "apply_overrides", "load_recipe", "to_dict", "from_dict", "replace",
+    "Config", "ModelConfig", "MultiHeadConfig", "DataConfig", "TrainConfig", "MeshConfig", "KERNELS", "TASKS",
+    "apply_overrides", "parse_value", "section_from_dict", "to_dict", "replace", "parse_tasks",
 ]

@@ -43,6 +43,7 @@ import sys
 import time
 
 from longctx import config as config_lib
+from longctx import recipe as recipe_lib
 from longctx.config import Config, ModelConfig
 from longctx.errors import ConfigError, LongctxError
 
@@ -263,7 +264,7 @@ def _main(argv: list[str] | None = None) -> int:
                            f"({DEVICE_COUNT_FLAG} must be set before jax starts)")
       devices = None
       where = f"XLA:CPU, {args.devices} virtual host devices as the mesh"
-    cfg = config_lib.from_dict(request["config"]).validate()
+    cfg = recipe_lib.validate(recipe_lib.from_dict(request["config"]))
     results = compile_depths(cfg, tuple(request["ordinary"]), devices=devices)
   except LongctxError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -13,6 +13,7 @@ import math
 import jax
 from flax import nnx
 
+from longctx import recipe as recipe_lib
 from longctx import sharding as shd
 from longctx.config import Config
 from longctx.models import build_model, get_model_class
@@ -67,9 +68,9 @@ def target_mesh(cfg: Config, num_devices: int | None = None) -> dict[str, int]:
 
 
 def estimate_run(cfg: Config, *, num_devices: int | None = None) -> RunEstimate:
-  cfg.validate()
+  recipe_lib.validate(cfg)
   mesh = target_mesh(cfg, num_devices)
-  shd.check_layout(cfg, mesh)  # what the real run would refuse, a dry run refuses too
+  recipe_lib.check_layout(cfg, mesh)  # what the real run would refuse, a dry run refuses too
   model_cls = get_model_class(cfg.model.name)
   abstract = nnx.eval_shape(lambda: build_model(cfg.model, rngs=nnx.Rngs(0)))
   _, params = nnx.split(abstract)

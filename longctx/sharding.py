@@ -110,25 +110,6 @@ def num_batch_shards(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def check_layout(cfg, mesh_shape: Mapping[str, int]) -> None:
-  """The lanes split over the data shards and the segments over the sequence axis and the model's blocks;
-  a one-line ConfigError otherwise. Checked by the trainer and by a dry run (on the mesh it plans for)."""
-  from longctx.models import get_model_class
-
-  d = cfg.data
-  shards = mesh_shape["data"] * mesh_shape["fsdp"]
-  if d.batch_size % shards:
-    raise ConfigError(
-        f"data.batch_size={d.batch_size} lanes cannot be split over {shards} data-parallel shards "
-        f"(mesh data x fsdp); use a multiple of {shards}")
-  if d.seg_len % mesh_shape["sequence"]:
-    raise ConfigError(f"data.seg_len={d.seg_len} is not divisible by mesh.sequence={mesh_shape['sequence']}")
-  multiple = get_model_class(cfg.model.name).segment_multiple(cfg.model)
-  if d.seg_len % multiple:
-    raise ConfigError(f"data.seg_len={d.seg_len} must be a multiple of {multiple}: model {cfg.model.name} reads "
-                      f"whole blocks of model.block_len={multiple} tokens")
-
-
 def context_parallel_size() -> int:
   """Devices on the `sequence` axis of the mesh in context (`jax.set_mesh`), 1 if none.
 

@@ -45,9 +45,9 @@ def _window() -> int:
 def _state_sizes(name: str, longest: int) -> list[str]:
   """`--set` overrides that size a recipe's state for the longest evaluation: a kNN memory holds all of it."""
   sys.path.insert(0, str(ROOT))
-  from longctx import config as config_lib  # noqa: PLC0415
+  from longctx import recipe as recipe_lib  # noqa: PLC0415
 
-  model = config_lib.load_recipe(RECIPES / f"{name}_recall.py").model
+  model = recipe_lib.load_recipe(RECIPES / f"{name}_recall.py").model
   size = getattr(model, "memory_size", None)  # the Memorizing Transformer's kNN memory (entries per head)
   return ["--set", f"model.memory_size={longest}"] if size is not None and size < longest else []
 

@@ -8,8 +8,9 @@ Each function takes a model (or its config) and asserts one contract:
   gradients_reach        the loss of a later segment has a gradient w.r.t. named parameters (through the state)
   sharded_matches_one_device  the train step on an 8-device mesh equals 1 device
 
-`BlockwiseContract` bundles the first four as test methods for the blockwise memory models (RMT,
-Block-Recurrent, Memorizing, MELODI); a test module subclasses it and sets the sizes.
+tests/test_contract.py runs them for every registered model on its tiny config. `BlockwiseTailContract`
+adds the tail check of the blockwise memory models (RMT, Block-Recurrent, Memorizing, MELODI), and
+`BlockwiseContract` bundles it with the shared checks for a model variant a test module builds itself.
 """
 
 from __future__ import annotations
@@ -295,9 +296,10 @@ def _tail_model(model, step, changes: dict, block: int, horizon: int):
   return (*_TAIL_MODELS[key], cfg.resolved_block_len, reach)
 
 
-class BlockwiseContract:
-  """The contract tests of a blockwise memory model. Subclass as `TestContract` in the model's test
-  module, which provides the `model` and `step` fixtures, and set:
+class BlockwiseTailContract:
+  """The check every blockwise memory model adds to the shared contract (tests/test_contract.py): a document's
+  tail reads its head through the memory wherever the next document starts. Subclass as `TestTail` in the
+  model's test module, which provides the `model` and `step` fixtures, and set:
 
     VOCAB    the model's vocabulary size
     BLOCK    its block length (segments are whole blocks)
@@ -307,6 +309,26 @@ class BlockwiseContract:
   VOCAB: int
   BLOCK: int
   HORIZON: int
+
+  # Config changes for the tail test (below): the tail must sit further into its block than the XL cache
+  # reaches, or the previous block's tokens (which read the carried memory) would carry the head to it
+  # through the cache alone and the test could not see a memory reset inside the block.
+  TAIL_CONFIG: dict = {"window": 2, "block_len": 16}
+
+  @pytest.mark.parametrize("where", ["block_start", "inside_block"])
+  def test_memory_reaches_a_documents_tail(self, model, step, where):
+    """(Mutation, by hand: the old reset of the memory for a whole block in which a document starts fails
+    every "inside_block" case here, with a change of exactly 0.)"""
+    model, step, block, horizon = _tail_model(model, step, self.TAIL_CONFIG, self.BLOCK, self.HORIZON)
+    # Within 4 blocks of the document's start (a memory of 3 blocks still holds its first block), and
+    # inside a block: the tail starts block // 2 - 3 tokens into it, beyond the XL cache's reach.
+    start = 4 * block if where == "block_start" else 3 * block + block // 2 + 1
+    memory_reaches_the_tail(model, step, seg=2 * block, vocab=self.VOCAB, horizon=horizon, next_start=start)
+
+
+class BlockwiseContract(BlockwiseTailContract):
+  """The whole blockwise contract on a model variant the shared contract's tiny config does not cover (an LSTM
+  gate, joint kNN attention, a token conv): the tail check and the shared checks at block granularity."""
 
   def test_segments_of_whole_blocks_equal_one_pass(self, model, step):
     n = 4 * self.BLOCK  # a memory smaller than 4 blocks wraps around here
@@ -325,18 +347,3 @@ class BlockwiseContract:
 
   def test_memory_carries_beyond_the_horizon(self, model, step):
     memory_carries(model, step, seg=self.BLOCK, vocab=self.VOCAB, horizon=self.HORIZON)
-
-  # Config changes for the tail test (below): the tail must sit further into its block than the XL cache
-  # reaches, or the previous block's tokens (which read the carried memory) would carry the head to it
-  # through the cache alone and the test could not see a memory reset inside the block.
-  TAIL_CONFIG: dict = {"window": 2, "block_len": 16}
-
-  @pytest.mark.parametrize("where", ["block_start", "inside_block"])
-  def test_memory_reaches_a_documents_tail(self, model, step, where):
-    """(Mutation, by hand: the old reset of the memory for a whole block in which a document starts fails
-    every "inside_block" case here, with a change of exactly 0.)"""
-    model, step, block, horizon = _tail_model(model, step, self.TAIL_CONFIG, self.BLOCK, self.HORIZON)
-    # Within 4 blocks of the document's start (a memory of 3 blocks still holds its first block), and
-    # inside a block: the tail starts block // 2 - 3 tokens into it, beyond the XL cache's reach.
-    start = 4 * block if where == "block_start" else 3 * block + block // 2 + 1
-    memory_reaches_the_tail(model, step, seg=2 * block, vocab=self.VOCAB, horizon=horizon, next_start=start)

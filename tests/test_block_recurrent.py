@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 import model_contract as contract
-from longctx.config import MeshConfig
 from conftest import rel_err
 from longctx.errors import ConfigError, LongctxError
 from longctx.models import create_model, list_models
@@ -37,18 +36,19 @@ def test_registered():
   assert "block_recurrent" in list_models()
 
 
-def test_memory_shape(model):
-  state = model.init_state(3)
-  assert state["memory"].shape == (3, 1, STATES, 32) and state["memory"].dtype == jnp.float32
-  np.testing.assert_array_equal(np.asarray(model.fresh_memory(state["memory"])[1, 0]),
-                                np.asarray(model.blocks[0].initial_state[...]))
+def test_state_shape(model):
+  state = model.init_state(3)["blocks"][0]["state"]
+  assert state.shape == (3, STATES, 32) and state.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(model.fresh_state(3)["blocks"][0]["state"][1]),
+                                np.asarray(model.blocks[0].mixer.initial_state[...]))
+  assert "state" not in model.init_state(3)["blocks"][1]  # layer 1 is a baseline block
   assert isinstance(model, BlockRecurrent)
 
 
 # ----------------------------------------------------------------------------- the model contract
 
 
-class TestContract(contract.BlockwiseContract):
+class TestTail(contract.BlockwiseTailContract):
   VOCAB, BLOCK = VOCAB, BLOCK
   HORIZON = LAYERS * WINDOW  # the XL cache
 
@@ -80,18 +80,6 @@ class TestLstmContract(contract.BlockwiseContract):
     flat = contract.gradients_reach(model, seg=BLOCK, vocab=VOCAB,
                                     names=["initial_state", "state_ids", "state_gate", "state_ffn_gate"])
     assert {"w_input", "b_input", "w_forget", "b_forget"} <= {p.split("'")[-2] for p in flat if "state_gate" in p}
-
-
-# fsdp, tensor and sequence at once: the token window runs the baseline's ring attention, the states'
-# reads of the tokens are partitioned by XLA; the result must equal one device.
-CONTEXT_MESH = MeshConfig(data=1, fsdp=2, tensor=2, sequence=2)
-
-
-def test_sharded_matches_one_device(eight_devices):
-  cfg = BlockRecurrentConfig(vocab_size=259, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, window=16,
-                             block_len=16, num_states=4, embed_conv=4)
-  results = contract.sharded_matches_one_device(cfg, eight_devices, seg_len=32, mesh=CONTEXT_MESH)  # documents start inside blocks
-  assert contract.runs_context_parallel_form(results["8-trainer"])
 
 
 # ----------------------------------------------------------------------------- pieces against numpy
@@ -128,8 +116,8 @@ def test_cosine_attention_matches_numpy():
   rng = np.random.default_rng(2)
   q, k, v = rng.normal(size=(1, 3, 4, 8)), rng.normal(size=(1, 5, 2, 8)), rng.normal(size=(1, 5, 2, 8))
   scale = np.array([1.0, -2.0, 3.0, 0.5])  # the absolute value is used
-  mask = rng.random((1, 3, 5)) < 0.6
-  mask[..., 0] = True
+  q_doc, k_doc = np.array([[0, 1, 1]]), np.array([[0, 1, 0, 1, -1]])  # a query sees the keys of its document
+  mask = q_doc[:, :, None] == k_doc[:, None, :]
   qn = q / np.linalg.norm(q, axis=-1, keepdims=True)
   kn = k / np.linalg.norm(k, axis=-1, keepdims=True)
   want = np.zeros_like(q)
@@ -141,8 +129,10 @@ def test_cosine_attention_matches_numpy():
     p /= p.sum(-1, keepdims=True)
     want[0, :, hd] = p @ v[0, :, kv]
   f32 = lambda a: jnp.asarray(a, jnp.float32)
-  got = cosine_attention(f32(q), f32(k), f32(v), jnp.asarray(mask), scale=f32(scale))
-  assert rel_err(got, want) < 1e-5
+  for kernel in ("reference", "xla"):
+    got = cosine_attention(f32(q), f32(k), f32(v), scale=f32(scale), q_doc=jnp.asarray(q_doc),
+                           k_doc=jnp.asarray(k_doc), kernel=kernel)
+    assert rel_err(got, want) < 1e-5, kernel
 
 
 def test_flops_count_the_state_path():

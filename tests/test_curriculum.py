@@ -9,14 +9,14 @@ import jax
 import numpy as np
 import pytest
 
-from longctx import config as config_lib
 from longctx.config import Config, DataConfig, MeshConfig, TrainConfig
 from longctx.errors import CheckpointError, ConfigError
 from longctx.models import TransformerConfig
-from longctx.training import curriculum
+from longctx.data import curriculum
 from longctx.training import loop as loop_lib
 from longctx.training.loop import run_training
 from longctx.training.metrics import read_metrics
+from longctx import recipe as recipe_lib
 
 ONE = jax.devices()[:1]
 STAGES = ["steps=2 data.task_length=48", "steps=3 data.task_length=96 data.passkey_depth=[0,0.5]"]
@@ -51,7 +51,7 @@ def _quiet(*_):
 ])
 def test_bad_stages_are_named(stages, steps, message):
   with pytest.raises(ConfigError) as err:
-    _cfg(stages, steps).validate()
+    recipe_lib.validate(_cfg(stages, steps))
   assert message in str(err.value), str(err.value)
 
 
@@ -145,8 +145,7 @@ def test_documents_aligned_to_a_train_step():
   from longctx.data.lanes import LaneBatcher
   from longctx.training.loop import build_pipeline
 
-  cfg = _cfg([], steps=5, align_documents=32, task_length=40)
-  cfg.validate()
+  cfg = recipe_lib.validate(_cfg([], steps=5, align_documents=32, task_length=40))
   pipeline = build_pipeline(cfg)
   lanes = LaneBatcher(pipeline.train_source, num_lanes=4, seg_len=16, segments_per_step=2, align=32,
                       pad_id=pipeline.tokenizer.pad_id)
@@ -155,7 +154,7 @@ def test_documents_aligned_to_a_train_step():
     assert batch["reset"].shape == (2, 4) and not batch["reset"][1].any(), "a document started at a step's 2nd segment"
     assert np.all(batch["segment_ids"] == 0), "a document started inside a segment"
   with pytest.raises(ConfigError, match="align_documents=24 must be 0, divide"):
-    _cfg([], align_documents=24).validate()
+    recipe_lib.validate(_cfg([], align_documents=24))
 
 
 def test_answer_token_hits_gives_partial_credit():
@@ -174,7 +173,7 @@ def test_every_recall_recipe_is_a_valid_curriculum():
   recipes = sorted(p for p in root.glob("*_recall.py") if not p.name.startswith("_"))
   assert len(recipes) >= 10
   for path in recipes:
-    cfg = config_lib.load_recipe(path).validate()
+    cfg = recipe_lib.validate(recipe_lib.load_recipe(path))
     stages = curriculum.parse_stages(cfg)
     assert stages and sum(s.steps for s in stages) == cfg.train.steps, path.name
     lengths = [s.data.task_length for s in stages]

@@ -148,7 +148,7 @@ def test_safetensors_export_round_trip(runs, tmp_path, name):
     assert flat[k].dtype == np.float32
     np.testing.assert_array_equal(flat[k], want[k], err_msg=k)
   # The names are the dotted nnx paths, readable without longctx.
-  assert ("blocks.0.mixer.in_proj" if "mamba" in name else "blocks.0.attn.wq") in flat
+  assert ("blocks.0.mixer.in_proj" if "mamba" in name else "blocks.0.mixer.wq") in flat
   # Into a model: the same logits as the checkpoint's params, bit for bit.
   tokens = np.random.default_rng(0).integers(0, 259, (2, 16))
   fresh = create_model(model_cfg, seed=123)
@@ -220,12 +220,12 @@ HF_SHAPES = [
     MambaConfig(vocab_size=37, d_model=24, num_layers=3, state_size=4, conv_kernel=3, expand=3, dt_rank=5,
                 tie_embeddings=False, norm_eps=1e-6),
     MambaConfig(vocab_size=40, d_model=16, num_layers=1, state_size=16, conv_kernel=2, expand=1,
-                scan_impl="xla", chunk_size=8),
+                scan="chunked", kernel="xla", chunk_size=8),
     Mamba2Config(vocab_size=50, d_model=32, num_layers=2, state_size=8, head_dim=16, chunk_size=8),
     Mamba2Config(vocab_size=37, d_model=32, num_layers=2, state_size=4, head_dim=8, num_heads=8, num_groups=2,
                  conv_kernel=3, tie_embeddings=False, chunk_size=16),
     Mamba2Config(vocab_size=40, d_model=24, num_layers=3, state_size=16, head_dim=12, expand=4, num_groups=4,
-                 chunk_size=8, ssd_impl="reference", norm_eps=1e-6),
+                 chunk_size=8, kernel="reference", norm_eps=1e-6),
 ]
 
 

@@ -9,13 +9,13 @@ import pytest
 
 from conftest import rel_err
 from longctx import cli
-from longctx import config as config_lib
 from longctx.data.tokenizers import ByteTokenizer
 from longctx.errors import ConfigError
 from longctx.generate import (Generator, TextStream, encode_prompt, load_generator, prompt_segments, sample_next,
                               split_prompt)
 from longctx.models import Mamba2Config, RMTConfig, TransformerConfig, create_model
 from longctx.training.loop import run_training
+from longctx import recipe as recipe_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "recipes" / "quickstart.py")
@@ -185,7 +185,7 @@ def run_dir(tmp_path_factory, eight_devices):
   overrides = ["train.steps=2", "train.warmup_steps=1", "train.eval_batches=1", "train.checkpoint_every=1",
                "train.async_checkpoint=false", "model.d_model=32", "model.window=16", "data.seg_len=32",
                "data.num_docs=32"]
-  cfg = config_lib.apply_overrides(config_lib.load_recipe(QUICKSTART), overrides).validate()
+  cfg = recipe_lib.load_and_check(QUICKSTART, overrides)
   run_training(cfg, path, progress=False, log=lambda *_: None, devices=eight_devices[:1])
   return path
 

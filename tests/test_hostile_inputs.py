@@ -28,6 +28,7 @@ from typing import Callable
 import pytest
 
 from longctx import cli
+from longctx import recipe as recipe_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "recipes" / "quickstart.py")
@@ -115,7 +116,7 @@ def _set_config(text: str | Callable[[dict], dict]):
 def _mamba_config(_: dict) -> dict:
   from longctx import config as config_lib
 
-  return config_lib.to_dict(config_lib.load_recipe(MAMBA))
+  return config_lib.to_dict(recipe_lib.load_recipe(MAMBA))
 
 
 def _without(section: str):

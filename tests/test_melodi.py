@@ -9,10 +9,10 @@ import pytest
 from flax import nnx
 
 import model_contract as contract
-from longctx.config import MeshConfig
+from conftest import rel_err
 from longctx.errors import ConfigError, LongctxError
 from longctx.models import create_model, list_models
-from longctx.models.melodi import Melodi, MelodiConfig, fifo_append, long_mask, melodi_mask
+from longctx.models.melodi import Melodi, MelodiConfig, fifo_append
 
 VOCAB, BLOCK, S, U, M, A = 50, 8, 4, 4, 12, 4
 
@@ -39,11 +39,13 @@ def test_registered(model):
   assert model.cfg.resolved_long_layer == 1  # the middle of 2 layers
   state = model.init_state(3)
   shapes = jax.tree.map(lambda x: (x.shape, x.dtype.name), state)
-  assert shapes == {"memory": {"short": ((3, 2, S, 32), "float32"), "short_valid": ((3,), "bool"),
-                               "long": ((3, M, 32), "float32"), "long_valid": ((3, M), "bool")}}
+  assert shapes == {"pos": ((3,), "int32"),
+                    "blocks": [{"short": ((3, S, 32), "float32")},
+                               {"short": ((3, S, 32), "float32"), "long": ((3, M, 32), "float32"),
+                                "long_valid": ((3, M), "bool")}]}
 
 
-class TestContract(contract.BlockwiseContract):
+class TestTail(contract.BlockwiseTailContract):
   VOCAB, BLOCK = VOCAB, BLOCK
   HORIZON = BLOCK  # no XL cache: all a window knows of earlier ones comes through the memory
   TAIL_CONFIG = {}  # no XL cache to outrun: the module's model
@@ -64,7 +66,7 @@ def test_long_memory_is_a_fifo(model, step):
   for k in range(n):
     _, state = step(tokens[:, k * BLOCK:(k + 1) * BLOCK], state, jnp.array([k == 0] * 2),
                     jnp.zeros((2, BLOCK), jnp.int32))
-    mem, valid = np.asarray(state["memory"]["long"]), np.asarray(state["memory"]["long_valid"])
+    mem, valid = np.asarray(state["blocks"][1]["long"]), np.asarray(state["blocks"][1]["long_valid"])
     appended.append(mem[:, -A:])
     sim_mem = np.concatenate([sim_mem[:, A:], appended[-1]], axis=1)
     sim_valid = np.concatenate([sim_valid[:, A:], np.ones((2, A), bool)], axis=1)
@@ -75,7 +77,7 @@ def test_long_memory_is_a_fifo(model, step):
   assert all(np.abs(a).sum() > 0 for a in appended) and not np.array_equal(appended[-1], appended[-2])
   # One pass over the 4 windows ends in the same FIFO.
   _, one = step(tokens, model.init_state(2), jnp.array([True, True]), jnp.zeros(tokens.shape, jnp.int32))
-  np.testing.assert_allclose(np.asarray(one["memory"]["long"]), mem, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(one["blocks"][1]["long"]), mem, rtol=1e-5, atol=1e-6)
 
 
 def test_fifo_append():
@@ -85,6 +87,28 @@ def test_fifo_append():
   out, out_valid = fifo_append(mem, valid, new)
   np.testing.assert_array_equal(np.asarray(out)[0, :, 0], [2, 3, 4, -1, -1])
   np.testing.assert_array_equal(np.asarray(out_valid)[0], [True, True, True, True, True])
+
+
+def melodi_mask(q_doc, short_valid, *, short_memory: int, summary_tokens: int):
+  """The visibility of MELODI's rows written out as one dense mask `[b, W+U, S+W+U]`: queries [tokens; summary]
+  over keys [short memory; tokens; summary] (the model builds it from key blocks instead)."""
+  b, W = q_doc.shape
+  S, U = short_memory, summary_tokens
+  row_doc = jnp.concatenate([q_doc, jnp.broadcast_to(q_doc[:, -1:], (b, U))], axis=1)  # summary = last doc
+  mem = jnp.broadcast_to((short_valid[:, None] & (row_doc == 0))[:, :, None], (b, W + U, S))
+  tok_tok = jnp.tril(jnp.ones((W, W), bool))[None] & (q_doc[:, :, None] == q_doc[:, None, :])
+  sum_tok = jnp.broadcast_to((q_doc == q_doc[:, -1:])[:, None, :], (b, U, W))
+  rows_tok = jnp.concatenate([tok_tok, sum_tok], axis=1)
+  rows_sum = jnp.concatenate([jnp.zeros((b, W, U), bool), jnp.broadcast_to(jnp.tril(jnp.ones((U, U), bool)),
+                                                                            (b, U, U))], axis=1)
+  return jnp.concatenate([mem, rows_tok, rows_sum], axis=2)
+
+
+def long_mask(q_doc, long_valid, *, summary_tokens: int):
+  """`[b, W+U, M]`: the FIFO's valid entries, to document 0 only."""
+  b = q_doc.shape[0]
+  row_doc = jnp.concatenate([q_doc, jnp.broadcast_to(q_doc[:, -1:], (b, summary_tokens))], axis=1)
+  return long_valid[:, None, :] & (row_doc == 0)[:, :, None]
 
 
 def test_masks():
@@ -97,14 +121,47 @@ def test_masks():
   np.testing.assert_array_equal(tok[:, 6:], np.zeros((4, 2)))  # tokens never see summary tokens
   # Summary tokens: no memory (they belong to document 1), the last document's tokens, causal among themselves.
   np.testing.assert_array_equal(summ, [[0, 0, 0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 1, 1, 1, 1]])
-  one_doc = np.asarray(melodi_mask(jnp.zeros((1, 3), jnp.int32), jnp.array([True]), short_memory=1,
-                                   summary_tokens=1))[0]
-  np.testing.assert_array_equal(one_doc, [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
-  empty = np.asarray(melodi_mask(jnp.zeros((1, 3), jnp.int32), jnp.array([False]), short_memory=1,
-                                 summary_tokens=1))[0]
-  assert not empty[:, 0].any()  # never-written short memory is never attended
   lm = np.asarray(long_mask(q_doc, jnp.array([[False, True, True]]), summary_tokens=2))[0]
   np.testing.assert_array_equal(lm, [[0, 1, 1]] * 2 + [[0, 0, 0]] * 4)
+
+
+def _dense(q, k, v, mask):
+  b, s, h, d = q.shape
+  kvh = k.shape[2]
+  scores = jnp.einsum("bskgd,btkd->bkgst", q.reshape(b, s, kvh, h // kvh, d), k) * d ** -0.5
+  scores = jnp.where(mask[:, None, None], scores, -1e30)
+  probs = jnp.where(mask[:, None, None], jax.nn.softmax(scores, axis=-1), 0.0)
+  return jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(b, s, h, d)
+
+
+@pytest.mark.parametrize("kernel", ["reference", "xla", "pallas"])
+@pytest.mark.parametrize("start", [0, 5], ids=["new_document", "memory_valid"])
+def test_attention_matches_the_dense_masks(kernel, start):
+  """The layer's key blocks give the rows of `melodi_mask`, and its FIFO read those of `long_mask`, under every
+  kernel: a window with a document starting inside it, short memory valid or not, a partly valid FIFO."""
+  from longctx.layers import project, rotary
+  from longctx.layers.context import Context
+  from longctx.models.melodi import MelodiAttention
+
+  cfg = tiny(kernel=kernel, attention_block=4, block_len=6, long_layer=0)
+  mixer = MelodiAttention(cfg, layer=0, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(1)
+  W = 6
+  xn = jnp.asarray(rng.normal(size=(2, W + U, 32)), jnp.float32)
+  memory = jnp.asarray(rng.normal(size=(2, S, 32)), jnp.float32)
+  fifo = jnp.asarray(rng.normal(size=(2, M, 32)), jnp.float32)
+  valid = jnp.asarray(rng.random((2, M)) < 0.5)
+  ctx = Context.of(jnp.asarray([[0, 0, 0, 1, 1, 1], [0] * 6], jnp.int32), jnp.asarray([start, start], jnp.int32))
+  got = mixer.attend(xn, memory, ctx, long=(fifo, valid))
+  q = project(xn, mixer.wq)
+  kv_in = jnp.concatenate([memory, xn], axis=1)
+  k, v = project(kv_in, mixer.wk), project(kv_in, mixer.wv)
+  pos = jnp.arange(S + W + U)
+  mask = melodi_mask(ctx.doc, ctx.start > 0, short_memory=S, summary_tokens=U)
+  y_self = _dense(rotary(q, pos[S:]), rotary(k, pos), v, mask)
+  y_long = _dense(q, project(fifo, mixer.wk), project(fifo, mixer.wv), long_mask(ctx.doc, valid, summary_tokens=U))
+  alpha = jax.nn.sigmoid(mixer.long_gate[...])
+  assert rel_err(got, mixer.out(alpha * y_self + (1 - alpha) * y_long)) < 1e-5
 
 
 class TestEmbedConvContract(contract.BlockwiseContract):
@@ -117,7 +174,7 @@ class TestEmbedConvContract(contract.BlockwiseContract):
   @classmethod
   def model(cls):
     m = create_model(tiny(embed_conv=3), seed=2)
-    assert set(m.init_state(2)) == {"memory", "prev_tokens", "prev_valid"}
+    assert set(m.init_state(2)) == {"pos", "blocks", "history"}
     return m
 
   @pytest.fixture(scope="class")
@@ -130,23 +187,12 @@ def test_without_long_memory_and_unequal_short_summary():
   cfg = tiny(long_memory_size=0, short_memory=3, num_layers=1)
   m = create_model(cfg, seed=1)
   state = m.init_state(2)
-  assert set(state["memory"]) == {"short", "short_valid"} and m.mix_long is None
-  assert m.mix_short[0].norm_x is None  # S != U: a plain linear mixer, as meliad
+  assert set(state["blocks"][0]) == {"short"} and m.blocks[0].mix_long is None
+  assert m.blocks[0].mix_short.norm_x is None  # S != U: a plain linear mixer, as meliad
+  assert m.blocks[0].mix_summary is None  # the last layer's summary would be discarded: none
   logits, state = m(jnp.ones((2, 16), jnp.int32), state, reset=jnp.ones((2,), bool))
   assert logits.shape == (2, 16, VOCAB) and np.all(np.isfinite(np.asarray(logits)))
-  assert state["memory"]["short"].shape == (2, 1, 3, 32) and bool(state["memory"]["short_valid"].all())
-
-
-# fsdp, tensor and sequence at once: the window's tokens run the ring (`melodi_ring_attention`), the rest is
-# partitioned by XLA; the result must equal one device.
-CONTEXT_MESH = MeshConfig(data=1, fsdp=2, tensor=2, sequence=2)
-
-
-def test_sharded_matches_one_device(eight_devices):
-  cfg = MelodiConfig(vocab_size=259, d_model=32, num_layers=2, num_heads=4, block_len=16, short_memory=4,
-                     summary_tokens=4, long_memory_size=12, long_append=4)
-  results = contract.sharded_matches_one_device(cfg, eight_devices, seg_len=32, mesh=CONTEXT_MESH)  # documents start inside blocks
-  assert contract.runs_context_parallel_form(results["8-trainer"])
+  assert state["blocks"][0]["short"].shape == (2, 3, 32) and bool((state["pos"] > 0).all())
 
 
 def state_bytes(model, batch=1):
@@ -156,7 +202,7 @@ def state_bytes(model, batch=1):
 
 def test_state_bytes_per_lane(model):
   assert Melodi.state_bytes_per_lane(model.cfg) == state_bytes(model)
-  assert Melodi.state_bytes_per_lane(tiny(long_memory_size=0)) == 4 * 2 * S * 32 + 1
+  assert Melodi.state_bytes_per_lane(tiny(long_memory_size=0)) == 4 * 2 * S * 32 + 4
   # Reference scale (base_melodi.gin) against a Memorizing Transformer with 64K (key, value) pairs in one layer.
   from longctx.models.memorizing import MemorizingConfig
   from longctx.models import build_model
@@ -166,7 +212,7 @@ def test_state_bytes_per_lane(model):
                          memory_size=65536, knn_layers=[6])
   melodi_bytes = Melodi.state_bytes_per_lane(ref)
   memorizing_bytes = state_bytes(nnx.eval_shape(lambda: build_model(mem, rngs=nnx.Rngs(0))))
-  assert melodi_bytes == 4 * (12 * 64 + 4096) * 1024 + 4096 + 1
+  assert melodi_bytes == 4 * (12 * 64 + 4096) * 1024 + 4096 + 4
   assert memorizing_bytes / melodi_bytes > 8
 
 

@@ -88,20 +88,20 @@ def test_joint_attention_with_the_whole_memory_is_attention_over_the_whole_docum
 
 def test_joint_layer_has_no_gate_and_its_gradients_reach_scale_and_query():
   model = create_model(tiny_config(knn_combine="joint"), seed=0)
-  flat = contract.gradients_reach(model, seg=BLOCK, vocab=VOCAB, names=["knn_scale", "['blocks'][0]['attn']['wq']"])
+  flat = contract.gradients_reach(model, seg=BLOCK, vocab=VOCAB, names=["knn_scale", "['blocks'][0]['mixer']['wq']"])
   assert not any("knn_gate" in name for name in flat)
 
 
 def test_gradients_reach_gate_scale_and_query(model):
   flat = contract.gradients_reach(model, seg=BLOCK, vocab=VOCAB,
-                                  names=["knn_gate", "knn_scale", "['blocks'][0]['attn']['wq']"])
-  assert "['blocks'][1]['attn']['knn_gate']" not in flat  # only the kNN layer (default -2 = layer 0) has one
+                                  names=["knn_gate", "knn_scale", "['blocks'][0]['mixer']['wq']"])
+  assert "['blocks'][1]['mixer']['knn_gate']" not in flat  # only the kNN layer (default -2 = layer 0) has one
 
 
 def test_database_gets_no_gradient(model, step):
   tokens = contract.randint(11, (2, 4 * BLOCK), VOCAB)
   _, state = contract.stream(model, step, tokens[:, :3 * BLOCK], BLOCK)
-  assert np.asarray(state["memory"]["layer0"]["valid"]).all()
+  assert np.asarray(state["blocks"][0]["memory"]["valid"]).all()
   graphdef, params = nnx.split(model)
 
   def loss(state):
@@ -110,9 +110,9 @@ def test_database_gets_no_gradient(model, step):
 
   grads = jax.jit(jax.grad(loss, allow_int=True))(state)
   for name in ("k", "v"):
-    g = np.asarray(grads["memory"]["layer0"][name])
+    g = np.asarray(grads["blocks"][0]["memory"][name])
     assert np.all(g == 0), f"the database's {name} got a gradient"
-  assert np.linalg.norm(np.asarray(grads["k"])) > 0  # the XL cache, by contrast, is differentiable
+  assert np.linalg.norm(np.asarray(grads["blocks"][0]["k"])) > 0  # the XL cache, by contrast, is differentiable
 
 
 def test_memory_state_after_a_document_start_inside_a_block(model, step):
@@ -120,7 +120,7 @@ def test_memory_state_after_a_document_start_inside_a_block(model, step):
   tokens = contract.randint(12, (1, 3 * BLOCK), VOCAB)
   ids = (jnp.arange(3 * BLOCK) >= 2 * BLOCK - 3).astype(jnp.int32)[None]
   _, state = contract.stream(model, step, tokens, 3 * BLOCK, segment_ids=ids)
-  mem = state["memory"]["layer0"]
+  mem = state["blocks"][0]["memory"]
   np.testing.assert_array_equal(np.asarray(mem["ptr"]), [3 + BLOCK])
   np.testing.assert_array_equal(np.asarray(mem["valid"][0]), np.arange(MEM) < 3 + BLOCK)
 
@@ -245,14 +245,14 @@ def test_search_and_write_stay_on_each_lanes_device(eight_devices, method):
   lane = NamedSharding(Mesh(np.array(eight_devices), ("lanes",)), P("lanes"))
   arg = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype, sharding=lane)
   mem = {"k": arg((b, M, kvh, d)), "v": arg((b, M, kvh, d)), "valid": arg((b, M), bool), "ptr": arg((b,), jnp.int32),
-         "pos": arg((b, M), jnp.int32), "clock": arg((b,), jnp.int32)}
+         "pos": arg((b, M), jnp.int32)}
 
   def f(q, scale, mem):
     out = knn_attention(q, mem["k"], mem["v"], mem["valid"], scale, top_k=TOPK, method=method, query_chunk=2)
     k = q[:, :, :kvh]
     joint = joint_knn_attention(q, k, k, mem, scale, local_mask=jnp.ones((b, s, s), bool),
-                                q_pos=mem["clock"][:, None] + jnp.arange(s), window=2, top_k=TOPK, method=method)
-    return out, joint, ring_write(mem, k, k, jnp.ones((b, s), bool))
+                                q_pos=mem["ptr"][:, None] + jnp.arange(s), window=2, top_k=TOPK, method=method)
+    return out, joint, ring_write(mem, k, k, jnp.ones((b, s), bool), mem["ptr"][:, None] + jnp.arange(s))
 
   scale = jax.ShapeDtypeStruct((h,), jnp.float32, sharding=NamedSharding(lane.mesh, P()))
   hlo = jax.jit(f).lower(arg((b, s, h, d)), scale, mem).compile().as_text()
@@ -271,18 +271,18 @@ def test_ring_write_matches_numpy_simulation():
   write = jax.jit(ring_write)
   masks = [rng.random((b, L)) < p for p in (0.3, 0.5, 1.0, 0.0, 0.6)]
   masks[1][0] = [False] * 5 + [True] * 3  # a suffix, as last_doc_mask gives
-  for mask in masks:
+  for i, mask in enumerate(masks):
     k = rng.normal(size=(b, L, kvh, d)).astype(np.float32)
     v = rng.normal(size=(b, L, kvh, d)).astype(np.float32)
-    mem = write(mem, jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask))
+    pos = (i * L + np.arange(L))[None].repeat(b, 0).astype(np.int32)  # the tokens' positions in their documents
+    mem = write(mem, jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask), jnp.asarray(pos))
     for r in range(b):
       for t in range(L):
         if mask[r, t]:
           p = ref["ptr"][r]
           ref["k"][r, p], ref["v"][r, p], ref["valid"][r, p] = k[r, t], v[r, t], True
-          ref["pos"][r, p] = ref["clock"][r] + t
+          ref["pos"][r, p] = pos[r, t]
           ref["ptr"][r] = (p + 1) % M
-      ref["clock"][r] += L
     for name in ref:
       np.testing.assert_array_equal(np.asarray(mem[name]), ref[name], err_msg=name)
 

@@ -13,8 +13,8 @@ import subprocess
 import pytest
 
 from longctx import cli, dryrun
-from longctx import config as config_lib
 from longctx.models import list_models
+from longctx import recipe as recipe_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 POD = ROOT / "recipes" / "pod"
@@ -42,7 +42,7 @@ def test_one_pod_recipe_per_model_on_64_chips():
   assert not (ROOT / "recipes" / "pg19_transformer_pod.py").exists()
   for name in POD_RECIPES:
     path = POD / f"{name}.py"
-    cfg = config_lib.load_recipe(path)
+    cfg = recipe_lib.load_recipe(path)
     mesh = dataclasses.asdict(cfg.mesh)
     assert -1 not in mesh.values() and mesh["data"] * mesh["fsdp"] * mesh["tensor"] * mesh["sequence"] == 64, name
     if name in ("transformer", "retnet", "mamba", "mamba2"):
@@ -56,7 +56,7 @@ def test_one_pod_recipe_per_model_on_64_chips():
 
 def one_layer(name: str) -> list[str]:
   """--set overrides for a copy of a recipe with one ordinary layer (and its special layers, in place)."""
-  small = dryrun.reduced_model(config_lib.load_recipe(POD / f"{name}.py").model, 1)
+  small = dryrun.reduced_model(recipe_lib.load_recipe(POD / f"{name}.py").model, 1)
   sets = [f"model.num_layers={small.num_layers}"]
   sets += [f"model.{k}=[{','.join(map(str, getattr(small, k)))}]" for k in small.layer_lists]
   sets += [f"model.{k}={getattr(small, k)}" for k in small.layer_indices]
@@ -123,19 +123,19 @@ def test_tpu_topology_without_libtpu_is_one_line(capsys):
 
 
 def test_reduced_depth_keeps_special_layers_in_place():
-  cfg = config_lib.load_recipe(POD / "block_recurrent.py").model
+  cfg = recipe_lib.load_recipe(POD / "block_recurrent.py").model
   assert dryrun.special_layers(cfg) == (19,)
   two = dryrun.reduced_model(cfg, 2)
   assert (two.num_layers, two.recurrent_layers) == (3, [2])  # after both ordinary layers, as 19 is after 19
-  mem = dataclasses.replace(config_lib.load_recipe(POD / "memorizing.py").model, knn_layers=[0, -1])
+  mem = dataclasses.replace(recipe_lib.load_recipe(POD / "memorizing.py").model, knn_layers=[0, -1])
   three = dryrun.reduced_model(mem, 3)
   assert (three.num_layers, three.knn_layers) == (5, [0, 4])
-  melodi = dataclasses.replace(config_lib.load_recipe(POD / "melodi.py").model, long_layer=-1)
+  melodi = dataclasses.replace(recipe_lib.load_recipe(POD / "melodi.py").model, long_layer=-1)
   assert dryrun.reduced_model(melodi, 2).long_layer == 2 and dryrun.reduced_model(melodi, 2).num_layers == 3
   assert dryrun.depth_plan(cfg, full=False) == (6, 8) and dryrun.depth_plan(cfg, full=True) == (23,)
   shallow = dataclasses.replace(cfg, num_layers=9, recurrent_layers=[1])
   assert dryrun.depth_plan(shallow, full=False) == (8,)  # 8 ordinary layers or fewer: compiled as they are
-  plain = config_lib.load_recipe(POD / "mamba.py").model
+  plain = recipe_lib.load_recipe(POD / "mamba.py").model
   assert dryrun.reduced_model(plain, 2).num_layers == 2 and dryrun.depth_plan(plain, full=True) == (48,)
 
 

@@ -15,13 +15,14 @@ from longctx.eval.reach import measure_reach
 from longctx.eval.streaming import TrainedModel
 from longctx.models import RMTConfig, TransformerConfig
 from longctx.training.trainer import Trainer
+from longctx import recipe as recipe_lib
 
 DISTANCES = [1, 3, 6, 20, 40]
 
 
 def _trained(model_cfg) -> TrainedModel:
-  cfg = Config(model=model_cfg, data=DataConfig(source="synthetic", batch_size=1, seg_len=16),
-               train=TrainConfig(steps=1), mesh=MeshConfig(data=1)).validate()
+  cfg = recipe_lib.validate(Config(model=model_cfg, data=DataConfig(source="synthetic", batch_size=1, seg_len=16),
+                                   train=TrainConfig(steps=1), mesh=MeshConfig(data=1)))
   devices = jax.devices()[:1]
   params = Trainer(cfg, devices=devices).init_train_state()["params"]
   return TrainedModel(cfg=cfg, params=params, step=0, run_dir=pathlib.Path("."), tokenizer=load_tokenizer("byte"),

@@ -25,6 +25,7 @@ from longctx.training.checkpoint import Checkpointer, load_initial_params, verif
 from longctx.training.loop import run_training
 from longctx.training.metrics import read_metrics
 from longctx.training.trainer import Trainer
+from longctx import recipe as recipe_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "recipes" / "quickstart.py")
@@ -71,7 +72,7 @@ def _interrupt(run_dir, sig, at_step) -> subprocess.CompletedProcess:
 
 
 def _final_params(run_dir):
-  cfg = config_lib.apply_overrides(config_lib.load_recipe(QUICKSTART), SETS)
+  cfg = config_lib.apply_overrides(recipe_lib.load_recipe(QUICKSTART), SETS)
   trainer = Trainer(cfg, devices=jax.devices()[:1])
   params, _ = load_initial_params(run_dir, model_cfg=cfg.model,
                                   abstract_params=trainer.abstract_train_state_sharded()["params"])
@@ -114,7 +115,7 @@ def test_sigkill_and_sigterm_then_resume_match_an_uninterrupted_run(reference, t
 
 
 def _cfg(steps, **train):
-  cfg = config_lib.apply_overrides(config_lib.load_recipe(QUICKSTART), SETS + [f"train.steps={steps}"])
+  cfg = config_lib.apply_overrides(recipe_lib.load_recipe(QUICKSTART), SETS + [f"train.steps={steps}"])
   return config_lib.replace(cfg, train=config_lib.dataclasses.replace(cfg.train, **train)) if train else cfg
 
 

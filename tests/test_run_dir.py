@@ -27,6 +27,7 @@ from longctx.data.tokenizers import train_sentencepiece
 from longctx.training.loop import run_training
 from longctx.training.metrics import SUPERSEDED, read_metrics
 from longctx.training.run_dir import HELDOUT, LOCK, TOKENIZER, RunDirBusy, RunDirLock
+from longctx import recipe as recipe_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "recipes" / "quickstart.py")
@@ -38,7 +39,7 @@ WORDS = ("the river mill light wind leaves clock bread road hills cloud town cat
 
 
 def _cfg(*extra):
-  return config_lib.apply_overrides(config_lib.load_recipe(QUICKSTART), [*TINY, *extra])
+  return config_lib.apply_overrides(recipe_lib.load_recipe(QUICKSTART), [*TINY, *extra])
 
 
 def _snapshot(root: pathlib.Path) -> dict[str, str]:

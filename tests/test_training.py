@@ -46,7 +46,7 @@ def test_sharded_loss_and_update_match_one_device(eight_devices):
   results = contract.sharded_matches_one_device(cfg, eight_devices, seg_len=32)
   trainer = results["8-trainer"]  # really sharded: a weight split over fsdp x tensor, lanes over data x fsdp
   assert trainer.param_shardings["blocks"][0]["mlp"]["gate"].spec == jax.sharding.PartitionSpec("fsdp", "tensor")
-  assert trainer.model_state_shardings["k"].spec[0] == ("data", "fsdp")
+  assert trainer.model_state_shardings["blocks"][0]["k"].spec[0] == ("data", "fsdp")
 
 
 def test_resume_is_exact(tmp_path):

@@ -8,7 +8,6 @@ from flax import nnx
 
 import model_contract as contract
 from conftest import rel_err
-from longctx.errors import LongctxError
 from longctx.models import TransformerConfig, create_model, list_models
 
 WINDOW = 8
@@ -18,11 +17,12 @@ def randint(seed, shape, high=50):
   return jnp.asarray(np.random.default_rng(seed).integers(0, high, shape, dtype=np.int32))
 
 
-@pytest.fixture(scope="module", params=[0, 4], ids=["plain", "embed_conv4"])
-def model(request):
-  """The baseline, without and with the causal token conv over embeddings (which adds state)."""
+@pytest.fixture(scope="module")
+def model():
+  """The baseline with the causal token conv over embeddings (the shell's, which adds state); without it, the
+  shared contract (tests/test_contract.py) covers the same config."""
   cfg = TransformerConfig(vocab_size=50, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, window=WINDOW,
-                          embed_conv=request.param)
+                          embed_conv=4)
   cfg.validate()
   return create_model(cfg, seed=0)
 
@@ -130,24 +130,9 @@ def test_gradients_flow_through_the_cache(model):
   assert all(np.isfinite(norms)) and sum(n > 0 for n in norms) == len(norms)
 
 
-def test_bad_shapes_are_clear_errors(model):
-  with pytest.raises(LongctxError, match=r"tokens must be \[batch, seg_len\]"):
-    model(jnp.zeros((4,), jnp.int32), model.init_state(4), reset=jnp.zeros((4,), bool))
-  with pytest.raises(LongctxError, match=r"reset must be \[batch\]"):
-    model(jnp.zeros((4, 8), jnp.int32), model.init_state(4), reset=jnp.zeros((3,), bool))
-
-
-def test_memory_contract_check_fails_for_the_baseline(model, step):
-  """The shared `memory_carries` check is not vacuous: the baseline has no memory beyond its cache."""
-  import model_contract as contract
-
-  with pytest.raises(AssertionError, match="memory carries nothing"):
-    contract.memory_carries(model, step, seg=WINDOW, vocab=50, horizon=2 * WINDOW + model.embedding.history_len)
-
-
 def test_token_conv_matches_numpy():
   """y_t = e_t + sum_j kernel_j e_{t-j}, dropping taps that reach into another document or an empty slot."""
-  from longctx.models.transformer import token_conv
+  from longctx.layers.embedding import token_conv
 
   rng = np.random.default_rng(0)
   taps, seq, d = 4, 11, 5
@@ -173,20 +158,36 @@ def test_embed_conv_width_is_checked(width):
     TransformerConfig(embed_conv=width).validate()
 
 
-def test_attention_impls_agree():
-  """flash (default), its Pallas kernel (interpreted on CPU) and the dense block pairs: same logits and state,
-  with blocks smaller than the window and a segment that is not a multiple of the block."""
+@pytest.mark.parametrize("kernel", ["pallas", "reference"])
+def test_attention_kernels_agree(kernel):
+  """model.kernel: the flash kernel in XLA (auto on CPU), its Pallas kernel (interpreted on CPU) and dense
+  attention give the same logits and state, with flash blocks smaller than the window and a segment that
+  is not a multiple of the block."""
   tokens = randint(21, (2, 27))
   ids = (jnp.arange(27) >= 11).astype(jnp.int32)[None].repeat(2, 0)
   results = {}
-  for impl in ("flash", "pallas", "pairs"):
+  for k in ("xla", kernel):
     cfg = TransformerConfig(vocab_size=50, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, window=WINDOW,
-                            attention_impl=impl, attention_block=WINDOW if impl == "pairs" else 4)
+                            kernel=k, attention_block=4)
     model = create_model(cfg, seed=0)
     state = model.init_state(2)
     logits, state = model(tokens[:, :13], state, reset=jnp.ones(2, bool), segment_ids=ids[:, :13])
     logits2, state = model(tokens[:, 13:], state, reset=jnp.zeros(2, bool), segment_ids=ids[:, 13:])
-    results[impl] = (jnp.concatenate([logits, logits2], axis=1), state["k"])
-  for impl in ("pallas", "pairs"):
-    assert rel_err(results[impl][0], results["flash"][0]) < 1e-5, impl
-    assert rel_err(results[impl][1], results["flash"][1]) < 1e-6, impl
+    results[k] = (jnp.concatenate([logits, logits2], axis=1), state["blocks"])
+  assert rel_err(results[kernel][0], results["xla"][0]) < 1e-5
+  for a, b in zip(jax.tree.leaves(results[kernel][1]), jax.tree.leaves(results["xla"][1])):
+    assert rel_err(a, b) < 1e-6
+
+
+def test_the_kernel_switch_is_one_place():
+  """auto is XLA wherever no Pallas kernel is known to compile; pallas is interpreted on CPU and refused on a GPU."""
+  from longctx.errors import ConfigError
+  from longctx.layers.kernel import resolve
+
+  assert resolve("auto", "attention", platform="cpu").impl == "xla"
+  assert resolve("pallas", "attention", platform="cpu").interpret
+  assert not resolve("pallas", "linear_recurrence", platform="tpu").interpret
+  with pytest.raises(ConfigError, match="no GPU version"):
+    resolve("pallas", "attention", platform="gpu")
+  with pytest.raises(ConfigError, match="model.kernel='cuda' is not one of"):
+    resolve("cuda", "attention")

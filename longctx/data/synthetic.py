@@ -30,10 +30,9 @@ import re
 
 import numpy as np
 
+from longctx.config import TASKS, parse_tasks  # noqa: F401  (data.task's vocabulary lives with the config)
 from longctx.data.document import Document, make_document
 from longctx.errors import ConfigError
-
-TASKS = ("passkey", "mqar", "copy", "qa1", "qa2")
 
 FILLER = (
     "The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.",
@@ -52,15 +51,6 @@ CHANCE = {"passkey": 1 / 90_000, "mqar": 1 / 90, "copy": 0.0, "qa1": 1 / len(PLA
 
 
 _ROLE_IDS = {"prompt": 0, "answer": 1, "tail": 2}
-
-
-def parse_tasks(spec: str) -> tuple[str, ...]:
-  """`"passkey"` or a mixture `"passkey,mqar,qa1"` -> a tuple of known task names."""
-  tasks = tuple(t.strip() for t in spec.split(",") if t.strip())
-  bad = [t for t in tasks if t not in TASKS]
-  if not tasks or bad:
-    raise ConfigError(f"data.task={spec!r}: {bad or 'empty'} not in {TASKS} (a mixture is comma-separated)")
-  return tasks
 
 
 def check_task(task: str) -> None:

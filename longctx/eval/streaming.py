@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from longctx import config as config_lib
+from longctx import recipe as recipe_lib
 from longctx.config import Config
 from longctx.errors import CheckpointError, ConfigError
 from longctx.io.runs import read_saved_config, resolve_checkpoint
@@ -106,10 +107,11 @@ def load_trained(path: str | pathlib.Path, *, overrides: Sequence[str] = ()) -> 
   saved = read_saved_config(cfg_path)
   if not any(o.startswith("data.tokenizer=") for o in overrides):  # the run's own copy of its tokenizer
     saved["data"]["tokenizer"] = tokenizer_in(run_dir, saved["data"].get("tokenizer", "byte"))
-  cfg = config_lib.apply_overrides(config_lib.from_dict(saved), list(overrides)).validate()
+  cfg = recipe_lib.validate(config_lib.apply_overrides(recipe_lib.from_dict(saved), list(overrides)))
   # Restore with the saved model (its state, e.g. a kNN memory, has the saved size); model overrides
   # may resize state such as `model.memory_size` but must not change the weights.
-  restore_cfg = config_lib.apply_overrides(config_lib.from_dict(saved), [o for o in overrides if not o.startswith("model.")]).validate()
+  restore_cfg = recipe_lib.validate(config_lib.apply_overrides(recipe_lib.from_dict(saved),
+                                                           [o for o in overrides if not o.startswith("model.")]))
   tokenizer = load_tokenizer(cfg.data.tokenizer)
   check_fits_model(tokenizer, cfg.data.tokenizer, cfg.model.vocab_size)
   ckpt = Checkpointer(run_dir / "checkpoints", create=False)

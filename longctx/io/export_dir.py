@@ -10,11 +10,13 @@ from typing import Mapping
 
 import numpy as np
 
-from longctx.config import ModelConfig
+from longctx import recipe as recipe_lib
+from longctx.config import ModelConfig, section_from_dict
 from longctx.data.tokenizers import TOKENIZER_FILE
 from longctx.errors import CheckpointError, ConfigError
 from longctx.io.files import CONFIG, WEIGHTS, read_json, read_safetensors, write_dir
 from longctx.io.params import Flat, abstract_params, model_from_flat, params_from_flat
+from longctx.models import get_model_class
 
 FORMAT = "longctx"
 FORMAT_VERSION = 1
@@ -43,18 +45,15 @@ def export_tokenizer(path: str | pathlib.Path) -> str | None:
 
 def model_config_from_dict(values: Mapping) -> ModelConfig:
   """A validated ModelConfig from its dict (`"name"` picks the registered config class)."""
-  from longctx.models import get_model_class
-
   if not isinstance(values, Mapping) or "name" not in values:
     raise CheckpointError("the model config has no 'name'; expected the dict of a longctx ModelConfig")
   cls = get_model_class(values["name"]).config_class
   names = {f.name for f in dataclasses.fields(cls)}
+  recipe_lib.check_not_legacy(values)
   unknown = sorted(set(values) - names)
   if unknown:
     raise ConfigError(f"unknown model config key {unknown[0]!r} for model {values['name']!r}; "
                       f"valid keys: {', '.join(sorted(names))}")
-  from longctx.config import section_from_dict
-
   cfg = section_from_dict(cls, dict(values), "model")  # a value of the wrong type: one line, not a TypeError
   cfg.validate()
   return cfg

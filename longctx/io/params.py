@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator, Mapping
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from longctx.config import ModelConfig
 from longctx.errors import CheckpointError
+from longctx.models import build_model
 
 Flat = dict[str, np.ndarray]
 
@@ -70,19 +73,12 @@ def params_from_flat(flat: Mapping[str, np.ndarray], *, like: Mapping) -> dict:
 
 def abstract_params(cfg: ModelConfig) -> dict:
   """The model's parameters as a pure dict of ShapeDtypeStructs (nothing allocated)."""
-  from flax import nnx
-
-  from longctx.models import build_model
-
   model = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
   return nnx.to_pure_dict(nnx.state(model))
 
 
 def load_params_into(model, flat: Mapping[str, np.ndarray]):
   """Replace every parameter of the nnx `model` by `flat`'s (checked as `params_from_flat`); returns it."""
-  from flax import nnx
-  import jax.numpy as jnp
-
   state = nnx.state(model)
   pure = params_from_flat(flat, like=nnx.to_pure_dict(state))
   nnx.replace_by_pure_dict(state, _tree_map(jnp.asarray, pure))
@@ -92,11 +88,6 @@ def load_params_into(model, flat: Mapping[str, np.ndarray]):
 
 def model_from_flat(cfg: ModelConfig, flat: Mapping[str, np.ndarray]):
   """The nnx model of `cfg` holding `flat`'s weights, without a random init first."""
-  from flax import nnx
-  import jax.numpy as jnp
-
-  from longctx.models import build_model
-
   abstract = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   pure = params_from_flat(flat, like=nnx.to_pure_dict(state))

@@ -1,22 +1,51 @@
-"""Attention math as small pure functions.
+"""Attention, written once: queries against a list of key blocks under one visibility rule.
 
-Shapes: `q [batch, q_len, heads, head_dim]`, `k, v [batch, kv_len, kv_heads, head_dim]`
-with `heads` a multiple of `kv_heads` (grouped-query attention). Masks are built
-from integer positions and document ids, never materialised at full stream length.
+Every attention in the zoo is "these queries against some blocks of keys": a Transformer-XL cache and
+the segment's tokens (the baseline), plus memory slots (RMT), a persistent prefix (Titans), a block
+buffer (Infini-attention), a short-term memory and summary tokens (MELODI), recurrent states
+(Block-Recurrent). A `Keys` block carries its keys, values, positions and documents; query i sees key j
+of a block iff
 
-Sliding-window semantics (used by every windowed model): the query at stream
-position p sees the keys at positions p - window .. p of the same document.
-A Transformer-XL style cache holds the previous `window` keys/values, so the
-result does not depend on how a document is cut into segments.
+    q_doc[i] == doc[j] >= 0  and  0 <= q_pos[i] - pos[j]  (<= window, if the block has one)
+
+(the rule of kernels/ring_attention.py). A block may see the queries at coordinates of its own (a
+position-free prefix is `pos=None`: always in reach; `doc=None`: every query's document) and may be
+scored by other queries (`q`: e.g. the unrotated ones for a position-free prefix). The softmax runs over
+the union of every block's visible keys: blocks that share the queries' coordinates are concatenated
+into one pass, the others merged exactly by log-sum-exp (`merge_attention`).
+
+`attention` dispatches on `model.kernel` (layers/kernel.py): "reference" is dense attention (the
+oracle), "xla" and "pallas" the flash kernels. When the mesh in context has a `sequence` axis of n > 1
+devices and a block is `sharded` (the segment's tokens, split over that axis like the queries), the
+call runs context-parallel inside `jax.shard_map`: a sharded block goes round a ring (only the steps
+its window reaches), a replicated block (cache, memory, prefix) is one more local pass, and replicated
+queries (memory slots, summary tokens) read each device's share of the tokens and merge over the axis.
+No model calls `shard_map` itself.
+
+Shapes: `q [batch, q_len, heads, head_dim]`, keys/values `[batch, n, kv_heads, head_dim]` (heads a
+multiple of kv_heads: grouped-query attention), positions `[len]`, documents `[batch, len]`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
+from flax import nnx
+from jax import lax
 from jax.sharding import PartitionSpec as P
 
-NEG_INF = -1e30
+from longctx import sharding as shd
+from longctx.kernels import ring_attention as ra
+from longctx.layers.block import Mixer, register_mixer
+from longctx.layers.context import Context
+from longctx.layers.kernel import resolve
+from longctx.layers.linear import param
+
+DEFAULT_BLOCK = 128
+NEG_INF = -1e30  # a masked score before the softmax (a row that sees nothing gets 0, not a uniform average)
 
 
 def rotary(x: jax.Array, positions: jax.Array, *, base: float = 10000.0) -> jax.Array:
@@ -41,208 +70,319 @@ def rotary(x: jax.Array, positions: jax.Array, *, base: float = 10000.0) -> jax.
   return out.astype(x.dtype)
 
 
-def window_mask(q_pos, k_pos, q_doc, k_doc, *, window: int) -> jax.Array:
-  """Boolean mask `[batch, q_len, kv_len]`: same document, causal, within `window`.
+@dataclasses.dataclass(frozen=True)
+class Keys:
+  """A block of keys and values, and how queries see it (module docstring).
 
-  Args:
-    q_pos: `[q_len]` positions of queries; k_pos: `[kv_len]` positions of keys.
-    q_doc: `[batch, q_len]`, k_doc: `[batch, kv_len]` document ids (a key with
-      id -1 is never visible).
+  k, v: `[batch, n, kv_heads, head_dim]`.
+  pos: `[n]` int positions; None = position-free (in reach of every query, no window).
+  doc: `[batch, n]` int documents (-1: never seen); None = every query's document.
+  window: a query sees keys at most this many positions back (None: every earlier one).
+  q: the queries that score this block, `[batch, q_len, heads, head_dim]` (None: the call's).
+  q_pos `[q_len]`, q_doc `[batch, q_len]`: the queries' coordinates for this block (None: the call's).
+  sharded: the block is split over the mesh's `sequence` axis (the segment's tokens).
   """
-  dist = q_pos[:, None] - k_pos[None, :]
-  in_window = (dist >= 0) & (dist <= window)
-  same_doc = (q_doc[:, :, None] == k_doc[:, None, :]) & (k_doc[:, None, :] >= 0)
-  return in_window[None] & same_doc
+
+  k: jax.Array
+  v: jax.Array
+  pos: jax.Array | None = None
+  doc: jax.Array | None = None
+  window: int | None = None
+  q: jax.Array | None = None
+  q_pos: jax.Array | None = None
+  q_doc: jax.Array | None = None
+  sharded: bool = False
 
 
-def masked_attention(q, k, v, mask, *, scale: float | None = None) -> jax.Array:
-  """Softmax attention with a boolean mask; softmax in float32.
+def attention(q: jax.Array, blocks: Sequence[Keys], *, q_pos: jax.Array, q_doc: jax.Array, kernel: str = "auto",
+              block_size: int = DEFAULT_BLOCK, scale: float | None = None, q_sharded: bool = False,
+              return_lse: bool = False):
+  """Softmax attention of `q` over the union of `blocks` (module docstring).
 
   Args:
-    q: `[batch, q_len, heads, head_dim]`; k, v: `[batch, kv_len, kv_heads, head_dim]`.
-    mask: `[batch, q_len, kv_len]` bool.
+    q: `[batch, q_len, heads, head_dim]` (rotated by the caller where positions apply).
+    blocks: the key blocks, merged in this order.
+    q_pos: `[q_len]` int; q_doc: `[batch, q_len]` int: the queries' coordinates.
+    kernel: `model.kernel` ("auto", "reference", "xla", "pallas").
+    block_size: query and key block of the flash kernels.
+    scale: score scale (None: head_dim ** -0.5).
+    q_sharded: the queries are the segment's tokens (split over `sequence` like the sharded blocks);
+      False: every device holds all of them (memory slots, summary tokens).
+    return_lse: also return the log-sum-exp `[batch, heads, q_len]` (-inf where nothing is seen).
   Returns:
-    `[batch, q_len, heads, head_dim]` in q's dtype. Rows with no visible key give 0.
+    `[batch, q_len, heads, head_dim]` in q's dtype (0 for a query that sees nothing), and the lse.
   """
-  b, s, h, d = q.shape
-  kvh = k.shape[2]
-  scale = d ** -0.5 if scale is None else scale
-  qg = q.reshape(b, s, kvh, h // kvh, d)
-  scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) * scale
-  scores = jnp.where(mask[:, None, None], scores, NEG_INF)
-  probs = jax.nn.softmax(scores, axis=-1)
-  probs = jnp.where(mask[:, None, None], probs, 0.0)  # all-masked rows -> 0, not uniform
-  out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return out.reshape(b, s, h, d).astype(q.dtype)
-
-
-def sliding_window_attention_reference(q, k, v, *, q_doc, k_doc, window: int) -> jax.Array:
-  """Dense reference: queries are the last `q_len` positions of the `kv_len` keys.
-
-  Args:
-    q: `[batch, q_len, heads, head_dim]` (already rotated).
-    k, v: `[batch, kv_len, kv_heads, head_dim]`, kv_len >= q_len; key i sits at
-      position i and query j at position kv_len - q_len + j.
-    q_doc: `[batch, q_len]`; k_doc: `[batch, kv_len]` document ids.
-  """
-  kv_len, q_len = k.shape[1], q.shape[1]
-  k_pos = jnp.arange(kv_len)
-  q_pos = k_pos[kv_len - q_len:]
-  return masked_attention(q, k, v, window_mask(q_pos, k_pos, q_doc, k_doc, window=window))
-
-
-def sliding_window_attention(q, k, v, *, q_doc, k_doc, window: int, block: int | None = None) -> jax.Array:
-  """Sliding-window attention, computed blockwise in O(q_len * 2 * block) memory.
-
-  Same contract as `sliding_window_attention_reference` with kv_len = window + q_len
-  (a cache of `window` entries followed by the segment). The segment is cut into
-  query blocks of `block` (>= window) tokens; each block attends to the `block`
-  keys before it plus itself, which covers its whole window. Falls back to the
-  dense form when the segment fits in one block.
-  """
-  b, s, h, d = q.shape
-  kv_len = k.shape[1]
-  if kv_len != window + s:
-    raise ValueError(f"sliding_window_attention expects kv_len = window + q_len, got {kv_len} != {window} + {s}")
-  block = max(window, 1) if block is None else block
-  if block < window:
-    raise ValueError(f"block={block} must be >= window={window}")
-  if s <= block:
-    return sliding_window_attention_reference(q, k, v, q_doc=q_doc, k_doc=k_doc, window=window)
-  nb = -(-s // block)
-  pad = nb * block - s
-  # Left-pad keys so that the cache occupies exactly one block, right-pad the segment.
-  lead = block - window
-  kp = jnp.pad(k, ((0, 0), (lead, pad), (0, 0), (0, 0)))
-  vp = jnp.pad(v, ((0, 0), (lead, pad), (0, 0), (0, 0)))
-  kdp = jnp.pad(k_doc, ((0, 0), (lead, pad)), constant_values=-1)
-  qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-  qdp = jnp.pad(q_doc, ((0, 0), (0, pad)), constant_values=-2)
-  # Key blocks i and i+1 serve query block i.
-  kb = kp.reshape(b, nb + 1, block, *k.shape[2:])
-  vb = vp.reshape(b, nb + 1, block, *v.shape[2:])
-  kdb = kdp.reshape(b, nb + 1, block)
-  k2 = jnp.concatenate([kb[:, :-1], kb[:, 1:]], axis=2)  # [b, nb, 2*block, kvh, d]
-  v2 = jnp.concatenate([vb[:, :-1], vb[:, 1:]], axis=2)
-  kd2 = jnp.concatenate([kdb[:, :-1], kdb[:, 1:]], axis=2)  # [b, nb, 2*block]
-  qb = qp.reshape(b, nb, block, h, d)
-  qdb = qdp.reshape(b, nb, block)
-  # Within a block pair, query j sits at position block + j, key i at position i.
-  k_pos = jnp.arange(2 * block)
-  q_pos = block + jnp.arange(block)
-  fold = lambda x: x.reshape(b * nb, *x.shape[2:])
-  mask = window_mask(q_pos, k_pos, fold(qdb), fold(kd2), window=window)
-  out = masked_attention(fold(qb), fold(k2), fold(v2), mask)
-  return out.reshape(b, nb * block, h, d)[:, :s]
-
-
-ATTENTION_IMPLS = ("pairs", "flash", "pallas")
-
-
-def cached_window_attention(q, k, v, *, cache_k, cache_v, q_doc, cache_doc, window: int, rope_base: float,
-                            impl: str = "flash", block: int | None = None) -> jax.Array:
-  """Sliding-window attention of a segment over [cache; segment], rotary positions applied here.
-
-  The cache holds the `window` keys/values before the segment (positions
-  0..window-1, the segment at window..window+seg-1); q, k, v are unrotated.
-  When the mesh in context has a `sequence` axis of n > 1 devices (and n
-  divides seg), the segment is context-parallel: each device keeps seg/n
-  queries, the segment's keys/values go round a ring (`ring_attention`, only
-  as many steps as the window reaches), the cache (replicated along `sequence`)
-  is one more local block, and the two merge by log-sum-exp.
-
-  Args:
-    q: `[batch, seg, heads, head_dim]`; k, v: `[batch, seg, kv_heads, head_dim]`.
-    cache_k, cache_v: `[batch, window, kv_heads, head_dim]`.
-    q_doc: `[batch, seg]` document ids; cache_doc `[batch, window]` (-1: slot not visible).
-    impl: single-device path: "pairs" (`sliding_window_attention`, dense over block pairs),
-      "flash" (blockwise online softmax) or "pallas" (its Pallas kernels); the ring
-      uses "xla" blocks for "pairs".
-    block: query/key block size (None: the window for "pairs", 128 for flash and the ring).
-  Returns:
-    `[batch, seg, heads, head_dim]`.
-  """
-  from longctx import sharding as shd
-  from longctx.kernels import ring_attention as ra
-
-  if impl not in ATTENTION_IMPLS:
-    raise ValueError(f"attention impl={impl!r} is not one of {ATTENTION_IMPLS}")
-  w, s = cache_k.shape[1], q.shape[1]
+  impl = resolve(kernel, "attention")
   n = shd.context_parallel_size()
-  kernel_impl = "pallas" if impl == "pallas" else "xla"
-  fblock = block or 128
-  if n == 1 or s % n:
-    positions = jnp.arange(w + s)
-    q_rot = rotary(q, positions[w:], base=rope_base)
-    k_all = rotary(jnp.concatenate([cache_k.astype(k.dtype), k], axis=1), positions, base=rope_base)
-    v_all = jnp.concatenate([cache_v.astype(v.dtype), v], axis=1)
-    k_doc = jnp.concatenate([cache_doc, q_doc], axis=1)
-    if impl == "pairs":
-      return sliding_window_attention(q_rot, k_all, v_all, q_doc=q_doc, k_doc=k_doc, window=window, block=block)
-    return ra.flash_attention(q_rot, k_all, v_all, q_pos=positions[w:], k_pos=positions, q_doc=q_doc, k_doc=k_doc,
-                              window=window, block_q=fblock, block_k=fblock, impl=kernel_impl)
+  if n > 1 and any(b.sharded for b in blocks):
+    local = q.shape[1] // n if q_sharded else None
+    if (not q_sharded or q.shape[1] % n == 0) and all(b.k.shape[1] % n == 0 for b in blocks if b.sharded):
+      return _sharded(q, blocks, q_pos=q_pos, q_doc=q_doc, impl=impl, block_size=block_size, scale=scale,
+                      q_sharded=q_sharded, num_shards=n, local=local, return_lse=return_lse)
+  if impl.impl == "reference":
+    out, lse = dense_attention(q, blocks, q_pos=q_pos, q_doc=q_doc, scale=scale)
+    return (out, lse) if return_lse else out
+  groups = _concatenated(q, blocks, q_pos=q_pos, q_doc=q_doc)
+  if len(groups) == 1 and not return_lse:
+    return _pass(groups[0], impl=impl, block_size=block_size, scale=scale, return_lse=False)
+  out, lse = _merged([_pass(g, impl=impl, block_size=block_size, scale=scale, return_lse=True) for g in groups])
+  out = out.astype(q.dtype)
+  return (out, lse) if return_lse else out
 
-  def shard(q, k, v, cache_k, cache_v, q_doc, cache_doc, pos):
-    cache_pos = jnp.arange(w)
-    q, k = rotary(q, pos, base=rope_base), rotary(k, pos, base=rope_base)
-    cache = (rotary(cache_k.astype(k.dtype), cache_pos, base=rope_base), cache_v.astype(v.dtype), cache_pos, cache_doc)
-    out, _ = window_ring_attention(q, k, v, pos=pos, q_doc=q_doc, window=window, cache=cache, block=fblock,
-                                   impl=kernel_impl)
-    return out.astype(q.dtype)
 
-  # Positions enter as a sharded input rather than from lax.axis_index: XLA:CPU's SPMD partitioner
-  # rejected the PartitionId that axis_index lowers to in deep (>= 12 layer) remat'd steps.
+def dense_attention(q, blocks: Sequence[Keys], *, q_pos, q_doc, scale: float | None = None):
+  """The obvious form (`kernel="reference"`): every block's scores `[batch, heads, q_len, n]`, masked by the
+  rule, concatenated, one softmax in float32. Returns (out in q's dtype, lse `[batch, heads, q_len]`)."""
+  b, sq, h, d = q.shape
+  scale = d ** -0.5 if scale is None else scale
+  scores, values = [], []
+  for block in blocks:
+    qb, qp, qd, kp, kd = _coordinates(q, block, q_pos, q_doc)
+    kvh = block.k.shape[2]
+    qg = qb.reshape(b, sq, kvh, h // kvh, d)
+    s = jnp.einsum("bqkgd,btkd->bkgqt", qg, block.k.astype(qb.dtype), preferred_element_type=jnp.float32) * scale
+    mask = ra.visible_mask(qp, kp, qd, kd, window=block.window)[:, None, None]
+    scores.append(jnp.where(mask, s, -jnp.inf))
+    values.append(block.v.astype(qb.dtype))
+  s = jnp.concatenate(scores, axis=-1)  # [b, kvh, g, sq, total]
+  lse = jax.nn.logsumexp(s, axis=-1)
+  seen = jnp.isfinite(s)
+  p = jnp.where(seen, jax.nn.softmax(jnp.where(seen, s, NEG_INF), axis=-1), 0.0)  # unseen rows: 0
+  out, start = 0.0, 0
+  for v in values:
+    n = v.shape[1]
+    out = out + jnp.einsum("bkgqt,btkd->bqkgd", p[..., start:start + n].astype(v.dtype), v,
+                           preferred_element_type=jnp.float32)
+    start += n
+  return out.reshape(b, sq, h, d).astype(q.dtype), lse.reshape(b, h, sq)
+
+
+def _coordinates(q, block: Keys, q_pos, q_doc):
+  """(queries, q_pos, q_doc, k_pos, k_doc) of one block, position-free and all-document blocks made explicit."""
+  qb = q if block.q is None else block.q
+  qp = q_pos if block.q_pos is None else block.q_pos
+  qd = q_doc if block.q_doc is None else block.q_doc
+  b, n = block.k.shape[:2]
+  kp = block.pos
+  if kp is None:  # in reach of every query: both at position 0
+    qp, kp = jnp.zeros(qb.shape[1], jnp.int32), jnp.zeros(n, jnp.int32)
+  kd = block.doc
+  if kd is None:  # every query's document
+    qd, kd = jnp.zeros((b, qb.shape[1]), jnp.int32), jnp.zeros((b, n), jnp.int32)
+  return qb, qp, qd, kp, kd
+
+
+@dataclasses.dataclass
+class _Pass:
+  q: jax.Array
+  k: jax.Array
+  v: jax.Array
+  q_pos: jax.Array
+  q_doc: jax.Array
+  k_pos: jax.Array
+  k_doc: jax.Array
+  window: int | None
+
+
+def _concatenated(q, blocks, *, q_pos, q_doc) -> list[_Pass]:
+  """One pass per run of consecutive blocks that see the same queries at the same coordinates."""
+  passes: list[_Pass] = []
+  keys: list[tuple] = []
+  for block in blocks:
+    qb, qp, qd, kp, kd = _coordinates(q, block, q_pos, q_doc)
+    same = (block.pos is not None and block.doc is not None and keys and keys[-1][0] is qb
+            and keys[-1][1] is qp and keys[-1][2] is qd and keys[-1][3] == block.window)
+    if same:
+      last = passes[-1]
+      cat = lambda a, b: jnp.concatenate([a, b.astype(a.dtype)], axis=1)
+      passes[-1] = dataclasses.replace(last, k=cat(last.k, block.k), v=cat(last.v, block.v),
+                                       k_pos=jnp.concatenate([last.k_pos, kp]), k_doc=cat(last.k_doc, kd))
+    else:
+      passes.append(_Pass(qb, block.k.astype(qb.dtype), block.v.astype(qb.dtype), qp, qd, kp, kd, block.window))
+    keys.append((qb, qp, qd, block.window) if block.pos is not None and block.doc is not None else (None,) * 4)
+  return passes
+
+
+def _pass(p: _Pass, *, impl, block_size, scale, return_lse):
+  return ra.flash_attention(p.q, p.k.astype(p.q.dtype), p.v.astype(p.q.dtype), q_pos=p.q_pos, k_pos=p.k_pos,
+                            q_doc=p.q_doc, k_doc=p.k_doc, window=p.window, scale=scale, block_q=block_size,
+                            block_k=block_size, impl=impl.impl, interpret=impl.interpret, return_lse=return_lse)
+
+
+def _merged(results):
+  out, lse = results[0][0].astype(jnp.float32), results[0][1]
+  for o, l in results[1:]:
+    out, lse = ra.merge_attention(out, lse, o, l)
+  return out, lse
+
+
+def _sharded(q, blocks, *, q_pos, q_doc, impl, block_size, scale, q_sharded, num_shards, local, return_lse):
+  """The context-parallel form (module docstring): one `shard_map` over the `sequence` axis."""
+  impl = impl if impl.impl != "reference" else dataclasses.replace(impl, impl="xla")  # no dense ring
   seq, whole = P(None, shd.SEQUENCE_AXIS), P()
-  return shd.over_sequence(shard, in_specs=(seq, seq, seq, whole, whole, seq, whole, P(shd.SEQUENCE_AXIS)),
-                           out_specs=seq)(q, k, v, cache_k, cache_v, q_doc, cache_doc, w + jnp.arange(s))
+  axis = P(shd.SEQUENCE_AXIS)
+  dtype = q.dtype
+  args, specs = [], []
 
+  def put(x, spec):
+    # A replicated float input enters in float32: the gradient of a replicated input is summed over the axis,
+    # and XLA:CPU's all-reduce promotion crashed on that sum in bfloat16 ("Invalid binary instruction opcode
+    # copy"). Inside, every float is cast back to the computation's dtype.
+    if spec is whole and jnp.issubdtype(x.dtype, jnp.floating):
+      x = x.astype(jnp.float32)
+    args.append(x)
+    specs.append(spec)
+    return len(args) - 1
 
-# ----------------------------------------------------------------------------- context-parallel pieces
-# Called inside `sharding.over_sequence`, where each device of the `sequence` axis holds a contiguous shard
-# of a sequence's tokens. Each returns (out `[batch, q_len, heads, head_dim]` float32, lse `[batch, heads,
-# q_len]`) so that a model's several key sets (tokens, cache, memory slots, a persistent prefix) merge
-# exactly with `ring_attention.merge_attention`.
+  q_ix = put(q, seq if q_sharded else whole)
+  plans = []
+  for block in blocks:
+    qb, qp, qd, kp, kd = _coordinates(q, block, q_pos, q_doc)
+    q_spec, q_axis = (seq, axis) if q_sharded else (whole, whole)
+    k_spec, k_axis = (seq, axis) if block.sharded else (whole, whole)
+    plans.append({
+        "q": q_ix if block.q is None else put(qb, q_spec), "q_pos": put(qp.astype(jnp.int32), q_axis),
+        "q_doc": put(qd.astype(jnp.int32), q_spec), "k": put(block.k, k_spec), "v": put(block.v, k_spec),
+        "k_pos": put(kp.astype(jnp.int32), k_axis), "k_doc": put(kd.astype(jnp.int32), k_spec),
+        "window": block.window, "sharded": block.sharded})
 
+  def shard(*arrays):
+    results = []
+    for plan in plans:
+      qb, qp, qd = arrays[plan["q"]].astype(dtype), arrays[plan["q_pos"]], arrays[plan["q_doc"]]
+      k, v, kp, kd = (arrays[plan[name]] for name in ("k", "v", "k_pos", "k_doc"))
+      k, v = k.astype(dtype), v.astype(dtype)
+      kw = dict(q_pos=qp, k_pos=kp, q_doc=qd, k_doc=kd, window=plan["window"], scale=scale, block_q=block_size,
+                block_k=block_size, impl=impl.impl, interpret=impl.interpret, return_lse=True)
+      if plan["sharded"] and q_sharded:  # tokens against tokens: the ring, cut to the steps the window reaches
+        steps = ra.ring_steps_for_window(plan["window"], local, num_shards)
+        results.append(ra.ring_attention(qb, k, v, axis_name=shd.SEQUENCE_AXIS, num_steps=steps, **kw))
+      elif plan["sharded"]:  # replicated queries against each device's tokens, merged over the axis
+        results.append(merge_over_sequence(*ra.flash_attention(qb, k, v, **kw)))
+      else:  # a block every device holds whole
+        results.append(ra.flash_attention(qb, k, v, **kw))
+    out, lse = _merged(results)
+    return (out.astype(dtype), lse) if return_lse else out.astype(dtype)
 
-def window_ring_attention(q, k, v, *, pos, q_doc, window: int | None, cache=None, block: int = 128,
-                          impl: str = "xla"):
-  """This shard's queries over every shard's tokens (a ring, only the steps `window` reaches) and `cache`.
-
-  Args:
-    q: `[batch, local, heads, head_dim]`; k, v: `[batch, local, kv_heads, head_dim]` (rotary applied by the
-      caller). pos: `[local]` the visibility rule's global positions; q_doc: `[batch, local]`.
-    window: keys at most this many positions back (None: every earlier one).
-    cache: None, or `(k, v, k_pos, k_doc)`, a key block every device holds whole (an XL cache, a block's
-      buffer): `[batch, n, kv_heads, head_dim]` twice, `[n]`, `[batch, n]`; seen under the same rule.
-    block: flash block size; impl: "xla" or "pallas".
-  """
-  from jax import lax
-
-  from longctx import sharding as shd
-  from longctx.kernels import ring_attention as ra
-
-  steps = ra.ring_steps_for_window(window, q.shape[1], lax.axis_size(shd.SEQUENCE_AXIS))
-  out = ra.ring_attention(q, k, v, axis_name=shd.SEQUENCE_AXIS, q_pos=pos, k_pos=pos, q_doc=q_doc, k_doc=q_doc,
-                          window=window, num_steps=steps, block_q=block, block_k=block, impl=impl, return_lse=True)
-  if cache is None:
-    return out[0].astype(jnp.float32), out[1]
-  ck, cv, c_pos, c_doc = cache
-  local = ra.flash_attention(q, ck, cv, q_pos=pos, k_pos=c_pos, q_doc=q_doc, k_doc=c_doc, window=window,
-                             block_q=block, block_k=block, impl=impl, return_lse=True)
-  return ra.merge_attention(*local, *out)
+  out_spec = seq if q_sharded else whole
+  out_specs = (out_spec, P(None, None, shd.SEQUENCE_AXIS) if q_sharded else whole) if return_lse else out_spec
+  return shd.over_sequence(shard, in_specs=tuple(specs), out_specs=out_specs)(*args)
 
 
 def merge_over_sequence(out, lse):
   """Merge the partial results of replicated queries over each shard's own keys: every device gets the
   attention over the union (all-gathered, then merged by lse). out `[batch, q_len, heads, head_dim]`,
-  lse `[batch, heads, q_len]`."""
-  from jax import lax
-
-  from longctx import sharding as shd
-  from longctx.kernels import ring_attention as ra
-
+  lse `[batch, heads, q_len]`; call inside `sharding.over_sequence`."""
   outs, lses = lax.all_gather((out, lse), shd.SEQUENCE_AXIS)
   merged = (outs[0].astype(jnp.float32), lses[0])
   for i in range(1, outs.shape[0]):
     merged = ra.merge_attention(*merged, outs[i], lses[i])
   return merged
+
+
+# ----------------------------------------------------------------------------- the baseline's attention layer
+
+
+class AttentionProjections(nnx.Module):
+  """The q, k, v and output projections of grouped-query attention (every attention mixer has them).
+
+  wq `[d_model, heads, head_dim]`, wk / wv `[d_model, kv_heads, head_dim]`, wo `[heads, head_dim, d_model]`
+  (drawn at 1 / (2 num_layers) of its fan-in variance, the residual branches' scale).
+  """
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs, kv_heads: int | None = None, out_fan_in: int | None = None):
+    d, h, hd = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim
+    kvh = kv_heads or getattr(cfg, "num_kv_heads", 0) or h
+    self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), fan_in=d)
+    self.wk = param(rngs, (d, kvh, hd), ("embed", "kv_heads", "head_dim"), fan_in=d)
+    self.wv = param(rngs, (d, kvh, hd), ("embed", "kv_heads", "head_dim"), fan_in=d)
+    self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), fan_in=out_fan_in or h * hd,
+                    scale=1.0 / (2 * cfg.num_layers))
+
+  def qkv(self, x):
+    """x `[batch, seq, d_model]` -> q `[batch, seq, heads, head_dim]`, k, v `[batch, seq, kv_heads, head_dim]`."""
+    return tuple(project(x, w) for w in (self.wq, self.wk, self.wv))
+
+  def out(self, y):
+    """Per-head outputs `[batch, seq, heads, head_dim]` -> `[batch, seq, d_model]`."""
+    return jnp.einsum("bshk,hkd->bsd", y, self.wo[...].astype(y.dtype))
+
+
+def project(x, w):
+  """`x [batch, seq, d_model]` through a head projection `w [d_model, heads, head_dim]`."""
+  return jnp.einsum("bsd,dhk->bshk", x, w[...].astype(x.dtype))
+
+
+def roll_cache(cache: jax.Array, new: jax.Array) -> jax.Array:
+  """Keep the last `window` entries of `[cache; new]` along axis 1."""
+  window = cache.shape[1]
+  return jnp.concatenate([cache, new.astype(cache.dtype)], axis=1)[:, -window:]
+
+
+@register_mixer("attention")
+class WindowAttention(AttentionProjections, Mixer):
+  """Sliding-window attention with a Transformer-XL cache: the baseline's token mixer.
+
+  Each token attends to itself and the previous `window` tokens of its own document: the `window`
+  cached (unrotated) keys and values before the step, then the step's own. Rotary positions are
+  relative inside [cache; step], so a stream cut into any steps gives the same result.
+
+  State: k, v `[batch, window, kv_heads, head_dim]` float32 (which slots are valid follows from the context).
+  """
+
+  def __init__(self, cfg, *, layer: int, rngs: nnx.Rngs):
+    del layer
+    super().__init__(cfg, rngs=rngs)
+    self.cfg = cfg
+
+  def init_state(self, batch_size: int) -> dict:
+    cfg = self.cfg
+    shape = (batch_size, cfg.window, cfg.num_kv_heads or cfg.num_heads, cfg.resolved_head_dim)
+    return {"k": jnp.zeros(shape, jnp.float32), "v": jnp.zeros(shape, jnp.float32)}
+
+  def __call__(self, x, state, ctx: Context):
+    q, k, v = self.qkv(x)
+    y = self.attend(q, k, v, state, ctx)
+    return self.out(y), self.roll(state, k, v)
+
+  def window_keys(self, k, v, state, ctx: Context) -> tuple[jax.Array, list[Keys]]:
+    """The positions of the step's queries and the key blocks [cache; step] of this window, rotated."""
+    cfg = self.cfg
+    w, s = cfg.window, k.shape[1]
+    base = cfg.rope_base
+    pos = jnp.arange(w + s)
+    cache = Keys(rotary(state["k"], pos[:w], base=base).astype(k.dtype), state["v"].astype(v.dtype), pos=pos[:w],
+                 doc=ctx.history_doc(w), window=w)
+    tokens = Keys(rotary(k, pos[w:], base=base), v, pos=pos[w:], doc=ctx.doc, window=w, sharded=True)
+    return pos[w:], [cache, tokens]
+
+  def attend(self, q, k, v, state, ctx: Context, *, extra: Sequence[Keys] = ()):
+    """The per-head output `[batch, seq, heads, head_dim]` of unrotated q, k, v over [cache; step] (and `extra`
+    key blocks, e.g. a persistent prefix)."""
+    cfg = self.cfg
+    q_pos, blocks = self.window_keys(k, v, state, ctx)
+    return attention(rotary(q, q_pos, base=cfg.rope_base), [*extra, *blocks], q_pos=q_pos, q_doc=ctx.doc,
+                     kernel=cfg.kernel, block_size=cfg.attention_block or DEFAULT_BLOCK, q_sharded=True)
+
+  def roll(self, state, k, v) -> dict:
+    """The cache after the step: the last `window` of [cache; step]'s unrotated keys and values."""
+    return {"k": roll_cache(state["k"], k), "v": roll_cache(state["v"], v)}
+
+  @classmethod
+  def reach(cls, cfg) -> int:
+    return cfg.window
+
+  @classmethod
+  def flops_per_token(cls, cfg, *, seg_len: int) -> float:
+    d, h, hd = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim
+    kvh = cfg.num_kv_heads or h
+    proj = 2 * d * hd * (2 * h + 2 * kvh)  # q, o and k, v projections
+    attn = 2 * 2 * h * hd * cfg.window  # QK^T and PV over the visible window
+    return float(proj + attn)
+
+  @classmethod
+  def activation_bytes_per_token(cls, cfg, *, dtype_bytes: int) -> float:
+    """A pre-norm Transformer layer: residual/norm inputs, q/k/v/o, the gated MLP's hidden, the probabilities."""
+    d, h, hd, ff = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim, cfg.resolved_d_ff
+    visible = 2 * (cfg.attention_block or cfg.window)
+    return float((4 * d + 4 * h * hd + 3 * ff) * dtype_bytes + h * visible * 4)

@@ -8,7 +8,8 @@ Tap order is that of `torch.nn.Conv1d(groups=channels, padding=K-1)` as Mamba
 uses it (HF `conv1d.weight[c, 0, i]` is `weight[i, c]` here): the last tap
 multiplies the current input. Inputs of another document count as zeros, so a
 document starting inside a segment reads nothing of the one before it; the
-state is the last K-1 inputs plus whether they belong to the open document.
+state is the last K-1 inputs (which of them belong to the open document
+follows from the context, `Context.history_doc`).
 """
 
 from __future__ import annotations
@@ -20,31 +21,28 @@ import jax.numpy as jnp
 
 
 def causal_conv1d(x: jax.Array, weight: jax.Array, bias: jax.Array | None, *, history: jax.Array,
-                  history_valid: jax.Array, doc: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+                  history_doc: jax.Array, doc: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Convolve one segment, continuing from the previous one.
 
   Args:
     x: `[batch, seq, channels]` inputs of the segment.
     weight: `[K, channels]`; bias `[channels]` or None.
     history: `[batch, K-1, channels]` the last K-1 inputs before the segment.
-    history_valid: `[batch, K-1]` bool, the history entry belongs to the document
-      the segment's first token continues (False after a reset).
+    history_doc: `[batch, K-1]` their document ids: 0 where they belong to the document the segment's
+      first token continues, -1 otherwise (`Context.history_doc`).
     doc: `[batch, seq]` document ids, 0 for the document the history belongs to.
   Returns:
-    `y [batch, seq, channels]` (dtype of x), the new history `[batch, K-1, channels]`
-    and its validity `[batch, K-1]`.
+    `y [batch, seq, channels]` (dtype of x) and the new history `[batch, K-1, channels]`.
   """
   taps = weight.shape[0]
   seq = x.shape[1]
   full = jnp.concatenate([history.astype(x.dtype), x], axis=1)  # [b, K-1 + seq, c]
-  full_doc = jnp.concatenate([jnp.where(history_valid, 0, -1), doc], axis=1)
+  full_doc = jnp.concatenate([history_doc, doc], axis=1)
   y = jnp.zeros_like(x) if bias is None else jnp.broadcast_to(bias.astype(x.dtype), x.shape)
   for i in range(taps):
     same = (full_doc[:, i:i + seq] == doc)[..., None]
     y = y + jnp.where(same, full[:, i:i + seq] * weight[i].astype(x.dtype), 0)
-  new_history = full[:, seq:]
-  new_valid = full_doc[:, seq:] == doc[:, -1:]
-  return y, new_history, new_valid
+  return y, full[:, seq:]
 
 
 def softplus_inverse(y: jax.Array) -> jax.Array:

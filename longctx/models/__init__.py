@@ -10,8 +10,9 @@ import pkgutil
 
 from flax import nnx
 
-from longctx.models.base import SegmentLM, reset_rows
-from longctx.models.registry import get_model_class, list_models, register_model, registered
+from longctx.models.base import LM, SegmentLM, reset_rows
+from longctx.models.registry import (config_for, get_model_class, list_models, register_model, registered,
+                                     tiny_config)
 
 for _module in pkgutil.iter_modules(__path__):
   importlib.import_module(f"{__name__}.{_module.name}")

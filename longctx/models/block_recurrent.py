@@ -47,10 +47,11 @@ Initialisation (meliad): initial state N(0, 0.1) `[S, D]` per recurrent layer
 biases N(0, 0.1), LSTM gate kernels with variance 0.1 / fan_in.
 
 Documents (`blockwise.py`): the state is reset to the learned initial state at
-a block that starts a document, and replaced by it for a block in which a
-document starts after the first token; the state update reads only the
-block's last document (`last_doc_mask`), so nothing of an earlier document
-reaches a later one.
+a block that starts a document; in a block in which a document starts after
+the first token, that document's tokens read the learned initial state and the
+update starts from it (the tokens before the start read the carried state);
+the update reads only the block's last document (`ctx.last_doc`), so nothing
+of an earlier document reaches a later one.
 
 Paper vs meliad (`transformer/memory/transformer_layer.py`), where they differ
 this code follows the paper:
@@ -70,8 +71,8 @@ Choices of this code base (not in either):
   * The state IDs are added to the normalised state at every block (meliad:
     after the pre-attention LayerNorm); they never accumulate into s.
 
-Memory (state["memory"]): `[batch, num_recurrent_layers, num_states, d_model]`
-float32, in the order of `resolved_recurrent_layers`.
+State of a recurrent layer (besides its XL cache k, v): `state [batch, num_states, d_model]` float32.
+The three cosine attentions are the one attention entry (layers/attention.py) with position-free blocks.
 """
 
 from __future__ import annotations
@@ -81,13 +82,15 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 from longctx.errors import ConfigError
-from longctx.layers import GatedMLP, RMSNorm, l2_normalize, masked_attention, param
-from longctx.models.blockwise import (BlockwiseConfig, BlockwiseLM, check_layer_list, last_doc_mask,
-                                      resolve_layer_list)
+from longctx.layers import GatedMLP, RMSNorm, l2_normalize, param, register_mixer
+from longctx.layers.attention import Keys, WindowAttention, attention, project
+from longctx.layers.context import Context
+from longctx.models.base import pick_rows
+from longctx.models.blockwise import BlockwiseConfig, BlockwiseLM, check_layer_list, resolve_layer_list
 from longctx.models.registry import register_model
-from longctx.models.transformer import Attention, Block, Embedding
 
 GATES = ("fixed", "lstm")
 
@@ -95,6 +98,8 @@ GATES = ("fixed", "lstm")
 @dataclasses.dataclass
 class BlockRecurrentConfig(BlockwiseConfig):
   layer_lists = ("recurrent_layers",)  # the dry run keeps this layer when it reduces the depth
+  tiny = {"recurrent_layers": [-1], "num_states": 4, "embed_conv": 4}
+
   name: str = "block_recurrent"
   recurrent_layers: list[int] = dataclasses.field(default_factory=lambda: [-2])  # negative from the top
   num_states: int = 64  # S: state vectors per recurrent layer (512 in the paper)
@@ -113,6 +118,10 @@ class BlockRecurrentConfig(BlockwiseConfig):
       raise ConfigError(f"model.recurrent_scale_init={self.recurrent_scale_init} must be >= 0 "
                         "(0 = sqrt(head_dim))")
 
+  def layer_pattern(self) -> list[str]:
+    recurrent = set(self.resolved_recurrent_layers)
+    return ["recurrent_attention" if i in recurrent else "attention" for i in range(self.num_layers)]
+
   @property
   def resolved_recurrent_layers(self) -> tuple[int, ...]:
     return resolve_layer_list(self.recurrent_layers, self.num_layers)
@@ -121,17 +130,19 @@ class BlockRecurrentConfig(BlockwiseConfig):
 # ----------------------------------------------------------------------------- pure functions
 
 
-def cosine_attention(q, k, v, mask, *, scale) -> jax.Array:
-  """Attention with L2-normalised queries and keys and a learned per-head scale.
+def cosine_attention(q, k, v, *, scale, q_doc=None, k_doc=None, kernel: str = "auto") -> jax.Array:
+  """Attention with L2-normalised queries and keys and a learned per-head scale, position-free.
 
   Args:
-    q: `[b, s, h, e]`; k, v: `[b, t, kv, e]`; mask: `[b, s, t]` bool; scale: `[h]` (its absolute value is used).
+    q: `[b, s, h, e]`; k, v: `[b, t, kv, e]`; scale: `[h]` (its absolute value is used);
+    q_doc `[b, s]`, k_doc `[b, t]`: a query sees the keys of its document (None: every key).
   Returns:
     `[b, s, h, e]` in v's dtype: softmax_j(|scale_h| q^_i . k^_j) v_j over visible j.
   """
-  qn = l2_normalize(q) * jnp.abs(scale.astype(jnp.float32))[:, None]
-  kn = l2_normalize(k)
-  return masked_attention(qn.astype(v.dtype), kn.astype(v.dtype), v, mask, scale=1.0)
+  qn = (l2_normalize(q) * jnp.abs(scale.astype(jnp.float32))[:, None]).astype(v.dtype)
+  keys = Keys(l2_normalize(k).astype(v.dtype), v, doc=k_doc)
+  q_doc = jnp.zeros(q.shape[:2], jnp.int32) if q_doc is None else q_doc
+  return attention(qn, [keys], q_pos=jnp.zeros(q.shape[1], jnp.int32), q_doc=q_doc, kernel=kernel, scale=1.0)
 
 
 def fixed_gate(state, update, *, bias) -> jax.Array:
@@ -155,10 +166,6 @@ def lstm_gate(state, update, hidden, *, w_input, b_input, w_forget, b_forget) ->
 def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], *, std: float) -> nnx.Param:
   """A float32 parameter drawn from N(0, std^2) (not truncated), tagged with logical `axes`."""
   return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32), logical_axes=axes)
-
-
-def all_visible(b: int, s: int, t: int) -> jax.Array:
-  return jnp.ones((b, s, t), bool)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -210,28 +217,24 @@ def gated_mlp_with_hidden(mlp: GatedMLP, x: jax.Array) -> tuple[jax.Array, jax.A
   return jnp.einsum("bsf,fd->bsd", hidden, mlp.down[...].astype(x.dtype)), hidden
 
 
-class RecurrentBlock(nnx.Module):
-  """A pre-norm block whose attention also reads `num_states` states, and the states' gated update.
+@register_mixer("recurrent_attention")
+class RecurrentAttention(WindowAttention):
+  """The baseline's attention plus `num_states` states the tokens read and a gated update writes (module
+  docstring); the token path's parameters keep the baseline's names (wq, wk, wv, wo)."""
 
-  Token-path parameters keep the baseline `Block`'s names (attn_norm, attn, mlp_norm, mlp).
-  """
-
-  def __init__(self, cfg: BlockRecurrentConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: BlockRecurrentConfig, *, layer: int, rngs: nnx.Rngs):
     d, h, e, S = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim, cfg.num_states
     kvh = cfg.num_kv_heads or h
     out_scale = 1.0 / (2 * cfg.num_layers)
     scale = cfg.recurrent_scale_init or e ** 0.5
     heads_param = lambda: nnx.Param(jnp.full((h,), scale, jnp.float32), logical_axes=("heads",))
     # Token path: the baseline's attention plus queries to the states; [y_self; y_x] is projected by
-    # [attn.wo; cross_wo], both drawn with the concatenation's fan-in 2 h e.
-    self.attn_norm = RMSNorm(d, eps=cfg.norm_eps)
-    self.attn = Attention(cfg, rngs=rngs)
-    self.attn.wo = param(rngs, (h, e, d), ("heads", "head_dim", "embed"), fan_in=2 * h * e, scale=out_scale)
+    # [wo; cross_wo], both drawn with the concatenation's fan-in 2 h e.
+    super().__init__(cfg, layer=layer, rngs=rngs)
+    self.wo = param(rngs, (h, e, d), ("heads", "head_dim", "embed"), fan_in=2 * h * e, scale=out_scale)
     self.cross_wq = param(rngs, (d, h, e), ("embed", "heads", "head_dim"), fan_in=d)
     self.cross_wo = param(rngs, (h, e, d), ("heads", "head_dim", "embed"), fan_in=2 * h * e, scale=out_scale)
     self.cross_scale = heads_param()
-    self.mlp_norm = RMSNorm(d, eps=cfg.norm_eps)
-    self.mlp = GatedMLP(d, cfg.resolved_d_ff, rngs=rngs, out_scale=out_scale)
     # State path.
     self.initial_state = normal_param(rngs, (S, d), ("state", "embed"), std=0.1)
     self.state_ids = normal_param(rngs, (S, d), ("state", "embed"), std=1.0)
@@ -252,80 +255,54 @@ class RecurrentBlock(nnx.Module):
     else:
       self.state_ffn = None
 
-  def __call__(self, x, *, state, cache_k, cache_v, q_doc, k_doc):
-    """x `[b, L, D]`; state `[b, S, D]` float32; cache `[b, W, kv, e]`; q_doc `[b, L]`, k_doc `[b, W + L]`.
-
-    Returns the output `[b, L, D]`, the block's unrotated k, v `[b, L, kv, e]` and the next state
-    `[b, S, D]` float32.
-    """
-    dt = x.dtype
-    b, L, _ = x.shape
-    S = state.shape[1]
-    proj = lambda t, w: jnp.einsum("bsd,dhk->bshk", t, w[...].astype(dt))
-    out = lambda t, w: jnp.einsum("bshk,hkd->bsd", t, w[...].astype(dt))
-    # Token path.
-    xn = self.attn_norm(x)
-    y_self, k, v = self.attn(xn, cache_k=cache_k, cache_v=cache_v, q_doc=q_doc, k_doc=k_doc)
-    sn = self.state_norm(state.astype(dt)) + self.state_ids[...].astype(dt)
-    k_s, v_s = proj(sn, self.state_wk), proj(sn, self.state_wv)
-    y_x = cosine_attention(proj(xn, self.cross_wq), k_s, v_s, all_visible(b, L, S), scale=self.cross_scale[...])
-    x = x + y_self + out(y_x, self.cross_wo)
-    x = x + self.mlp(self.mlp_norm(x))
-    # State path.
-    a_self = cosine_attention(proj(sn, self.state_wq), k_s, v_s, all_visible(b, S, S), scale=self.state_scale[...])
-    tok_mask = jnp.broadcast_to(last_doc_mask(q_doc)[:, None, :], (b, S, L))
-    a_tok = cosine_attention(proj(sn, self.state_cross_wq), k, v, tok_mask, scale=self.state_cross_scale[...])
-    h_s = jnp.concatenate([a_self, a_tok], axis=2)  # [b, S, 2h, e]
-    new_state = self.state_gate(state, out(h_s, self.state_wo), h_s)
-    if self.state_ffn is not None:
-      y, hidden = gated_mlp_with_hidden(self.state_ffn, self.state_ffn_norm(new_state.astype(dt)))
-      new_state = self.state_ffn_gate(new_state, y, hidden)
-    return x, k, v, new_state
-
-
-@register_model("block_recurrent", config=BlockRecurrentConfig,
-                description="Block-Recurrent Transformer: gated recurrent states read and written per block")
-class BlockRecurrent(BlockwiseLM):
-  context_parallel = "ring attention for the token window (the baseline's); state reads of the tokens by XLA"
-
-  def __init__(self, cfg: BlockRecurrentConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
-    rec = set(cfg.resolved_recurrent_layers)
-    self.embedding = Embedding(cfg, rngs=rngs)
-    self.blocks = nnx.List([RecurrentBlock(cfg, rngs=rngs) if i in rec else Block(cfg, rngs=rngs)
-                            for i in range(cfg.num_layers)])
-    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-
-  def init_memory(self, batch_size: int):
+  def init_state(self, batch_size: int) -> dict:
     cfg = self.cfg
-    shape = (batch_size, len(cfg.resolved_recurrent_layers), cfg.num_states, cfg.d_model)
-    return jnp.zeros(shape, jnp.float32)
+    return {**super().init_state(batch_size),
+            "state": jnp.zeros((batch_size, cfg.num_states, cfg.d_model), jnp.float32)}
 
-  def fresh_memory(self, memory):
-    init = jnp.stack([self.blocks[i].initial_state[...] for i in self.cfg.resolved_recurrent_layers])
-    return jnp.broadcast_to(init, memory.shape).astype(memory.dtype)
+  def fresh_state(self, batch_size: int) -> dict:
+    state = self.init_state(batch_size)
+    return {**state, "state": jnp.broadcast_to(self.initial_state[...], state["state"].shape)}
 
-  def forward_block(self, x, *, memory, caches, q_doc, k_doc):
-    slot = {layer: r for r, layer in enumerate(self.cfg.resolved_recurrent_layers)}
-    new_states = [None] * len(slot)
-    new_kv = []
-    h = x
-    for i, (block, (ck, cv)) in enumerate(zip(self.blocks, caches)):
-      if i in slot:
-        h, k, v, new_states[slot[i]] = block(h, state=memory[:, slot[i]], cache_k=ck, cache_v=cv,
-                                             q_doc=q_doc, k_doc=k_doc)
-      else:
-        h, k, v = block(h, cache_k=ck, cache_v=cv, q_doc=q_doc, k_doc=k_doc)
-      new_kv.append((k, v))
-    return h, new_kv, jnp.stack(new_states, axis=1)
+  def recur(self, xn, k, v, state, ctx: Context):
+    """The tokens' reads of `state [b, S, D]` (`y_x [b, L, h, e]`) and the state's gated update."""
+    cfg, dt = self.cfg, xn.dtype
+    out = lambda t, w: jnp.einsum("bshk,hkd->bsd", t, w[...].astype(dt))
+    sn = self.state_norm(state.astype(dt)) + self.state_ids[...].astype(dt)
+    k_s, v_s = project(sn, self.state_wk), project(sn, self.state_wv)
+    cosine = lambda q, k, v, scale, **docs: cosine_attention(q, k, v, scale=scale[...], kernel=cfg.kernel, **docs)
+    y_x = cosine(project(xn, self.cross_wq), k_s, v_s, self.cross_scale)
+    a_self = cosine(project(sn, self.state_wq), k_s, v_s, self.state_scale)
+    last = jnp.broadcast_to(ctx.doc[:, -1:], sn.shape[:2])  # the states read the block's last document
+    a_tok = cosine(project(sn, self.state_cross_wq), k, v, self.state_cross_scale, q_doc=last, k_doc=ctx.doc)
+    h_s = jnp.concatenate([a_self, a_tok], axis=2)  # [b, S, 2h, e]
+    new = self.state_gate(state, out(h_s, self.state_wo), h_s)
+    if self.state_ffn is not None:
+      y, hidden = gated_mlp_with_hidden(self.state_ffn, self.state_ffn_norm(new.astype(dt)))
+      new = self.state_ffn_gate(new, y, hidden)
+    return y_x, new
+
+  def __call__(self, x, state, ctx: Context):
+    """x `[b, L, D]` (the normed block); state: the XL cache and the recurrent `state [b, S, D]`."""
+    q, k, v = self.qkv(x)
+    y_self = self.out(self.attend(q, k, v, state, ctx))
+    y_x, new = self.recur(x, k, v, state["state"], ctx)
+    later = ctx.doc > 0  # tokens of a document that started inside the block read the initial state
+
+    def from_initial():
+      y_f, new_f = self.recur(x, k, v, self.fresh_state(x.shape[0])["state"], ctx)
+      return jnp.where(later[:, :, None, None], y_f, y_x), pick_rows(later[:, -1], new_f, new)
+
+    y_x, new = lax.cond(jnp.any(later), from_initial, lambda: (y_x, new))
+    y = y_self + jnp.einsum("bshk,hkd->bsd", y_x, self.cross_wo[...].astype(x.dtype))
+    return y, {**self.roll(state, k, v), "state": new}
 
   @classmethod
   def flops_per_token(cls, cfg: BlockRecurrentConfig, *, seg_len: int) -> float:
-    d, h, e, n = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim, cfg.num_layers
+    d, h, e = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim
     kvh = cfg.num_kv_heads or h
     S, L, ff = cfg.num_states, cfg.resolved_block_len, cfg.resolved_d_ff
-    base = n * (2 * d * e * (2 * h + 2 * kvh) + 2 * 3 * d * ff + 2 * 2 * h * e * cfg.window) + 2 * d * cfg.vocab_size
-    # Per token and recurrent layer: queries to the states, their output projection, attention over S states.
+    # Per token: queries to the states, their output projection, attention over S states.
     tokens = 2 * d * h * e + 2 * h * e * d + 2 * 2 * h * e * S
     # Per state and block: q, q2 (h heads) and k, v (kv heads); the [self; cross] output projection;
     # attention over S states and L tokens; the gate(s) and the optional state FFN.
@@ -334,14 +311,19 @@ class BlockRecurrent(BlockwiseLM):
                  + (2 * 2 * 2 * h * e * d if lstm else 0))
     if cfg.state_ffn:
       per_state += 2 * 3 * d * ff + (2 * 2 * ff * d if lstm else 0)
-    return float(base + len(cfg.resolved_recurrent_layers) * (tokens + per_state * S / L))
+    return super().flops_per_token(cfg, seg_len=seg_len) + float(tokens + per_state * S / L)
 
   @classmethod
   def activation_bytes_per_token(cls, cfg: BlockRecurrentConfig, *, dtype_bytes: int) -> float:
-    # Plus, per recurrent layer and token, the cross queries / outputs and probabilities over S states,
-    # and the state path's activations (about a layer's worth per state) amortised over the block.
+    # Plus, per token, the cross queries / outputs and probabilities over S states, and the state path's
+    # activations (about a layer's worth per state) amortised over the block.
     h, e, S, L = cfg.num_heads, cfg.resolved_head_dim, cfg.num_states, cfg.resolved_block_len
     tokens = 2 * h * e * dtype_bytes + h * S * 4
     per_state = (8 * h * e + 4 * cfg.d_model) * dtype_bytes + h * (S + L) * 4
-    extra = len(cfg.resolved_recurrent_layers) * (tokens + per_state * S / L)
-    return super().activation_bytes_per_token(cfg, dtype_bytes=dtype_bytes) + float(extra)
+    return super().activation_bytes_per_token(cfg, dtype_bytes=dtype_bytes) + float(tokens + per_state * S / L)
+
+
+@register_model("block_recurrent", config=BlockRecurrentConfig,
+                description="Block-Recurrent Transformer: gated recurrent states read and written per block")
+class BlockRecurrent(BlockwiseLM):
+  context_parallel = "ring attention for the token window (the baseline's); state reads of the tokens by XLA"

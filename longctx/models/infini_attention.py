@@ -45,7 +45,7 @@ attention FLOPs of the block alone; `flops_per_token` counts them).
 
 Context parallelism (mesh `sequence` axis n > 1 dividing the chunk length): each device keeps c/n
 of a chunk's tokens; the local attention runs the ring over the chunk's keys plus the replicated
-buffer (`local_attention`). Memory reads are per token; the writes are sums over the chunk's tokens,
+buffer (`local_attention`, through the attention entry). Memory reads are per token; the writes are sums over the chunk's tokens,
 which XLA partitions into an all-reduce of `[batch, heads, dk, dv]` per layer.
 
 Choices the paper leaves open, and deviations:
@@ -58,14 +58,16 @@ Choices the paper leaves open, and deviations:
   * not `kernels.linear_recurrence`: it reads the memory inclusive of each token,
     while here a block reads only earlier blocks; plain einsums do the reads and writes.
 
-State (every leaf batch-first):
-  mem:    [batch, layers, heads, head_dim, head_dim] float32  M at the current block's start
-  z:      [batch, layers, heads, head_dim] float32           z at the current block's start
+The local attention is the one attention entry (layers/attention.py) over two key blocks, the buffer
+and the chunk, so it runs dense, flash or Pallas (`model.kernel`) and, over the mesh's `sequence`
+axis, as a ring with the buffer as a replicated block.
+
+State per layer (float32; the in-block position of the next token is the shell's `pos` mod block_len):
+  mem:    [batch, heads, head_dim, head_dim]  M at the current block's start
+  z:      [batch, heads, head_dim]            z at the current block's start
   dmem, dz:  same shapes  what the current block's tokens so far add to M, z
-  buf_k, buf_v: [batch, layers, block_len, heads, head_dim] float32  the current block's unrotated
-          keys and values, slot = in-block position (slots >= offset are zero)
-  offset: [batch] int32  in-block position of the next token
-  prev_tokens, prev_valid: [batch, K-1]  token history (only with embed_conv > 1)
+  buf_k, buf_v: [batch, block_len, heads, head_dim]  the current block's unrotated keys and values,
+          slot = in-block position (slots at and after the next token's are zero)
 """
 
 from __future__ import annotations
@@ -76,30 +78,29 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
-from longctx import sharding as shd
-from longctx.config import ModelConfig
+from longctx.config import MultiHeadConfig
 from longctx.errors import ConfigError
-from longctx.layers import GatedMLP, RMSNorm, masked_attention, param, rotary, window_ring_attention
-from longctx.models.base import SegmentLM, reset_rows
-from longctx.models.blockwise import split_into_blocks
+from longctx.layers import Mixer, param, register_mixer
+from longctx.layers.attention import DEFAULT_BLOCK, Keys, attention, project, rotary
+from longctx.layers.context import Context
+from longctx.models.base import LM
 from longctx.models.registry import register_model
-from longctx.models.transformer import Embedding
 
 MEMORY_UPDATES = ("linear", "delta")
 EPS = 1e-6
-LAYER_KEYS = ("mem", "z", "dmem", "dz", "buf_k", "buf_v")  # state leaves with a layer axis
 
 
 @dataclasses.dataclass
-class InfiniAttentionConfig(ModelConfig):
+class InfiniAttentionConfig(MultiHeadConfig):
+  mixer = "infini_attention"
+  tiny = {"block_len": 8, "memory_update": "delta"}
+
   name: str = "infini_attention"
   block_len: int = 128  # the paper's segment: local attention inside a block, memory of the earlier ones
   memory_update: str = "linear"  # "linear" (eq. 4) or "delta" (the delta rule, eq. 5)
   gate_init: float = 0.0  # beta of every head at init: sigmoid(0) = an even mix of memory and local attention
   rope_base: float = 10000.0
-  embed_conv: int = 0  # width of a causal depthwise conv over token embeddings (0 = off)
 
   def validate(self) -> None:
     super().validate()
@@ -109,8 +110,6 @@ class InfiniAttentionConfig(ModelConfig):
       raise ConfigError(f"model.memory_update={self.memory_update!r} is not one of {MEMORY_UPDATES}")
     if self.resolved_head_dim % 2:
       raise ConfigError(f"head_dim={self.resolved_head_dim} must be even for rotary positions")
-    if self.embed_conv < 0 or self.embed_conv == 1:
-      raise ConfigError(f"model.embed_conv={self.embed_conv} must be 0 (off) or a width >= 2 (e.g. 4)")
 
 
 def feature_map(x: jax.Array) -> jax.Array:
@@ -157,45 +156,31 @@ def chunk_layout(offset: jax.Array, q_doc: jax.Array, *, block_len: int) -> tupl
   return in_doc % block_len, jnp.where(q_doc == 0, in_doc // block_len, 2 + start_idx)
 
 
-def local_attention(q, k, v, *, buf_k, buf_v, buf_valid, pos, label, rope_base: float, block: int = 128):
+def local_attention(q, k, v, *, buf_k, buf_v, buf_valid, pos, label, rope_base: float, kernel: str = "auto",
+                    block: int = DEFAULT_BLOCK):
   """Causal softmax attention of a chunk over [buffer; chunk], keys of the query's own block label.
 
   Args:
     q: `[batch, c, heads, head_dim]`, k, v `[batch, c, heads, head_dim]` unrotated; buf_k, buf_v
       `[batch, block_len, heads, head_dim]` (slot = in-block position), buf_valid `[batch, block_len]`.
     pos, label: `[batch, c]` from `chunk_layout` (rotary uses the in-block position `pos`).
-  With the mesh's `sequence` axis n > 1 (dividing c) the chunk is context-parallel: each device keeps
-  c/n queries, the chunk's keys go round the ring and the (replicated) buffer is one more local block,
-  merged by log-sum-exp. Returns `[batch, c, heads, head_dim]` in q's dtype.
+  Visibility is by index in [buffer; chunk] (the buffer precedes the chunk) and the same block label; on a
+  mesh with a `sequence` axis the chunk's keys go round the ring and the buffer is a replicated block.
+  Returns `[batch, c, heads, head_dim]` in q's dtype.
   """
   c = q.shape[1]
   n_buf = buf_k.shape[1]
   slots = jnp.arange(n_buf)
-  buf_k = rotary(buf_k.astype(k.dtype), slots, base=rope_base)
-  buf_v = buf_v.astype(v.dtype)
-  buf_label = jnp.where(buf_valid, 0, -1)  # the buffer holds the state's current block: label 0
-  n = shd.context_parallel_size()
-  if n == 1 or c % n:
-    # Visibility by index in [buffer; chunk] (the buffer precedes the chunk), then the same block label.
-    k_label = jnp.concatenate([buf_label, label], axis=1)
-    causal = jnp.arange(n_buf + c)[None, :] <= n_buf + jnp.arange(c)[:, None]  # [c, block + c]
-    mask = causal[None] & (label[:, :, None] == k_label[:, None, :])
-    return masked_attention(rotary(q, pos, base=rope_base), jnp.concatenate([buf_k, rotary(k, pos, base=rope_base)],
-                                                                           axis=1),
-                            jnp.concatenate([buf_v, v], axis=1), mask)
-
-  def shard(q, k, v, pos, label, index, buf_k, buf_v, buf_label):
-    q, k = rotary(q, pos, base=rope_base), rotary(k, pos, base=rope_base)
-    out, _ = window_ring_attention(q, k, v, pos=index, q_doc=label, window=None,
-                                   cache=(buf_k, buf_v, slots, buf_label), block=block)
-    return out.astype(q.dtype)
-
-  seq, whole = P(None, shd.SEQUENCE_AXIS), P()
-  return shd.over_sequence(shard, in_specs=(seq,) * 5 + (P(shd.SEQUENCE_AXIS), whole, whole, whole), out_specs=seq)(
-      q, k, v, pos, label, n_buf + jnp.arange(c), buf_k, buf_v, buf_label)
+  buffer = Keys(rotary(buf_k.astype(k.dtype), slots, base=rope_base), buf_v.astype(v.dtype), pos=slots,
+                doc=jnp.where(buf_valid, 0, -1))  # the buffer holds the state's current block: label 0
+  index = n_buf + jnp.arange(c)
+  chunk = Keys(rotary(k, pos, base=rope_base), v, pos=index, doc=label, sharded=True)
+  return attention(rotary(q, pos, base=rope_base), [buffer, chunk], q_pos=index, q_doc=label, kernel=kernel,
+                   block_size=block, q_sharded=True)
 
 
-def infini_attention(q, k, v, *, memory: dict, offset, pos, label, beta, rule: str, rope_base: float):
+def infini_attention(q, k, v, *, memory: dict, offset, pos, label, beta, rule: str, rope_base: float,
+                     kernel: str = "auto"):
   """One layer's Infini-attention over a chunk of c <= block_len tokens.
 
   Args:
@@ -214,7 +199,7 @@ def infini_attention(q, k, v, *, memory: dict, offset, pos, label, beta, rule: s
   buf_valid = slots[None] < offset[:, None]  # [b, block]
 
   local = local_attention(q, k, v, buf_k=memory["buf_k"], buf_v=memory["buf_v"], buf_valid=buf_valid, pos=pos,
-                          label=label, rope_base=rope_base)
+                          label=label, rope_base=rope_base, kernel=kernel)
 
   # Memory: label-0 tokens complete the current block; M_next is the memory after it.
   sq, sk, v32 = feature_map(f32(q)), feature_map(f32(k)), f32(v)
@@ -261,10 +246,11 @@ def chunk_len(seg_len: int, block_len: int) -> int:
   return max(c for c in range(1, min(seg_len, block_len) + 1) if seg_len % c == 0)
 
 
-class InfiniAttentionLayer(nnx.Module):
+@register_mixer("infini_attention")
+class InfiniAttentionLayer(Mixer):
   """`x [batch, c, d_model]` + one layer's memory -> output `[batch, c, d_model]`, new memory."""
 
-  def __init__(self, cfg: InfiniAttentionConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: InfiniAttentionConfig, *, layer: int, rngs: nnx.Rngs):
     d, h, hd = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim
     self.cfg = cfg
     self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), fan_in=d)
@@ -274,96 +260,49 @@ class InfiniAttentionLayer(nnx.Module):
                     scale=1.0 / (2 * cfg.num_layers))
     self.beta = nnx.Param(jnp.full((h,), cfg.gate_init, jnp.float32), logical_axes=("heads",))
 
-  def __call__(self, x, *, memory, offset, pos, label):
+  def init_state(self, batch_size: int) -> dict:
     cfg = self.cfg
-    dt = x.dtype
-    proj = lambda w: jnp.einsum("bsd,dhk->bshk", x, w[...].astype(dt))
-    out, memory = infini_attention(proj(self.wq), proj(self.wk), proj(self.wv), memory=memory, offset=offset,
-                                   pos=pos, label=label, beta=self.beta[...], rule=cfg.memory_update,
-                                   rope_base=cfg.rope_base)
-    return jnp.einsum("bshk,hkd->bsd", out.astype(dt), self.wo[...].astype(dt)), memory
-
-
-class InfiniBlock(nnx.Module):
-  def __init__(self, cfg: InfiniAttentionConfig, *, rngs: nnx.Rngs):
-    self.norm1 = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-    self.attn = InfiniAttentionLayer(cfg, rngs=rngs)
-    self.norm2 = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-    self.mlp = GatedMLP(cfg.d_model, cfg.resolved_d_ff, rngs=rngs, out_scale=1.0 / (2 * cfg.num_layers))
-
-  def __call__(self, x, **kwargs):
-    y, memory = self.attn(self.norm1(x), **kwargs)
-    x = x + y
-    return x + self.mlp(self.norm2(x)), memory
-
-
-@register_model("infini_attention", config=InfiniAttentionConfig,
-                description="Infini-attention: softmax attention in a block + a compressive memory of earlier "
-                            "blocks (linear or delta rule), O(1) state")
-class InfiniAttention(SegmentLM):
-  context_parallel = ("ring attention for each chunk's local attention, the block buffer as a local block; "
-                      "memory reads per token, writes (sums over the chunk) partitioned by XLA")
-
-  def __init__(self, cfg: InfiniAttentionConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
-    self.embedding = Embedding(cfg, rngs=rngs)
-    self.blocks = nnx.List([InfiniBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-
-  def init_state(self, batch_size: int):
-    cfg = self.cfg
-    b, L, h, hd, block = batch_size, cfg.num_layers, cfg.num_heads, cfg.resolved_head_dim, cfg.block_len
+    b, h, hd, block = batch_size, cfg.num_heads, cfg.resolved_head_dim, cfg.block_len
     zeros = lambda *shape: jnp.zeros(shape, jnp.float32)
-    return {
-        "mem": zeros(b, L, h, hd, hd), "z": zeros(b, L, h, hd),
-        "dmem": zeros(b, L, h, hd, hd), "dz": zeros(b, L, h, hd),
-        "buf_k": zeros(b, L, block, h, hd), "buf_v": zeros(b, L, block, h, hd),
-        "offset": jnp.zeros((b,), jnp.int32),
-        **self.embedding.init_history(batch_size),
-    }
+    return {"mem": zeros(b, h, hd, hd), "z": zeros(b, h, hd), "dmem": zeros(b, h, hd, hd), "dz": zeros(b, h, hd),
+            "buf_k": zeros(b, block, h, hd), "buf_v": zeros(b, block, h, hd)}
 
-  def __call__(self, tokens, state, *, reset, segment_ids=None):
-    self.check_segment_shapes(tokens, reset)
+  def __call__(self, x, state, ctx: Context):
     cfg = self.cfg
-    b, s = tokens.shape
-    fresh = self.init_state(b)
-    state = reset_rows(state, fresh, reset)
-    ids = jnp.zeros(tokens.shape, jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-    x, history = self.embedding.embed_segment(tokens, state, ids - ids[:, :1], self.embedding.table[...].dtype)
-    state = {key: val for key, val in state.items() if key not in history}
-    fresh = {key: val for key, val in fresh.items() if key not in history}
-    x_chunks, id_chunks, chunk_reset = split_into_blocks(x, ids, chunk_len(s, cfg.block_len))
+    offset = ctx.start % cfg.block_len
+    pos, label = chunk_layout(offset, ctx.doc, block_len=cfg.block_len)
+    out, state = infini_attention(project(x, self.wq), project(x, self.wk), project(x, self.wv), memory=state,
+                                  offset=offset, pos=pos, label=label, beta=self.beta[...], rule=cfg.memory_update,
+                                  rope_base=cfg.rope_base, kernel=cfg.kernel)
+    return jnp.einsum("bshk,hkd->bsd", out.astype(x.dtype), self.wo[...].astype(x.dtype)), state
 
-    def body(state, inputs):
-      x, chunk_ids, rst = inputs
-      state = reset_rows(state, fresh, rst)
-      pos, label = chunk_layout(state["offset"], chunk_ids - chunk_ids[:, :1], block_len=cfg.block_len)
-      layers = []
-      for i, blk in enumerate(self.blocks):
-        x, memory = blk(x, memory={key: state[key][:, i] for key in LAYER_KEYS}, offset=state["offset"],
-                        pos=pos, label=label)
-        layers.append(memory)
-      new = {key: jnp.stack([m[key] for m in layers], axis=1) for key in LAYER_KEYS}
-      return {**new, "offset": (pos[:, -1] + 1) % cfg.block_len}, x
-
-    state, xs = lax.scan(body, state, (x_chunks, id_chunks, chunk_reset))
-    x = xs.swapaxes(0, 1).reshape(b, s, -1)
-    return self.embedding.logits(self.final_norm(x)), {**state, **history}
+  @classmethod
+  def reach(cls, cfg) -> int:
+    return cfg.block_len
 
   @classmethod
   def flops_per_token(cls, cfg: InfiniAttentionConfig, *, seg_len: int) -> float:
-    d, h, hd, L = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim, cfg.num_layers
+    d, h, hd = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim
     c = chunk_len(seg_len, cfg.block_len)
     proj = 2 * 4 * d * h * hd  # q, k, v, o
     local = 2 * 2 * h * hd * (cfg.block_len + c)  # QK^T and PV over [buffer; chunk]
     reads = 2 if c > 1 else 1  # the block-start memory and the one after a block completes in the chunk
     writes = 2 * (2 if cfg.memory_update == "delta" else 1)  # two masked writes (+ the delta rule's retrieval)
-    memory = 2 * h * hd * hd * (reads + writes)
-    mlp = 2 * 3 * d * cfg.resolved_d_ff
-    return float(L * (proj + local + memory + mlp) + 2 * d * cfg.vocab_size + 2 * cfg.embed_conv * d)
+    return float(proj + local + 2 * h * hd * hd * (reads + writes))
 
   @classmethod
   def activation_bytes_per_token(cls, cfg: InfiniAttentionConfig, *, dtype_bytes: int) -> float:
     d, h, hd, ff = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim, cfg.resolved_d_ff
-    per_layer = (4 * d + 4 * h * hd + 3 * ff) * dtype_bytes + h * 2 * cfg.block_len * 4 + 4 * h * hd * 4
-    return float(cfg.num_layers * per_layer)
+    return float((4 * d + 4 * h * hd + 3 * ff) * dtype_bytes + h * 2 * cfg.block_len * 4 + 4 * h * hd * 4)
+
+
+@register_model("infini_attention", config=InfiniAttentionConfig,
+                description="Infini-attention: softmax attention in a block + a compressive memory of earlier "
+                            "blocks (linear or delta rule), O(1) state")
+class InfiniAttention(LM):
+  context_parallel = ("ring attention for each chunk's local attention, the block buffer as a local block; "
+                      "memory reads per token, writes (sums over the chunk) partitioned by XLA")
+
+  def step_length(self, seg_len: int) -> int:
+    """Chunks of c tokens, c the largest divisor of the segment length up to `block_len` (module docstring)."""
+    return chunk_len(seg_len, self.cfg.block_len)

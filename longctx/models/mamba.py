@@ -11,12 +11,12 @@ Per layer, with d_inner = expand x d_model channels, state size N and time-step 
     out       = (y * silu(z)) W_out
 
 The scan is a linear recurrence with a per-(channel, state) decay, so it can run
-as `scan_impl`:
+as `scan`:
   "associative"  `lax.associative_scan` over (decay, input) pairs: log-depth,
                  materialises every h_t `[batch, seq, d_inner, N]` (the default);
-  "reference"    the kernel's token scan (`linear_recurrence_reference`);
-  "xla"/"pallas" the chunked kernel with a per-key-channel decay, read as
-                 d_inner heads with key_dim N and value_dim 1 (q = C, k = B, v = dt x).
+  "chunked"      the linear-recurrence kernel with a per-key-channel decay, read as
+                 d_inner heads with key_dim N and value_dim 1 (q = C, k = B, v = dt x),
+                 by `model.kernel` ("reference": its token scan; "xla": chunked; "pallas").
 Measured on 2 CPU cores (d_model 128, 2 layers, train step): associative 5.5K
 tok/s, token scan 5.3K, chunked 0.5K at 128-token segments; at 1024 the token
 scan leads (4.0K vs 2.8K). The chunked form's [C, C, N] decay ratios with a
@@ -35,16 +35,20 @@ as mamba_ssm: A_log = log(1..N) per channel, D = 1, dt_proj uniform in
 A document starting inside a segment starts from a zero state and a conv that
 reads zeros before it; `reset` does the same per row at a segment start.
 
-State (every leaf batch-first, float32):
-  conv:       [batch, layers, K-1, d_inner]  the last K-1 conv inputs
-  conv_valid: [batch, K-1] bool  they belong to the open document
-  ssm:        [batch, layers, d_inner, N]  (HF's layout)
+Hugging Face interop lives here too (`hf_config`, `hf_weight_map`, `config_from_hf`; models/hf.py):
+`longctx export --format hf` writes a directory `MambaForCausalLM.from_pretrained` loads, and
+`longctx import-hf` reads one.
+
+State per layer (float32; which conv inputs belong to the open document follows from the shell's `pos`):
+  conv:  [batch, K-1, d_inner]  the last K-1 conv inputs
+  ssm:   [batch, d_inner, N]  (HF's layout)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -53,40 +57,43 @@ from jax import lax
 
 from longctx.config import ModelConfig
 from longctx.errors import ConfigError
-from longctx.kernels.linear_recurrence import IMPLS
+from longctx.layers import Mixer, param, register_mixer
+from longctx.layers.context import Context
 from longctx.layers.recurrence import recurrence
-from longctx.sharding import context_parallel_size
-from longctx.layers import RMSNorm, param
 from longctx.layers.ssm import causal_conv1d, init_dt_bias
-from longctx.models.base import SegmentLM, reset_rows
+from longctx.models import hf
+from longctx.models.base import LM
 from longctx.models.registry import register_model
-from longctx.models.transformer import Embedding, segment_doc_ids
+from longctx.sharding import context_parallel_size
 
-SCAN_IMPLS = ("associative",) + IMPLS
+SCANS = ("associative", "chunked")
 
 
 @dataclasses.dataclass
 class MambaConfig(ModelConfig):
+  mixer = "mamba"
+  tiny = {"state_size": 4, "chunk_size": 8}
+
   name: str = "mamba"
-  num_heads: int = 1  # unused (Mamba has no heads); kept so shared code finds the field
   state_size: int = 16  # N
   expand: int = 2  # d_inner = expand x d_model
   conv_kernel: int = 4
   dt_rank: int = 0  # R; 0 = ceil(d_model / 16)
   dt_min: float = 0.001
   dt_max: float = 0.1
-  scan_impl: str = "associative"  # "associative", "reference", "xla" (chunked) or "pallas"
-  chunk_size: int = 16  # tokens per chunk of the "xla"/"pallas" scans
+  scan: str = "associative"  # "associative" (parallel prefix) or "chunked" (the linear-recurrence kernel)
+  chunk_size: int = 16  # tokens per chunk of the chunked scan
   norm_eps: float = 1e-5
 
   def validate(self) -> None:
-    for key in ("vocab_size", "d_model", "num_layers", "state_size", "expand", "conv_kernel", "chunk_size"):
+    super().validate()
+    for key in ("state_size", "expand", "conv_kernel", "chunk_size"):
       if getattr(self, key) < 1:
         raise ConfigError(f"model.{key}={getattr(self, key)} must be >= 1")
     if self.dt_rank < 0:
       raise ConfigError(f"model.dt_rank={self.dt_rank} must be >= 0 (0 = ceil(d_model / 16))")
-    if self.scan_impl not in SCAN_IMPLS:
-      raise ConfigError(f"model.scan_impl={self.scan_impl!r} is not one of {SCAN_IMPLS}")
+    if self.scan not in SCANS:
+      raise ConfigError(f"model.scan={self.scan!r} is not one of {SCANS}")
     if not 0 < self.dt_min <= self.dt_max:
       raise ConfigError(f"need 0 < model.dt_min={self.dt_min} <= model.dt_max={self.dt_max}")
 
@@ -122,28 +129,31 @@ def selective_scan_associative(x, dt, a, b, c, *, segment_ids, initial_state):
   return jnp.einsum("bsdn,bsn->bsd", h, c), h[:, -1]
 
 
-def selective_scan(x, dt, a, b, c, d, *, segment_ids, initial_state, impl, chunk_size):
+def selective_scan(x, dt, a, b, c, d, *, segment_ids, initial_state, scan, kernel, chunk_size):
   """The S6 scan of one layer: `y [batch, seq, d_inner]` float32 (D term included) and the final state."""
   f32 = lambda t: t.astype(jnp.float32)
   x, dt, b, c = f32(x), f32(dt), f32(b), f32(c)
-  if impl == "associative" and context_parallel_size() > 1:
-    impl = "xla"  # the associative scan has no sequence-parallel form; the kernel's per-channel one does
-  if impl == "associative":
+  if scan == "associative" and context_parallel_size() > 1:
+    scan = "chunked"  # the associative scan has no sequence-parallel form; the kernel's per-channel one does
+  if scan == "associative":
     y, state = selective_scan_associative(x, dt, a, b, c, segment_ids=segment_ids, initial_state=initial_state)
   else:  # d_inner heads, key_dim N, value_dim 1
     channels = x.shape[-1]
     wide = lambda t: jnp.broadcast_to(t[:, :, None, :], t.shape[:2] + (channels, t.shape[-1]))
     y, state = recurrence(wide(c), wide(b), (dt * x)[..., None], log_decay=dt[..., None] * a,
-                          segment_ids=segment_ids, initial_state=initial_state[..., None], impl=impl,
+                          segment_ids=segment_ids, initial_state=initial_state[..., None], kernel=kernel,
                           chunk_size=chunk_size)
     y, state = y[..., 0], state[..., 0]
   return y + d * x, state
 
 
-class MambaMixer(nnx.Module):
-  """`x [batch, seq, d_model]` + (conv history, SSM state) -> output and the new states."""
+@register_mixer("mamba")
+class MambaMixer(Mixer):
+  """`x [batch, seq, d_model]` + {conv history, SSM state} -> output, new state. No MLP after it."""
 
-  def __init__(self, cfg: MambaConfig, *, rngs: nnx.Rngs):
+  mlp = False
+
+  def __init__(self, cfg: MambaConfig, *, layer: int, rngs: nnx.Rngs):
     d, di, n, r = cfg.d_model, cfg.d_inner, cfg.state_size, cfg.resolved_dt_rank
     self.cfg = cfg
     self.in_proj = param(rngs, (d, 2 * di), ("embed", "mlp"), fan_in=d)
@@ -161,77 +171,29 @@ class MambaMixer(nnx.Module):
     self.D = nnx.Param(jnp.ones((di,), jnp.float32), logical_axes=("mlp",))
     self.out_proj = param(rngs, (di, d), ("mlp", "embed"), fan_in=di, scale=1.0 / cfg.num_layers)
 
-  def __call__(self, u, *, conv_state, conv_valid, ssm_state, doc):
-    """u `[batch, seq, d_model]`, conv_state `[batch, K-1, d_inner]`, conv_valid `[batch, K-1]`,
-    ssm_state `[batch, d_inner, N]`, doc `[batch, seq]` -> (out, conv_state, conv_valid, ssm_state)."""
+  def init_state(self, batch_size: int) -> dict:
+    cfg = self.cfg
+    return {"conv": jnp.zeros((batch_size, cfg.conv_kernel - 1, cfg.d_inner), jnp.float32),
+            "ssm": jnp.zeros((batch_size, cfg.d_inner, cfg.state_size), jnp.float32)}
+
+  def __call__(self, u, state, ctx: Context):
     cfg = self.cfg
     dtype = u.dtype
     x, z = jnp.split(jnp.einsum("bsd,dp->bsp", u, self.in_proj[...].astype(dtype)), 2, axis=-1)
-    x, conv_state, conv_valid = causal_conv1d(x, self.conv_weight[...], self.conv_bias[...], history=conv_state,
-                                              history_valid=conv_valid, doc=doc)
+    x, conv = causal_conv1d(x, self.conv_weight[...], self.conv_bias[...], history=state["conv"],
+                            history_doc=ctx.history_doc(cfg.conv_kernel - 1), doc=ctx.doc)
     x = jax.nn.silu(x)
     r, b, c = jnp.split(jnp.einsum("bsi,ip->bsp", x, self.x_proj[...].astype(dtype)),
                         [cfg.resolved_dt_rank, cfg.resolved_dt_rank + cfg.state_size], axis=-1)
     dt = jax.nn.softplus(jnp.einsum("bsr,ri->bsi", r.astype(jnp.float32), self.dt_proj[...]) + self.dt_bias[...])
-    y, ssm_state = selective_scan(x, dt, -jnp.exp(self.A_log[...]), b, c, self.D[...], segment_ids=doc,
-                                  initial_state=ssm_state, impl=cfg.scan_impl, chunk_size=cfg.chunk_size)
+    y, ssm = selective_scan(x, dt, -jnp.exp(self.A_log[...]), b, c, self.D[...], segment_ids=ctx.doc,
+                            initial_state=state["ssm"], scan=cfg.scan, kernel=cfg.kernel, chunk_size=cfg.chunk_size)
     y = (y * jax.nn.silu(z.astype(jnp.float32))).astype(dtype)
-    return jnp.einsum("bsi,id->bsd", y, self.out_proj[...].astype(dtype)), conv_state, conv_valid, ssm_state
-
-
-class MambaBlock(nnx.Module):
-  """`x + mixer(RMSNorm(x))`, no MLP (Mamba and Mamba-2 alike)."""
-
-  def __init__(self, cfg, mixer: nnx.Module):
-    self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-    self.mixer = mixer
-
-  def __call__(self, x, **kwargs):
-    y, *states = self.mixer(self.norm(x), **kwargs)
-    return x + y, *states
-
-
-@register_model("mamba", config=MambaConfig,
-                description="Mamba: selective state space (S6) with a per-channel decay, O(1) state")
-class Mamba(SegmentLM):
-  context_parallel = "sequence-parallel linear recurrence (the chunked kernel instead of the associative scan)"
-  """Embedding, `num_layers` Mamba blocks, final RMSNorm, LM head. Mamba-2 reuses it with its own mixer."""
-
-  mixer_class: type = MambaMixer
-
-  def __init__(self, cfg: MambaConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
-    self.embedding = Embedding(cfg, rngs=rngs)
-    self.blocks = nnx.List([MambaBlock(cfg, self.mixer_class(cfg, rngs=rngs)) for _ in range(cfg.num_layers)])
-    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return jnp.einsum("bsi,id->bsd", y, self.out_proj[...].astype(dtype)), {"conv": conv, "ssm": ssm}
 
   @classmethod
-  def state_shapes(cls, cfg: MambaConfig) -> tuple[int, tuple[int, ...]]:
-    """Channels of the conv, shape of one layer's SSM state."""
-    return cfg.d_inner, (cfg.d_inner, cfg.state_size)
-
-  def init_state(self, batch_size: int):
-    cfg = self.cfg
-    conv_channels, ssm_shape = self.state_shapes(cfg)
-    return {
-        "conv": jnp.zeros((batch_size, cfg.num_layers, cfg.conv_kernel - 1, conv_channels), jnp.float32),
-        "conv_valid": jnp.zeros((batch_size, cfg.conv_kernel - 1), bool),
-        "ssm": jnp.zeros((batch_size, cfg.num_layers) + ssm_shape, jnp.float32),
-    }
-
-  def __call__(self, tokens, state, *, reset, segment_ids=None):
-    self.check_segment_shapes(tokens, reset)
-    state = reset_rows(state, self.init_state(tokens.shape[0]), reset)
-    doc = segment_doc_ids(segment_ids, tokens)
-    x = self.embedding.embed(tokens, self.embedding.table[...].dtype)
-    convs, ssms, conv_valid = [], [], state["conv_valid"]
-    for i, block in enumerate(self.blocks):
-      x, conv, conv_valid, ssm = block(x, conv_state=state["conv"][:, i], conv_valid=state["conv_valid"],
-                                       ssm_state=state["ssm"][:, i], doc=doc)
-      convs.append(conv.astype(jnp.float32))
-      ssms.append(ssm)
-    logits = self.embedding.logits(self.final_norm(x))
-    return logits, {"conv": jnp.stack(convs, axis=1), "conv_valid": conv_valid, "ssm": jnp.stack(ssms, axis=1)}
+  def reach(cls, cfg) -> int:
+    return cfg.conv_kernel - 1
 
   @classmethod
   def flops_per_token(cls, cfg: MambaConfig, *, seg_len: int) -> float:
@@ -239,9 +201,104 @@ class Mamba(SegmentLM):
     proj = 2 * d * 2 * di + 2 * di * (r + 2 * n) + 2 * r * di + 2 * di * d
     conv = 2 * cfg.conv_kernel * di
     scan = 6 * di * n  # decay x state + input, read with C
-    return float(cfg.num_layers * (proj + conv + scan) + 2 * d * cfg.vocab_size)
+    return float(proj + conv + scan)
 
   @classmethod
   def activation_bytes_per_token(cls, cfg: MambaConfig, *, dtype_bytes: int) -> float:
-    per_layer = (2 * cfg.d_model + 4 * cfg.d_inner) * dtype_bytes + 3 * cfg.d_inner * cfg.state_size * 4
-    return float(cfg.num_layers * per_layer)
+    return float((2 * cfg.d_model + 4 * cfg.d_inner) * dtype_bytes + 3 * cfg.d_inner * cfg.state_size * 4)
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+
+def hf_common_config(cfg) -> dict:
+  """The transformers config keys Mamba and Mamba-2 share.
+
+  `time_step_*` and `rescale_prenorm_residual` only steer HF's initialisation; `residual_in_fp32` (HF keeps
+  the residual stream in float32) changes nothing for float32 weights.
+  """
+  return {
+      "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.num_layers,
+      "state_size": cfg.state_size, "expand": cfg.expand, "conv_kernel": cfg.conv_kernel,
+      "layer_norm_epsilon": cfg.norm_eps, "use_bias": False, "use_conv_bias": True, "hidden_act": "silu",
+      "residual_in_fp32": True, "time_step_min": cfg.dt_min, "time_step_max": cfg.dt_max,
+      "time_step_floor": 1e-4, "rescale_prenorm_residual": False, "initializer_range": 0.1, "use_cache": True,
+      "tie_word_embeddings": bool(cfg.tie_embeddings), "dtype": "float32",
+  }
+
+
+def hf_backbone_map(cfg, mixer_map) -> list[tuple[str, str, hf.Transform]]:
+  """Every (our name, HF name, transform) of a Mamba-family model whose mixer maps by `mixer_map`."""
+  pairs = [("embedding.table", "backbone.embeddings.weight", hf.IDENTITY),
+           ("final_norm.scale", "backbone.norm_f.weight", hf.IDENTITY)]
+  if not cfg.tie_embeddings:
+    pairs.append(("embedding.head", "lm_head.weight", hf.TRANSPOSE))
+  for i in range(cfg.num_layers):
+    pairs.append((f"blocks.{i}.norm.scale", f"backbone.layers.{i}.norm.weight", hf.IDENTITY))
+    pairs += [(f"blocks.{i}.mixer.{ours}", f"backbone.layers.{i}.mixer.{theirs}", fns)
+              for ours, theirs, fns in mixer_map]
+  return pairs
+
+
+def hf_common_fields(hf_cfg: Mapping, kind: str) -> tuple[dict, dict]:
+  """(the longctx config a longctx export saved in it, or {"name": kind}; the shared architecture fields)."""
+  hf.require(hf_cfg, "use_bias", False, kind=kind)
+  hf.require(hf_cfg, "hidden_act", "silu", kind=kind)
+  saved = (hf_cfg.get("longctx") or {}).get("model") or {}
+  base = dict(saved) if saved.get("name") == kind else {"name": kind}
+  arch = {"vocab_size": int(hf_cfg["vocab_size"]), "d_model": int(hf_cfg["hidden_size"]),
+          "num_layers": int(hf_cfg["num_hidden_layers"]), "state_size": int(hf_cfg["state_size"]),
+          "expand": int(hf_cfg.get("expand", 2)), "conv_kernel": int(hf_cfg.get("conv_kernel", 4)),
+          "norm_eps": float(hf_cfg.get("layer_norm_epsilon", 1e-5)),
+          "tie_embeddings": bool(hf_cfg.get("tie_word_embeddings", kind == "mamba")),
+          "dt_min": float(hf_cfg.get("time_step_min", 0.001)), "dt_max": float(hf_cfg.get("time_step_max", 0.1))}
+  inner = int(hf_cfg.get("intermediate_size", arch["d_model"] * arch["expand"]))
+  if arch["d_model"] * arch["expand"] != inner:
+    raise ConfigError(f"Hugging Face config intermediate_size={inner} is not expand x hidden_size, which longctx "
+                      "needs")
+  return base, arch
+
+
+def config_of(cls, values: dict):
+  """`cls(**values)` without the keys it does not have, validated."""
+  names = {f.name for f in dataclasses.fields(cls)}
+  cfg = cls(**{k: v for k, v in values.items() if k in names})
+  cfg.validate()
+  return cfg
+
+
+MAMBA_MIXER_MAP = [
+    ("in_proj", "in_proj.weight", hf.TRANSPOSE), ("conv_weight", "conv1d.weight", hf.CONV),
+    ("conv_bias", "conv1d.bias", hf.IDENTITY), ("x_proj", "x_proj.weight", hf.TRANSPOSE),
+    ("dt_proj", "dt_proj.weight", hf.TRANSPOSE), ("dt_bias", "dt_proj.bias", hf.IDENTITY),
+    ("A_log", "A_log", hf.IDENTITY), ("D", "D", hf.IDENTITY), ("out_proj", "out_proj.weight", hf.TRANSPOSE)]
+
+
+@register_model("mamba", config=MambaConfig,
+                description="Mamba: selective state space (S6) with a per-channel decay, O(1) state")
+class Mamba(LM):
+  context_parallel = "sequence-parallel linear recurrence (the chunked kernel instead of the associative scan)"
+  hf_model_type = "mamba"
+
+  @classmethod
+  def hf_config(cls, cfg: MambaConfig) -> dict:
+    return {"architectures": ["MambaForCausalLM"], "model_type": "mamba", **hf_common_config(cfg),
+            "intermediate_size": cfg.d_inner, "time_step_rank": cfg.resolved_dt_rank, "time_step_scale": 1.0,
+            "time_step_init_scheme": "random", "use_mambapy": False}
+
+  @classmethod
+  def hf_weight_map(cls, cfg: MambaConfig) -> list:
+    return hf_backbone_map(cfg, MAMBA_MIXER_MAP)
+
+  @classmethod
+  def config_from_hf(cls, hf_cfg: Mapping) -> MambaConfig:
+    try:
+      base, arch = hf_common_fields(hf_cfg, "mamba")
+      auto = math.ceil(arch["d_model"] / 16)
+      rank = hf_cfg.get("time_step_rank", "auto")
+      rank = auto if rank == "auto" else int(rank)
+      arch["dt_rank"] = rank if rank != auto or base.get("dt_rank") == rank else 0  # 0 = derived, our default
+    except (KeyError, TypeError, ValueError) as e:
+      raise ConfigError(f"Hugging Face config is missing or has a bad {e}; expected a transformers mamba "
+                        "config.json") from None
+    return config_of(MambaConfig, {**base, **arch})

@@ -12,8 +12,8 @@ G groups of (B, C) of state size N, and head h reading group h // (H / G):
 
 The recurrence is the chunked linear recurrence (`longctx.kernels.linear_recurrence`)
 with q = C, k = B, v = dt x and a per-head log decay dt A: the SSD algorithm
-(quadratic masked product inside a chunk, a state pass between chunks).
-`ssd_impl` picks "reference" (token scan), "xla" (chunked) or "pallas".
+(quadratic masked product inside a chunk, a state pass between chunks);
+`model.kernel` picks "reference" (token scan), "xla" (chunked) or "pallas".
 
 Layout and conventions follow Hugging Face `Mamba2ForCausalLM`, so weights map
 one to one (issue 7 exports them): `in_proj [d_model, 2 d_inner + 2 G N + H]`
@@ -27,15 +27,18 @@ dt_bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max] floored at 1e-4.
 A document starting inside a segment starts from a zero SSM state and a conv
 that reads zeros before it; `reset` does the same per row at a segment start.
 
-State (every leaf batch-first, float32):
-  conv:       [batch, layers, K-1, d_inner + 2 G N]  the last K-1 conv inputs
-  conv_valid: [batch, K-1] bool  they belong to the open document
-  ssm:        [batch, layers, H, N, P]  (HF's `[H, P, N]` transposed)
+Hugging Face interop lives here too (`hf_config`, `hf_weight_map`, `config_from_hf`; models/hf.py).
+
+State per layer (float32; which conv inputs belong to the open document follows from the shell's `pos`):
+  conv:  [batch, K-1, d_inner + 2 G N]  the last K-1 conv inputs
+  ssm:   [batch, H, N, P]  (HF's `[H, P, N]` transposed)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -44,16 +47,21 @@ from jax import lax
 
 from longctx.config import ModelConfig
 from longctx.errors import ConfigError
-from longctx.kernels.linear_recurrence import IMPLS
+from longctx.layers import Mixer, param, register_mixer
+from longctx.layers.context import Context
 from longctx.layers.recurrence import recurrence
-from longctx.layers import param
 from longctx.layers.ssm import causal_conv1d, init_dt_bias
-from longctx.models.mamba import Mamba
+from longctx.models import hf
+from longctx.models.base import LM
+from longctx.models.mamba import config_of, hf_backbone_map, hf_common_config, hf_common_fields
 from longctx.models.registry import register_model
 
 
 @dataclasses.dataclass
 class Mamba2Config(ModelConfig):
+  mixer = "mamba2"
+  tiny = {"head_dim": 16, "state_size": 8, "chunk_size": 8}
+
   name: str = "mamba2"
   num_heads: int = 0  # 0 = expand x d_model // head_dim
   head_dim: int = 64  # P, channels per head
@@ -62,14 +70,13 @@ class Mamba2Config(ModelConfig):
   num_groups: int = 1  # G groups of (B, C), shared by H / G heads each
   conv_kernel: int = 4
   chunk_size: int = 64  # tokens per chunk of the SSD scan
-  ssd_impl: str = "xla"  # "reference" (token scan), "xla" (chunked) or "pallas"
   dt_min: float = 0.001
   dt_max: float = 0.1
   norm_eps: float = 1e-5
 
   def validate(self) -> None:
-    for key in ("vocab_size", "d_model", "num_layers", "head_dim", "state_size", "expand", "num_groups",
-                "conv_kernel", "chunk_size"):
+    super().validate()
+    for key in ("head_dim", "state_size", "expand", "num_groups", "conv_kernel", "chunk_size"):
       if getattr(self, key) < 1:
         raise ConfigError(f"model.{key}={getattr(self, key)} must be >= 1")
     if self.d_inner % self.head_dim:
@@ -79,8 +86,6 @@ class Mamba2Config(ModelConfig):
                         f"expand x d_model = {self.d_inner}; set model.num_heads=0 to derive it")
     if self.resolved_num_heads % self.num_groups:
       raise ConfigError(f"{self.resolved_num_heads} heads are not divisible by model.num_groups={self.num_groups}")
-    if self.ssd_impl not in IMPLS:
-      raise ConfigError(f"model.ssd_impl={self.ssd_impl!r} is not one of {IMPLS}")
     if not 0 < self.dt_min <= self.dt_max:
       raise ConfigError(f"need 0 < model.dt_min={self.dt_min} <= model.dt_max={self.dt_max}")
 
@@ -112,7 +117,7 @@ def gated_rms_norm(y: jax.Array, z: jax.Array, weight: jax.Array, *, groups: int
   return (g.reshape(h.shape) * weight).astype(y.dtype)
 
 
-def ssd(x, dt, a, b, c, d, *, segment_ids, initial_state, impl, chunk_size):
+def ssd(x, dt, a, b, c, d, *, segment_ids, initial_state, kernel, chunk_size):
   """The selective state space of one layer.
 
   Args:
@@ -128,14 +133,17 @@ def ssd(x, dt, a, b, c, d, *, segment_ids, initial_state, impl, chunk_size):
   b = jnp.repeat(f32(b), heads // groups, axis=2)
   c = jnp.repeat(f32(c), heads // groups, axis=2)
   y, state = recurrence(c, b, x * dt[..., None], log_decay=dt * a, segment_ids=segment_ids,
-                        initial_state=initial_state, impl=impl, chunk_size=chunk_size)
+                        initial_state=initial_state, kernel=kernel, chunk_size=chunk_size)
   return y + d[:, None] * x, state
 
 
-class Mamba2Mixer(nnx.Module):
-  """`x [batch, seq, d_model]` + (conv history, SSM state) -> output, new conv history, new SSM state."""
+@register_mixer("mamba2")
+class Mamba2Mixer(Mixer):
+  """`x [batch, seq, d_model]` + {conv history, SSM state} -> output, new state. No MLP after it."""
 
-  def __init__(self, cfg: Mamba2Config, *, rngs: nnx.Rngs):
+  mlp = False
+
+  def __init__(self, cfg: Mamba2Config, *, layer: int, rngs: nnx.Rngs):
     d, di, h = cfg.d_model, cfg.d_inner, cfg.resolved_num_heads
     self.cfg = cfg
     self.in_proj = param(rngs, (d, 2 * di + 2 * cfg.num_groups * cfg.state_size + h), ("embed", "mlp"), fan_in=d)
@@ -149,50 +157,82 @@ class Mamba2Mixer(nnx.Module):
     self.norm = nnx.Param(jnp.ones((di,), jnp.float32), logical_axes=("mlp",))
     self.out_proj = param(rngs, (di, d), ("mlp", "embed"), fan_in=di, scale=1.0 / cfg.num_layers)
 
-  def __call__(self, x, *, conv_state, conv_valid, ssm_state, doc):
-    """x `[batch, seq, d_model]`, conv_state `[batch, K-1, conv_dim]`, conv_valid `[batch, K-1]`,
-    ssm_state `[batch, H, N, P]`, doc `[batch, seq]` -> (out, conv_state, conv_valid, ssm_state)."""
+  def init_state(self, batch_size: int) -> dict:
+    cfg = self.cfg
+    return {"conv": jnp.zeros((batch_size, cfg.conv_kernel - 1, cfg.conv_dim), jnp.float32),
+            "ssm": jnp.zeros((batch_size, cfg.resolved_num_heads, cfg.state_size, cfg.head_dim), jnp.float32)}
+
+  def __call__(self, x, state, ctx: Context):
     cfg = self.cfg
     di, h, p, gn = cfg.d_inner, cfg.resolved_num_heads, cfg.head_dim, cfg.num_groups * cfg.state_size
     proj = jnp.einsum("bsd,dp->bsp", x, self.in_proj[...].astype(x.dtype))
     z, xbc, dt = jnp.split(proj, [di, di + cfg.conv_dim], axis=-1)
-    xbc, conv_state, conv_valid = causal_conv1d(xbc, self.conv_weight[...], self.conv_bias[...],
-                                                history=conv_state, history_valid=conv_valid, doc=doc)
+    xbc, conv = causal_conv1d(xbc, self.conv_weight[...], self.conv_bias[...], history=state["conv"],
+                              history_doc=ctx.history_doc(cfg.conv_kernel - 1), doc=ctx.doc)
     xs, b, c = jnp.split(jax.nn.silu(xbc), [di, di + gn], axis=-1)
     bsz, seq = x.shape[:2]
     dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...])
-    y, ssm_state = ssd(xs.reshape(bsz, seq, h, p), dt, -jnp.exp(self.A_log[...]),
-                       b.reshape(bsz, seq, cfg.num_groups, -1), c.reshape(bsz, seq, cfg.num_groups, -1),
-                       self.D[...], segment_ids=doc, initial_state=ssm_state, impl=cfg.ssd_impl,
-                       chunk_size=cfg.chunk_size)
+    y, ssm = ssd(xs.reshape(bsz, seq, h, p), dt, -jnp.exp(self.A_log[...]),
+                 b.reshape(bsz, seq, cfg.num_groups, -1), c.reshape(bsz, seq, cfg.num_groups, -1),
+                 self.D[...], segment_ids=ctx.doc, initial_state=state["ssm"], kernel=cfg.kernel,
+                 chunk_size=cfg.chunk_size)
     y = gated_rms_norm(y.reshape(bsz, seq, di), z, self.norm[...], groups=cfg.num_groups, eps=cfg.norm_eps)
     out = jnp.einsum("bsi,id->bsd", y.astype(x.dtype), self.out_proj[...].astype(x.dtype))
-    return out, conv_state, conv_valid, ssm_state
-
-
-@register_model("mamba2", config=Mamba2Config,
-                description="Mamba-2: SSD (scalar-decay selective state space) through the chunked kernel, O(1) state")
-class Mamba2(Mamba):
-  """Mamba's stack (embedding, `x + mixer(RMSNorm(x))` blocks, final norm) with the SSD mixer."""
-
-  context_parallel = "sequence-parallel linear recurrence (SSD on the chunked kernel)"
-
-  mixer_class = Mamba2Mixer
+    return out, {"conv": conv, "ssm": ssm}
 
   @classmethod
-  def state_shapes(cls, cfg: Mamba2Config) -> tuple[int, tuple[int, ...]]:
-    return cfg.conv_dim, (cfg.resolved_num_heads, cfg.state_size, cfg.head_dim)
+  def reach(cls, cfg) -> int:
+    return cfg.conv_kernel - 1
 
   @classmethod
   def flops_per_token(cls, cfg: Mamba2Config, *, seg_len: int) -> float:
     d, di, h, n, p = cfg.d_model, cfg.d_inner, cfg.resolved_num_heads, cfg.state_size, cfg.head_dim
     proj = 2 * d * (2 * di + 2 * cfg.num_groups * n + h) + 2 * di * d
     conv = 2 * cfg.conv_kernel * cfg.conv_dim
-    chunk = 1 if cfg.ssd_impl == "reference" else min(cfg.chunk_size, seg_len)
+    chunk = 1 if cfg.kernel == "reference" else min(cfg.chunk_size, seg_len)
     scan = h * (2 * chunk * (n + p) / 2 + 4 * n * p)  # causal half of the chunk, state read + write
-    return float(cfg.num_layers * (proj + conv + scan) + 2 * d * cfg.vocab_size)
+    return float(proj + conv + scan)
 
   @classmethod
   def activation_bytes_per_token(cls, cfg: Mamba2Config, *, dtype_bytes: int) -> float:
-    per_layer = (2 * cfg.d_model + 2 * cfg.d_inner + 2 * cfg.conv_dim) * dtype_bytes + 4 * cfg.d_inner * 4
-    return float(cfg.num_layers * per_layer)
+    return float((2 * cfg.d_model + 2 * cfg.d_inner + 2 * cfg.conv_dim) * dtype_bytes + 4 * cfg.d_inner * 4)
+
+
+MAMBA2_MIXER_MAP = [
+    ("in_proj", "in_proj.weight", hf.TRANSPOSE), ("conv_weight", "conv1d.weight", hf.CONV),
+    ("conv_bias", "conv1d.bias", hf.IDENTITY), ("dt_bias", "dt_bias", hf.IDENTITY), ("A_log", "A_log", hf.IDENTITY),
+    ("D", "D", hf.IDENTITY), ("norm", "norm.weight", hf.IDENTITY), ("out_proj", "out_proj.weight", hf.TRANSPOSE)]
+
+
+@register_model("mamba2", config=Mamba2Config,
+                description="Mamba-2: SSD (scalar-decay selective state space) through the chunked kernel, O(1) state")
+class Mamba2(LM):
+  context_parallel = "sequence-parallel linear recurrence (SSD on the chunked kernel)"
+  hf_model_type = "mamba2"
+
+  @classmethod
+  def hf_config(cls, cfg: Mamba2Config) -> dict:
+    return {"architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2", **hf_common_config(cfg),
+            "num_heads": cfg.resolved_num_heads, "head_dim": cfg.head_dim, "n_groups": cfg.num_groups,
+            "chunk_size": cfg.chunk_size, "time_step_rank": math.ceil(cfg.d_model / 16)}
+
+  @classmethod
+  def hf_weight_map(cls, cfg: Mamba2Config) -> list:
+    return hf_backbone_map(cfg, MAMBA2_MIXER_MAP)
+
+  @classmethod
+  def config_from_hf(cls, hf_cfg: Mapping) -> Mamba2Config:
+    try:
+      limit = [hf.hf_float(x) for x in hf_cfg.get("time_step_limit", (0.0, math.inf))]
+      if limit != [0.0, math.inf]:
+        raise ConfigError(f"Hugging Face config time_step_limit={limit} clamps the time step, which longctx "
+                          "mamba2 does not; it needs time_step_limit=[0.0, inf]")
+      base, arch = hf_common_fields(hf_cfg, "mamba2")
+      heads, head_dim = int(hf_cfg["num_heads"]), int(hf_cfg["head_dim"])
+      derived = arch["expand"] * arch["d_model"] // head_dim
+      arch.update(num_heads=heads if heads != derived or base.get("num_heads") == heads else 0, head_dim=head_dim,
+                  num_groups=int(hf_cfg.get("n_groups", 8)))
+    except (KeyError, TypeError, ValueError) as e:
+      raise ConfigError(f"Hugging Face config is missing or has a bad {e}; expected a transformers mamba2 "
+                        "config.json") from None
+    return config_of(Mamba2Config, {**base, **arch})

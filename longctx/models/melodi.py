@@ -43,7 +43,7 @@ Per window, layer l (the baseline's pre-norm block, `Block`; N = RMSNorm):
   x' goes on to layer l+1 unmixed; the logits are the baseline's head on the last layer's x'.
 
 Context parallelism (mesh `sequence` axis n > 1 dividing W): each device holds W/n of the window's
-tokens (`melodi_ring_attention`). They attend over the ring of token shards and the replicated short
+tokens (the attention entry's ring, layers/attention.py). They attend over the ring of token shards and the replicated short
 memory; the replicated summary tokens read each shard's tokens there and merge the partial results by
 log-sum-exp. The FIFO cross attention is per query and the token mixers are sums over the token axis,
 which XLA partitions (an all-reduce of `[b, O, d]` per mixer).
@@ -54,12 +54,12 @@ as in meliad there is no stop_gradient; the trainer stops them between steps.
 The long memory's K/V are recomputed from the stored embeddings with the
 current weights, so Wk/Wv/norm still learn from entries written in earlier steps.
 
-Memory (state["memory"]), float32, every leaf lane-first:
-  short        `[b, n, S, d]`  per layer's short-term memory (embeddings, not K/V)
-  short_valid  `[b]` bool      the short memory holds a window of the current document
-  long         `[b, M, d]`     the FIFO, oldest first (absent when long_memory_size = 0)
+Memory, float32, every leaf lane-first, in the state of each layer (`state["blocks"][l]`):
+  short        `[b, S, d]`  the layer's short-term memory (embeddings, not K/V); it holds a window of the
+                            current document once the document has a token before the window (`ctx.start > 0`)
+  long         `[b, M, d]`  the FIFO, oldest first (the long-term layer only; none when long_memory_size = 0)
   long_valid   `[b, M]` bool
-Bytes per lane: 4 (n S d + M d) + M + 1 (`Melodi.state_bytes_per_lane`). At the
+Bytes per lane: 4 (n S d + M d) + M, plus the shell's 4-byte position (`Melodi.state_bytes_per_lane`). At the
 reference's scale (n 12, d 1024, S 64, M 4096) that is 19.9 MB, against 587 MB (29x)
 for a Memorizing Transformer with 64K (key, value) pairs of 8 heads x 128 in one
 layer plus its 12 x 512-token XL cache (our `memorizing` state, float32). S192+A32,
@@ -67,9 +67,10 @@ S128+A64 and S192+A96 with a 128-window span (configurations the paper is report
 to compare) give 22x, 15x and 10x by this count; the paper's abstract claims 8x with
 its own accounting, which is not reproduced here.
 
-Documents: a window in which a document starts after its first token reads the
-fresh (empty) memory for all its tokens (`blockwise.py`), and its writes (short
-memory, summaries, FIFO entries) see only the last document's tokens.
+Documents: memory is visible to tokens of document 0 only (the one the memory is of), so a document
+starting inside a window reads nothing of the one before it; the window's writes (short memory,
+summaries, FIFO entries) see only its last document's tokens, and its FIFO entries go into an empty
+FIFO when that document is new.
 
 Deviations from meliad, all deliberate:
   * Rotary positions over the sequence [z; x; u] with the baseline's scaled
@@ -85,7 +86,7 @@ Deviations from meliad, all deliberate:
     meliad's scale-only LayerNorm, ReLU MLP and dropout 0.05. As in meliad:
     summary tokens and gate are initialised truncated N(0, 0.25^2) (the embedding
     is N(0, 1)), mixer kernels with variance 1 / (W+U), mixer biases 0.
-  * Writes use the window's last document only (`last_doc_mask`), our document convention.
+  * Writes use the window's last document only (`ctx.last_doc`), our document convention.
   * The FIFO's K/V are recomputed from its embeddings in every window (meliad: once
     per segment, then appended); same values, since the state holds embeddings only.
 
@@ -98,25 +99,26 @@ A 32-96 with a 128-window span (not checked against the paper's text).
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
-from longctx import sharding as shd
 from longctx.errors import ConfigError
-from longctx.kernels import ring_attention as ra
-from longctx.layers import RMSNorm, masked_attention, merge_over_sequence, param, rotary, window_ring_attention
-from longctx.models.blockwise import BlockwiseConfig, BlockwiseLM, last_doc_mask
+from longctx.layers import Block, Mixer, RMSNorm, param, register_mixer
+from longctx.layers.attention import DEFAULT_BLOCK, AttentionProjections, Keys, attention, project, rotary
+from longctx.layers.context import Context
+from longctx.models.base import LM, pick_rows
+from longctx.models.blockwise import BlockwiseConfig, BlockwiseLM
 from longctx.models.registry import register_model
-from longctx.models.transformer import Attention, Block, Embedding
 
 
 @dataclasses.dataclass
 class MelodiConfig(BlockwiseConfig):
   layer_indices = ("long_layer",)  # the dry run keeps this layer when it reduces the depth
+  mixer = "melodi"
+  tiny = {"window": 16, "short_memory": 4, "summary_tokens": 4, "long_memory_size": 8, "long_append": 2}
+
   name: str = "melodi"
   short_memory: int = 32  # S: short-term memory slots per layer (reference 64)
   summary_tokens: int = 32  # U: summary tokens per window (reference 64)
@@ -147,33 +149,6 @@ class MelodiConfig(BlockwiseConfig):
 
 
 # ----------------------------------------------------------------------------- pure functions
-
-
-def melodi_mask(q_doc: jax.Array, short_valid: jax.Array, *, short_memory: int, summary_tokens: int) -> jax.Array:
-  """Visibility `[b, W+U, S+W+U]` of queries [tokens; summary] over keys [short memory; tokens; summary].
-
-  Args:
-    q_doc: `[b, W]` document ids of the window's tokens (0 = the memory's document).
-    short_valid: `[b]` bool, the short memory holds something of document 0.
-  """
-  b, W = q_doc.shape
-  S, U = short_memory, summary_tokens
-  row_doc = jnp.concatenate([q_doc, jnp.broadcast_to(q_doc[:, -1:], (b, U))], axis=1)  # summary = last doc
-  mem = jnp.broadcast_to((short_valid[:, None] & (row_doc == 0))[:, :, None], (b, W + U, S))
-  tok_tok = jnp.tril(jnp.ones((W, W), bool))[None] & (q_doc[:, :, None] == q_doc[:, None, :])
-  sum_tok = jnp.broadcast_to(last_doc_mask(q_doc)[:, None, :], (b, U, W))
-  tok_sum = jnp.zeros((b, W, U), bool)
-  sum_sum = jnp.broadcast_to(jnp.tril(jnp.ones((U, U), bool)), (b, U, U))
-  rows_tok = jnp.concatenate([tok_tok, sum_tok], axis=1)  # [b, W+U, W]
-  rows_sum = jnp.concatenate([tok_sum, sum_sum], axis=1)  # [b, W+U, U]
-  return jnp.concatenate([mem, rows_tok, rows_sum], axis=2)
-
-
-def long_mask(q_doc: jax.Array, long_valid: jax.Array, *, summary_tokens: int) -> jax.Array:
-  """Visibility `[b, W+U, M]` of queries [tokens; summary] over the FIFO: its valid entries, document 0 only."""
-  b = q_doc.shape[0]
-  row_doc = jnp.concatenate([q_doc, jnp.broadcast_to(q_doc[:, -1:], (b, summary_tokens))], axis=1)
-  return long_valid[:, None, :] & (row_doc == 0)[:, :, None]
 
 
 def fifo_append(memory: jax.Array, valid: jax.Array, new: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -208,162 +183,123 @@ class TokenMixing(nnx.Module):
     return out + u if self.norm_x is not None else out
 
 
-def melodi_ring_attention(q, k, v, *, q_doc, short_valid, short_memory: int, rope_base: float,
-                          block: int = 128, impl: str = "xla") -> jax.Array:
-  """`melodi_mask` attention with the window's tokens split over the mesh's `sequence` axis.
+class MelodiBlock(Block):
+  """The baseline's block over [x; u], then the layer's writes: its short memory, the FIFO (long layer), and
+  the next layer's summary tokens.
 
-  q `[b, W+U, h, dh]` rows [tokens; summary], k, v `[b, S+W+U, kv, dh]` rows [short memory; tokens;
-  summary], all unrotated; q_doc `[b, W]`, short_valid `[b]`. Memory slots and summary tokens are
-  replicated; per device, with its W/n tokens:
-    tokens   ring over the tokens (causal, own document) + the memory slots as one local block
-    summary  memory slots + summary tokens <= j, and this shard's tokens of the window's last document;
-             the per-device partial results are all-gathered and merged by log-sum-exp
-  Returns y `[b, W+U, h, dh]`.
+  The hidden stream between layers is `[x; u]` `[b, W+U, d]`: the window's tokens and its summary tokens.
+  State: short `[b, S, d]`, and long `[b, M, d]`, long_valid `[b, M]` in the long-term layer.
   """
-  S, W = short_memory, q_doc.shape[1]
-  b, U = q.shape[0], q.shape[1] - W
-  pos_z, pos_u = jnp.arange(S), S + W + jnp.arange(U)
-  rot = lambda t, p: rotary(t, p, base=rope_base)
-  qt, qu = q[:, :W], rot(q[:, W:], pos_u)
-  kz, kt, ku = rot(k[:, :S], pos_z), k[:, S:S + W], rot(k[:, S + W:], pos_u)
-  vz, vt, vu = v[:, :S], v[:, S:S + W], v[:, S + W:]
-  z_doc = jnp.broadcast_to(jnp.where(short_valid, 0, -1)[:, None], (b, S))  # memory belongs to document 0
-  u_doc = jnp.broadcast_to(q_doc[:, -1:], (b, U))  # summary tokens: the window's last document
 
-  def shard(qt, kt, vt, q_doc, pos, qu, kz, vz, ku, vu, z_doc, u_doc):
-    qt, kt = rot(qt, pos), rot(kt, pos)
-    flash = functools.partial(ra.flash_attention, block_q=block, block_k=block, impl=impl, return_lse=True)
-    tokens, _ = window_ring_attention(qt, kt, vt, pos=pos, q_doc=q_doc, window=None, cache=(kz, vz, pos_z, z_doc),
-                                      block=block, impl=impl)
-    summary = ra.merge_attention(*flash(qu, kz, vz, q_pos=pos_u, k_pos=pos_z, q_doc=u_doc, k_doc=z_doc),
-                                 *flash(qu, ku, vu, q_pos=pos_u, k_pos=pos_u, q_doc=u_doc, k_doc=u_doc))
-    summary, _ = ra.merge_attention(*summary, *merge_over_sequence(
-        *flash(qu, kt, vt, q_pos=pos_u, k_pos=pos, q_doc=u_doc, k_doc=q_doc)))
-    return tokens.astype(qt.dtype), summary.astype(qt.dtype)
+  def __init__(self, cfg: MelodiConfig, mixer: "MelodiAttention", *, rngs: nnx.Rngs):
+    super().__init__(cfg, mixer, rngs=rngs)
+    self.cfg = cfg
+    S, U, layer = cfg.short_memory, cfg.summary_tokens, mixer.layer
+    self.mix_short = TokenMixing(cfg, S, norm_residual=S == U, rngs=rngs)
+    # meliad computes a summary after the last layer too, and discards it: none here.
+    self.mix_summary = TokenMixing(cfg, U, norm_residual=True, rngs=rngs) if layer < cfg.num_layers - 1 else None
+    self.mix_long = (TokenMixing(cfg, cfg.long_append, norm_residual=False, rngs=rngs)
+                     if layer == cfg.resolved_long_layer else None)
 
-  seq, whole = P(None, shd.SEQUENCE_AXIS), P()
-  tokens, summary = shd.over_sequence(shard, in_specs=(seq, seq, seq, seq, P(shd.SEQUENCE_AXIS)) + (whole,) * 7,
-                                      out_specs=(seq, whole))(
-      qt, kt, vt, q_doc, S + jnp.arange(W), qu, kz, vz, ku, vu, z_doc, u_doc)
-  return jnp.concatenate([tokens, summary], axis=1)
-
-
-class MelodiAttention(Attention):
-  """The baseline's attention weights; queries [tokens; summary] over keys [short memory; tokens; summary]."""
-
-  def self_attention(self, x, memory, *, q_doc, short_valid):
-    """x `[b, W+U, d]` and memory `[b, S, d]` (both normed); q_doc `[b, W]`, short_valid `[b]`.
-
-    With the mesh's `sequence` axis n > 1 (dividing W) the window's tokens are context-parallel
-    (`melodi_ring_attention`); otherwise the dense `melodi_mask` attention. Returns y `[b, W+U, h, dh]`
-    and the unrotated q.
-    """
+  def init_state(self, batch_size: int) -> dict:
     cfg = self.cfg
-    S, W = memory.shape[1], q_doc.shape[1]
-    q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(x.dtype))
-    kv_in = jnp.concatenate([memory.astype(x.dtype), x], axis=1)
-    k = jnp.einsum("bsd,dhk->bshk", kv_in, self.wk[...].astype(x.dtype))
-    v = jnp.einsum("bsd,dhk->bshk", kv_in, self.wv[...].astype(x.dtype))
-    n = shd.context_parallel_size()
-    if n > 1 and W % n == 0:
-      y = melodi_ring_attention(q, k, v, q_doc=q_doc, short_valid=short_valid, short_memory=S,
-                                rope_base=cfg.rope_base, block=cfg.attention_block or 128,
-                                impl="pallas" if cfg.attention_impl == "pallas" else "xla")
-      return y, q
-    mask = melodi_mask(q_doc, short_valid, short_memory=S, summary_tokens=cfg.summary_tokens)
-    pos = jnp.arange(kv_in.shape[1])
-    base = cfg.rope_base
-    y = masked_attention(rotary(q, pos[S:], base=base), rotary(k, pos, base=base), v, mask)
-    return y, q
+    state = {"short": jnp.zeros((batch_size, cfg.short_memory, cfg.d_model), jnp.float32)}
+    if self.mix_long is not None:
+      state["long"] = jnp.zeros((batch_size, cfg.long_memory_size, cfg.d_model), jnp.float32)
+      state["long_valid"] = jnp.zeros((batch_size, cfg.long_memory_size), bool)
+    return state
 
-  def __call__(self, x, *, memory, q_doc, short_valid):
-    y, _ = self.self_attention(x, memory, q_doc=q_doc, short_valid=short_valid)
-    return jnp.einsum("bshk,hkd->bsd", y, self.wo[...].astype(x.dtype)), None, None
+  def fresh_state(self, batch_size: int) -> dict:
+    return self.init_state(batch_size)
+
+  def __call__(self, h, state, ctx: Context):
+    W, dt = ctx.doc.shape[1], h.dtype
+    long = None
+    if self.mix_long is not None:
+      long = (self.norm(state["long"].astype(dt)), state["long_valid"])
+    h = h + self.mixer.attend(self.norm(h), self.norm(state["short"].astype(dt)), ctx, long=long)
+    h = h + self.mlp(self.mlp_norm(h))
+    x, u = h[:, :W], h[:, W:]
+    keep = ctx.last_doc
+    new = {"short": self.mix_short(x, u, keep)}
+    if self.mix_long is not None:  # a document new in this window appends to an empty FIFO
+      fresh = self.init_state(h.shape[0])
+      base = pick_rows(ctx.doc[:, -1] > 0, (fresh["long"], fresh["long_valid"]), (state["long"], state["long_valid"]))
+      new["long"], new["long_valid"] = fifo_append(*base, self.mix_long(x, u, keep))
+    u = self.mix_summary(x, u, keep) if self.mix_summary is not None else u
+    return jnp.concatenate([x, u], axis=1), new
 
 
-class LongMemoryAttention(MelodiAttention):
-  """MelodiAttention plus gated cross attention over the long-term FIFO (same projections)."""
+@register_mixer("melodi")
+class MelodiAttention(AttentionProjections, Mixer):
+  """The baseline's projections; queries [tokens; summary] over keys [short memory; tokens; summary], and in
+  the long-term layer a gated cross attention over the FIFO (same projections)."""
 
-  def __init__(self, cfg: MelodiConfig, *, rngs: nnx.Rngs):
+  block_class = MelodiBlock
+
+  def __init__(self, cfg: MelodiConfig, *, layer: int, rngs: nnx.Rngs):
     super().__init__(cfg, rngs=rngs)
-    self.long_gate = param(rngs, (cfg.num_heads, cfg.resolved_head_dim), ("heads", "head_dim"), fan_in=1,
-                           scale=0.25 ** 2)
+    self.cfg, self.layer = cfg, layer
+    self.long_gate = (param(rngs, (cfg.num_heads, cfg.resolved_head_dim), ("heads", "head_dim"), fan_in=1,
+                            scale=0.25 ** 2) if layer == cfg.resolved_long_layer else None)
 
-  def __call__(self, x, *, memory, q_doc, short_valid, long_memory, long_mask):
-    """long_memory `[b, M, d]` (normed); long_mask `[b, W+U, M]` (`long_mask`)."""
-    y_self, q = self.self_attention(x, memory, q_doc=q_doc, short_valid=short_valid)
-    mem = long_memory.astype(x.dtype)
-    k = jnp.einsum("bsd,dhk->bshk", mem, self.wk[...].astype(x.dtype))
-    v = jnp.einsum("bsd,dhk->bshk", mem, self.wv[...].astype(x.dtype))
-    y_long = masked_attention(q, k, v, long_mask)
-    alpha = jax.nn.sigmoid(self.long_gate[...].astype(jnp.float32))
-    y = (alpha * y_self.astype(jnp.float32) + (1 - alpha) * y_long.astype(jnp.float32)).astype(x.dtype)
-    return jnp.einsum("bshk,hkd->bsd", y, self.wo[...].astype(x.dtype)), None, None
+  def attend(self, xn, memory, ctx: Context, *, long=None):
+    """xn `[b, W+U, d]` and the short memory `[b, S, d]` (both normed); long: None or (the normed FIFO
+    `[b, M, d]`, its validity `[b, M]`). Returns the layer's attention output `[b, W+U, d]`."""
+    cfg = self.cfg
+    S, W, U = memory.shape[1], ctx.doc.shape[1], cfg.summary_tokens
+    b = xn.shape[0]
+    rot = lambda t, p: rotary(t, p, base=cfg.rope_base)
+    q = project(xn, self.wq)
+    kv_in = jnp.concatenate([memory.astype(xn.dtype), xn], axis=1)
+    k, v = project(kv_in, self.wk), project(kv_in, self.wv)
+    pos_z, pos_x, pos_u = jnp.arange(S), S + jnp.arange(W), S + W + jnp.arange(U)
+    u_doc = jnp.broadcast_to(ctx.doc[:, -1:], (b, U))  # summary tokens: the window's last document
+    z_doc = jnp.broadcast_to(jnp.where(ctx.start > 0, 0, -1)[:, None], (b, S))  # memory of document 0, if any yet
+    short = Keys(rot(k[:, :S], pos_z), v[:, :S], pos=pos_z, doc=z_doc)
+    tokens = Keys(rot(k[:, S:S + W], pos_x), v[:, S:S + W], pos=pos_x, doc=ctx.doc, sharded=True)
+    summary = Keys(rot(k[:, S + W:], pos_u), v[:, S + W:], pos=pos_u, doc=u_doc)
+    run = lambda q, blocks, **kw: attention(q, blocks, kernel=cfg.kernel,
+                                            block_size=cfg.attention_block or DEFAULT_BLOCK, **kw)
+    y = jnp.concatenate([
+        run(rot(q[:, :W], pos_x), [short, tokens], q_pos=pos_x, q_doc=ctx.doc, q_sharded=True),
+        run(rot(q[:, W:], pos_u), [short, summary, tokens], q_pos=pos_u, q_doc=u_doc)], axis=1)
+    if long is not None:  # unrotated queries over the FIFO's valid entries, document 0 only
+      fifo, valid = long
+      fifo = Keys(project(fifo, self.wk), project(fifo, self.wv), doc=jnp.where(valid, 0, -1))
+      y_long = run(q, [fifo], q_pos=jnp.zeros(W + U, jnp.int32), q_doc=jnp.concatenate([ctx.doc, u_doc], axis=1))
+      alpha = jax.nn.sigmoid(self.long_gate[...].astype(jnp.float32))
+      y = (alpha * y.astype(jnp.float32) + (1 - alpha) * y_long.astype(jnp.float32)).astype(xn.dtype)
+    return self.out(y)
+
+  @classmethod
+  def reach(cls, cfg) -> int:
+    return cfg.resolved_block_len  # the window's own tokens (no XL cache)
 
 
 @register_model("melodi", config=MelodiConfig,
                 description="MELODI: per-layer short-term compression memory + gated long-term FIFO in one layer")
 class Melodi(BlockwiseLM):
-  xl_cache = False
   context_parallel = ("ring attention for the window's tokens; short memory and summary tokens replicated, "
                       "the summary's reads of the tokens merged by lse (FIFO reads and token mixing by XLA)")
 
   def __init__(self, cfg: MelodiConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
-    S, U, n = cfg.short_memory, cfg.summary_tokens, cfg.num_layers
-    long = cfg.resolved_long_layer
-    self.embedding = Embedding(cfg, rngs=rngs)
-    self.blocks = nnx.List([Block(cfg, rngs=rngs, attention_cls=LongMemoryAttention if i == long else MelodiAttention)
-                            for i in range(n)])
-    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-    self.summary_tokens = param(rngs, (U, cfg.d_model), ("memory", "embed"), fan_in=cfg.d_model)
-    self.mix_short = nnx.List([TokenMixing(cfg, S, norm_residual=S == U, rngs=rngs) for _ in range(n)])
-    self.mix_summary = nnx.List([TokenMixing(cfg, U, norm_residual=True, rngs=rngs) for _ in range(n - 1)])
-    self.mix_long = (TokenMixing(cfg, cfg.long_append, norm_residual=False, rngs=rngs)
-                     if long is not None else None)
+    super().__init__(cfg, rngs=rngs)
+    self.summary_tokens = param(rngs, (cfg.summary_tokens, cfg.d_model), ("memory", "embed"), fan_in=cfg.d_model)
 
-  def init_memory(self, batch_size: int):
-    cfg = self.cfg
-    memory = {"short": jnp.zeros((batch_size, cfg.num_layers, cfg.short_memory, cfg.d_model), jnp.float32),
-              "short_valid": jnp.zeros((batch_size,), bool)}
-    if cfg.resolved_long_layer is not None:
-      memory["long"] = jnp.zeros((batch_size, cfg.long_memory_size, cfg.d_model), jnp.float32)
-      memory["long_valid"] = jnp.zeros((batch_size, cfg.long_memory_size), bool)
-    return memory
-
-  def forward_block(self, x, *, memory, caches, q_doc, k_doc):
-    cfg = self.cfg
+  def forward_step(self, x, state, ctx: Context):
+    """The window's tokens with the learned summary tokens through every layer; the summaries are dropped after."""
     b, W, d = x.shape
-    U, long = cfg.summary_tokens, cfg.resolved_long_layer
-    keep = last_doc_mask(q_doc)
-    u = jnp.broadcast_to(self.summary_tokens[...].astype(x.dtype), (b, U, d))
-    new_memory = dict(memory)
-    new_short = []
-    for i, block in enumerate(self.blocks):
-      kwargs = {"memory": block.attn_norm(memory["short"][:, i].astype(x.dtype)), "q_doc": q_doc,
-                "short_valid": memory["short_valid"]}
-      if i == long:
-        kwargs["long_memory"] = block.attn_norm(memory["long"].astype(x.dtype))
-        kwargs["long_mask"] = long_mask(q_doc, memory["long_valid"], summary_tokens=U)
-      h, _, _ = block(jnp.concatenate([x, u], axis=1), **kwargs)
-      x_out, u_out = h[:, :W], h[:, W:]
-      if i == long:
-        new_memory["long"], new_memory["long_valid"] = fifo_append(
-            memory["long"], memory["long_valid"], self.mix_long(x_out, u_out, keep))
-      new_short.append(self.mix_short[i](x_out, u_out, keep))
-      if i < cfg.num_layers - 1:
-        u = self.mix_summary[i](x_out, u_out, keep)
-      x = x_out
-    new_memory["short"] = jnp.stack(new_short, axis=1)
-    new_memory["short_valid"] = jnp.ones((b,), bool)
-    return x, None, new_memory
+    u = jnp.broadcast_to(self.summary_tokens[...].astype(x.dtype), (b, self.cfg.summary_tokens, d))
+    h, state = LM.forward_step(self, jnp.concatenate([x, u], axis=1), state, ctx)
+    return h[:, :W], state
 
   @classmethod
   def state_bytes_per_lane(cls, cfg: MelodiConfig) -> int:
-    """Bytes of model state one lane carries (all of it memory: there is no XL cache)."""
-    short = 4 * cfg.num_layers * cfg.short_memory * cfg.d_model + 1
+    """Bytes of model state one lane carries (all of it memory, and the shell's position: no XL cache)."""
+    short = 4 * cfg.num_layers * cfg.short_memory * cfg.d_model
     long = 4 * cfg.long_memory_size * cfg.d_model + cfg.long_memory_size if cfg.resolved_long_layer is not None else 0
-    return short + long
+    return short + long + 4
 
   @classmethod
   def flops_per_token(cls, cfg: MelodiConfig, *, seg_len: int) -> float:
@@ -380,7 +316,7 @@ class Melodi(BlockwiseLM):
       M = cfg.long_memory_size
       per_window += 2 * d * 2 * kvh * hd * M  # K/V of the FIFO, recomputed every window
       per_window += 2 * 2 * h * hd * q_rows * M + 2 * d * q_rows * cfg.long_append
-    return float(per_window / W + 2 * d * cfg.vocab_size)
+    return float(per_window / W + 2 * d * cfg.vocab_size + 2 * cfg.embed_conv * d)
 
   @classmethod
   def activation_bytes_per_token(cls, cfg: MelodiConfig, *, dtype_bytes: int) -> float:

@@ -47,18 +47,19 @@ attention, never by its own retrieval): the block's k^ = k / |k| and v of the
 tokens of the block's last document (`last_doc_mask`) go into the ring buffer
 in order, starting at the row's write pointer, wrapping around at M; if more
 than M tokens are written, only the last M are kept. Nothing is written for
-tokens of an earlier document in the block (the base class has already given
-such a block an empty memory, so no token reads another document's entries).
-A document start clears the whole memory (valid = False, pointer = 0).
+tokens of an earlier document in the block. Where a document starts inside the
+block, its tokens retrieve nothing (their memory is the empty one) and the
+block's write goes into an empty memory (models/blockwise.py), so no token
+reads another document's entries. A document start clears the whole memory
+(valid = False, pointer = 0).
 
-Memory (state["memory"]), one entry per kNN layer i, every leaf batch-first so
+Memory, one per kNN layer i, every leaf batch-first so
 the trainer shards the database over lanes (data x fsdp) and no collective ever
 moves it (search, gather and scatter are all per row):
   f"layer{i}": {"k": [b, M, kv, d], "v": [b, M, kv, d]  (memory_dtype)
                 "valid": [b, M] bool, "ptr": [b] int32 (next slot to write),
-                "pos": [b, M] int32 (each entry's stream position), "clock": [b] int32 (the
-                position of the next block's first token; positions count from the document's
-                first block)}
+                "pos": [b, M] int32 (each entry's position in its document, as the context gives)}
+  (in the state of the kNN layer i, `state["blocks"][i]["memory"]`, beside its XL cache)
 
 Cost per token and kNN layer: 2 h d M FLOPs of scoring plus the top-k over M,
 and a transient `[b, knn_query_chunk or L, h, M]` float32 score array (bound it
@@ -98,12 +99,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from longctx.errors import ConfigError
-from longctx.layers import RMSNorm, l2_normalize
-from longctx.layers.attention import NEG_INF, window_mask
-from longctx.models.blockwise import (BlockwiseConfig, BlockwiseLM, check_layer_list, last_doc_mask,
-                                      resolve_layer_list)
+from longctx.kernels.ring_attention import visible_mask
+from longctx.layers import l2_normalize, register_mixer
+from longctx.layers.attention import NEG_INF, WindowAttention
+from longctx.layers.context import Context
+from longctx.models.base import pick_rows
+from longctx.models.blockwise import BlockwiseConfig, BlockwiseLM, check_layer_list, resolve_layer_list
 from longctx.models.registry import register_model
-from longctx.models.transformer import Attention, Block, Embedding
 
 RETRIEVAL_METHODS = ("exact", "approx")
 COMBINE_MODES = ("gate", "joint")
@@ -113,6 +115,10 @@ MEMORY_DTYPES = ("float32", "bfloat16")
 @dataclasses.dataclass
 class MemorizingConfig(BlockwiseConfig):
   layer_lists = ("knn_layers",)  # the dry run keeps this layer when it reduces the depth
+  # top_k = memory_size: the search keeps every slot, so sharded and one-device runs compare continuously
+  # (a near tie of the k-th and (k+1)-th slot is a discrete jump; tests/test_memorizing.py tests top-k itself)
+  tiny = {"knn_layers": [-1], "memory_size": 40, "top_k": 40}
+
   name: str = "memorizing"
   knn_layers: list[int] = dataclasses.field(default_factory=lambda: [-2])  # layer indices; negative from the top
   memory_size: int = 8192  # M: entries per (row, kv head), a ring buffer
@@ -148,6 +154,10 @@ class MemorizingConfig(BlockwiseConfig):
       raise ConfigError(f"model.memory_dtype={self.memory_dtype!r} is not one of {MEMORY_DTYPES}")
     if self.knn_combine not in COMBINE_MODES:
       raise ConfigError(f"model.knn_combine={self.knn_combine!r} is not one of {COMBINE_MODES}")
+
+  def layer_pattern(self) -> list[str]:
+    knn = set(self.resolved_knn_layers)
+    return ["knn_attention" if i in knn else "attention" for i in range(self.num_layers)]
 
   @property
   def resolved_knn_layers(self) -> tuple[int, ...]:
@@ -221,8 +231,9 @@ def knn_retrieve(queries, mem_keys, mem_valid, *, top_k: int, method: str = "exa
   return (scores.reshape(b, s, h, top_k), idx.reshape(b, s, h, top_k), found.reshape(b, s, h, top_k))
 
 
-def _retrieved(queries, memory, *, top_k, method, recall_target, query_chunk, q_limit=None):
-  """The top-k entries of each query: keys, values `[b, s, kv, g, k, d]` float32 (no gradient), found."""
+def _retrieved(queries, memory, *, top_k, method, recall_target, query_chunk, q_limit=None, q_valid=None):
+  """The top-k entries of each query: keys, values `[b, s, kv, g, k, d]` float32 (no gradient), found (False
+  everywhere for a query where `q_valid [b, s]` is False: a token of a document the memory is not of)."""
   b, s, h, d = queries.shape
   kvh = memory["k"].shape[2]
   g = h // kvh
@@ -232,16 +243,20 @@ def _retrieved(queries, memory, *, top_k, method, recall_target, query_chunk, q_
   idx = idx.reshape(b, s, kvh, g, top_k)
   rk = jax.lax.stop_gradient(_gather(memory["k"], idx)).astype(jnp.float32)
   rv = jax.lax.stop_gradient(_gather(memory["v"], idx)).astype(jnp.float32)
-  return rk, rv, found.reshape(b, s, kvh, g, top_k)
+  found = found.reshape(b, s, kvh, g, top_k)
+  if q_valid is not None:
+    found &= q_valid[:, :, None, None, None]
+  return rk, rv, found
 
 
 def knn_attention(queries, mem_keys, mem_values, mem_valid, scale, *, top_k: int, method: str = "exact",
-                  recall_target: float = 0.95, query_chunk: int = 0) -> jax.Array:
+                  recall_target: float = 0.95, query_chunk: int = 0, q_valid=None) -> jax.Array:
   """Softmax attention of each query over its top-k memory entries.
 
   Args:
     queries: `[b, s, h, d]` L2-normalised; mem_keys (L2-normalised), mem_values:
       `[b, M, kv, d]`; mem_valid `[b, M]` bool; scale: `[h]` per-head scale (> 0).
+    q_valid: `[b, s]` bool or None: queries that may read the memory (the others read nothing).
   Returns:
     `[b, s, h, d]` float32; 0 for a query whose database holds nothing valid.
     The database gets no gradient; queries and scale do (through the retrieved keys).
@@ -250,7 +265,7 @@ def knn_attention(queries, mem_keys, mem_values, mem_valid, scale, *, top_k: int
   kvh = mem_keys.shape[2]
   g = h // kvh
   rk, rv, found = _retrieved(queries, {"k": mem_keys, "v": mem_values, "valid": mem_valid}, top_k=top_k,
-                             method=method, recall_target=recall_target, query_chunk=query_chunk)
+                             method=method, recall_target=recall_target, query_chunk=query_chunk, q_valid=q_valid)
   q = queries.astype(jnp.float32).reshape(b, s, kvh, g, d)
   logits = jnp.einsum("bskgd,bskgjd->bskgj", q, rk) * scale.astype(jnp.float32).reshape(1, 1, kvh, g, 1)
   logits = jnp.where(found, logits, NEG_INF)
@@ -260,7 +275,8 @@ def knn_attention(queries, mem_keys, mem_values, mem_valid, scale, *, top_k: int
 
 
 def joint_knn_attention(q, k, v, memory, scale, *, local_mask, q_pos, window: int, top_k: int,
-                        method: str = "exact", recall_target: float = 0.95, query_chunk: int = 0) -> jax.Array:
+                        method: str = "exact", recall_target: float = 0.95, query_chunk: int = 0,
+                        q_valid=None) -> jax.Array:
   """One softmax over a block's local window and its top-k memory entries outside that window.
 
   Every score is `|scale_h| * q^ . k^` (L2-normalised, no positions), for the window's keys as for the
@@ -272,8 +288,9 @@ def joint_knn_attention(q, k, v, memory, scale, *, local_mask, q_pos, window: in
     q: `[b, L, h, d]` the block's queries; k, v: `[b, T, kv, d]` the window's keys/values
       ([XL cache; block], unnormalised); memory: the layer's ring buffer (`empty_memory`, keys stored
       L2-normalised, entries at stream positions `pos`); scale `[h]` (> 0).
-    local_mask: `[b, L, T]` bool, the window (`window_mask`); q_pos: `[b, L]` stream positions of the
-      queries, on the memory's clock; window: the local window (a query at p sees keys at p - window .. p).
+    local_mask: `[b, L, T]` bool, the window; q_pos: `[b, L]` positions of the queries in their documents (the
+      memory's entries carry the same); window: the local window (a query at p sees keys at p - window .. p);
+    q_valid: `[b, L]` bool or None: queries that may read the memory.
   Returns:
     `[b, L, h, d]` float32. The database gets no gradient; the queries, the window's keys and values and
     the scale do.
@@ -286,7 +303,8 @@ def joint_knn_attention(q, k, v, memory, scale, *, local_mask, q_pos, window: in
   local = jnp.einsum("bskgd,btkd->bskgt", qh, l2_normalize(k)) * scale
   local_ok = local_mask[:, :, None, None, :]
   rk, rv, found = _retrieved(qh.reshape(b, s, h, d), memory, top_k=top_k, method=method,
-                             recall_target=recall_target, query_chunk=query_chunk, q_limit=q_pos - window - 1)
+                             recall_target=recall_target, query_chunk=query_chunk, q_limit=q_pos - window - 1,
+                             q_valid=q_valid)
   remote = jnp.einsum("bskgd,bskgjd->bskgj", qh, rk) * scale
   ok = jnp.concatenate([jnp.broadcast_to(local_ok, local.shape), found], axis=-1)
   logits = jnp.where(ok, jnp.concatenate([local, remote], axis=-1), NEG_INF)
@@ -298,27 +316,25 @@ def joint_knn_attention(q, k, v, memory, scale, *, local_mask, q_pos, window: in
 
 
 def empty_memory(batch_size: int, *, memory_size: int, kv_heads: int, head_dim: int, dtype=jnp.float32) -> dict:
-  """A cleared ring buffer: zeros, nothing valid, write pointer 0, clock 0."""
+  """A cleared ring buffer: zeros, nothing valid, write pointer 0."""
   shape = (batch_size, memory_size, kv_heads, head_dim)
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
           "valid": jnp.zeros((batch_size, memory_size), bool), "ptr": jnp.zeros((batch_size,), jnp.int32),
-          "pos": jnp.zeros((batch_size, memory_size), jnp.int32), "clock": jnp.zeros((batch_size,), jnp.int32)}
+          "pos": jnp.zeros((batch_size, memory_size), jnp.int32)}
 
 
-def ring_write(memory: dict, keys: jax.Array, values: jax.Array, mask: jax.Array) -> dict:
+def ring_write(memory: dict, keys: jax.Array, values: jax.Array, mask: jax.Array, positions: jax.Array) -> dict:
   """Append the masked tokens' (key, value) pairs of a block to each row's ring buffer. No gradient.
 
   Args:
-    memory: {"k", "v": `[b, M, kv, d]`, "valid", "pos": `[b, M]`, "ptr", "clock": `[b]`} (`empty_memory`).
-    keys, values: `[b, L, kv, d]`; mask: `[b, L]` bool, the tokens to write.
+    memory: {"k", "v": `[b, M, kv, d]`, "valid", "pos": `[b, M]`, "ptr": `[b]`} (`empty_memory`).
+    keys, values: `[b, L, kv, d]`; mask: `[b, L]` bool, the tokens to write; positions `[b, L]` int: theirs.
   Returns:
     The memory after writing row r's masked tokens, in order, to slots
     ptr[r], ptr[r] + 1, ... (mod M); if more than M are masked only the last M
-    are written. ptr advances by the number written (mod M). Token i of the
-    block is at stream position clock + i (stored in pos); clock advances by L.
+    are written, each with its position. ptr advances by the number written (mod M).
   """
   M = memory["k"].shape[1]
-  L = mask.shape[1]
   mask = mask.astype(bool)
   rank = jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1  # [b, L]: order among the written tokens
   count = jnp.sum(mask, axis=1, dtype=jnp.int32)  # [b]
@@ -326,101 +342,78 @@ def ring_write(memory: dict, keys: jax.Array, values: jax.Array, mask: jax.Array
   slot = jnp.where(keep, (memory["ptr"][:, None] + rank) % M, M)  # M = out of range: dropped
   keys = jax.lax.stop_gradient(keys).astype(memory["k"].dtype)
   values = jax.lax.stop_gradient(values).astype(memory["v"].dtype)
-  positions = memory["clock"][:, None] + jnp.arange(L, dtype=jnp.int32)
   scatter = jax.vmap(lambda buf, i, new: buf.at[i].set(new, mode="drop"))
   return {"k": scatter(memory["k"], slot, keys), "v": scatter(memory["v"], slot, values),
           "valid": scatter(memory["valid"], slot, jnp.ones(mask.shape, bool)),
           "ptr": ((memory["ptr"] + count) % M).astype(jnp.int32),
-          "pos": scatter(memory["pos"], slot, positions), "clock": (memory["clock"] + L).astype(jnp.int32)}
+          "pos": scatter(memory["pos"], slot, positions.astype(jnp.int32))}
 
 
-# ----------------------------------------------------------------------------- layers
+# ----------------------------------------------------------------------------- the kNN layer
 
 
-class KNNAttention(Attention):
-  """The baseline's attention plus kNN attention over the layer's memory (gated, or one joint softmax)."""
+@register_mixer("knn_attention")
+class KNNAttention(WindowAttention):
+  """The baseline's attention plus kNN attention over the layer's memory (gated, or one joint softmax).
 
-  def __init__(self, cfg: MemorizingConfig, *, rngs: nnx.Rngs):
-    super().__init__(cfg, rngs=rngs)
+  State: the XL cache (k, v, as the baseline's) and `memory`, the ring buffer (`empty_memory`).
+  """
+
+  def __init__(self, cfg: MemorizingConfig, *, layer: int, rngs: nnx.Rngs):
+    super().__init__(cfg, layer=layer, rngs=rngs)
     h = cfg.num_heads
     scale = cfg.knn_scale_init or cfg.resolved_head_dim ** 0.5
     self.knn_scale = nnx.Param(jnp.full((h,), scale, jnp.float32), logical_axes=("heads",))
     if cfg.knn_combine == "gate":
       self.knn_gate = nnx.Param(jnp.full((h,), cfg.knn_gate_init, jnp.float32), logical_axes=("heads",))
 
-  def __call__(self, x, *, cache_k, cache_v, q_doc, k_doc, memory):
-    """x `[b, L, d_model]`; cache `[b, W, kv, d]`; memory the layer's ring buffer (`empty_memory`).
+  def init_state(self, batch_size: int) -> dict:
+    cfg = self.cfg
+    memory = empty_memory(batch_size, memory_size=cfg.memory_size, kv_heads=cfg.num_kv_heads or cfg.num_heads,
+                          head_dim=cfg.resolved_head_dim, dtype=jnp.dtype(cfg.memory_dtype))
+    return {**super().init_state(batch_size), "memory": memory}
 
-    Returns the output `[b, L, d_model]` and the block's unrotated k, v `[b, L, kv, d]`.
-    """
+  def __call__(self, x, state, ctx: Context):
+    """x `[b, L, d_model]` (a block); returns the output `[b, L, d_model]` and the new state."""
     cfg = self.cfg
     knn = dict(top_k=cfg.top_k, method=cfg.retrieval, recall_target=cfg.recall_target,
-               query_chunk=cfg.knn_query_chunk)
+               query_chunk=cfg.knn_query_chunk, q_valid=ctx.doc == 0)  # later documents' memory is empty
     scale = jnp.abs(self.knn_scale[...])
+    memory = state["memory"]
+    q, k, v = self.qkv(x)
     if cfg.knn_combine == "joint":
-      q, k, v = self.project(x)
-      w, s = cache_k.shape[1], x.shape[1]
-      local_mask = window_mask(w + jnp.arange(s), jnp.arange(w + s), q_doc, k_doc, window=cfg.window)
-      y = joint_knn_attention(q, jnp.concatenate([cache_k.astype(k.dtype), k], axis=1),
-                              jnp.concatenate([cache_v.astype(v.dtype), v], axis=1), memory, scale,
-                              local_mask=local_mask, q_pos=memory["clock"][:, None] + jnp.arange(s),
-                              window=cfg.window, **knn).astype(x.dtype)
+      w, s = cfg.window, x.shape[1]
+      k_pos = jnp.arange(w + s)
+      local_mask = visible_mask(k_pos[w:], k_pos, ctx.doc, jnp.concatenate([ctx.history_doc(w), ctx.doc], axis=1),
+                                window=w)
+      y = joint_knn_attention(q, jnp.concatenate([state["k"].astype(k.dtype), k], axis=1),
+                              jnp.concatenate([state["v"].astype(v.dtype), v], axis=1), memory, scale,
+                              local_mask=local_mask, q_pos=ctx.pos, window=w, **knn).astype(x.dtype)
     else:
-      y_local, q, k, v = self.attend(x, cache_k=cache_k, cache_v=cache_v, q_doc=q_doc, k_doc=k_doc)
+      y_local = self.attend(q, k, v, state, ctx)
       y_mem = knn_attention(l2_normalize(q), memory["k"], memory["v"], memory["valid"], scale, **knn)
       gate = jax.nn.sigmoid(self.knn_gate[...].astype(jnp.float32))[:, None]  # [h, 1]
       y = (y_local.astype(jnp.float32) * (1 - gate) + y_mem * gate).astype(x.dtype)
-    return jnp.einsum("bshk,hkd->bsd", y, self.wo[...].astype(x.dtype)), k, v
+    # The block writes its last document's keys and values, into an empty memory where that document is new.
+    empty = self.init_state(x.shape[0])["memory"]
+    base = pick_rows(ctx.doc[:, -1] > 0, empty, memory)
+    memory = ring_write(base, l2_normalize(k), v, ctx.last_doc, ctx.pos)
+    return self.out(y), {**self.roll(state, k, v), "memory": memory}
+
+  @classmethod
+  def flops_per_token(cls, cfg: MemorizingConfig, *, seg_len: int) -> float:
+    h, hd = cfg.num_heads, cfg.resolved_head_dim
+    knn = 2 * h * hd * cfg.memory_size + 2 * 2 * h * hd * cfg.top_k  # scoring over M, then attention over k
+    return super().flops_per_token(cfg, seg_len=seg_len) + float(knn)
+
+  @classmethod
+  def activation_bytes_per_token(cls, cfg: MemorizingConfig, *, dtype_bytes: int) -> float:
+    # Plus the retrieved keys and values (float32) and their probabilities.
+    h, hd, k = cfg.num_heads, cfg.resolved_head_dim, cfg.top_k
+    return super().activation_bytes_per_token(cfg, dtype_bytes=dtype_bytes) + float(2 * h * k * hd * 4 + h * k * 4)
 
 
 @register_model("memorizing", config=MemorizingConfig,
                 description="Memorizing Transformer: kNN attention over a ring buffer of past keys/values, gated")
 class Memorizing(BlockwiseLM):
   context_parallel = "ring attention for the local window inside each block (kNN lookup partitioned by XLA)"
-
-  def __init__(self, cfg: MemorizingConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
-    knn = set(cfg.resolved_knn_layers)
-    self.embedding = Embedding(cfg, rngs=rngs)
-    self.blocks = nnx.List([Block(cfg, rngs=rngs, attention_cls=KNNAttention) if i in knn else Block(cfg, rngs=rngs)
-                            for i in range(cfg.num_layers)])
-    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-
-  def init_memory(self, batch_size: int):
-    cfg = self.cfg
-    return {f"layer{i}": empty_memory(batch_size, memory_size=cfg.memory_size,
-                                      kv_heads=cfg.num_kv_heads or cfg.num_heads, head_dim=cfg.resolved_head_dim,
-                                      dtype=jnp.dtype(cfg.memory_dtype))
-            for i in self.cfg.resolved_knn_layers}
-
-  def forward_block(self, x, *, memory, caches, q_doc, k_doc):
-    write = last_doc_mask(q_doc)
-    new_memory = dict(memory)
-    new_kv = []
-    h = x
-    for i, (block, (ck, cv)) in enumerate(zip(self.blocks, caches)):
-      name = f"layer{i}"
-      if name in memory:
-        h, k, v = block(h, cache_k=ck, cache_v=cv, q_doc=q_doc, k_doc=k_doc, memory=memory[name])
-        new_memory[name] = ring_write(memory[name], l2_normalize(k), v, write)
-      else:
-        h, k, v = block(h, cache_k=ck, cache_v=cv, q_doc=q_doc, k_doc=k_doc)
-      new_kv.append((k, v))
-    return h, new_kv, new_memory
-
-  @classmethod
-  def flops_per_token(cls, cfg: MemorizingConfig, *, seg_len: int) -> float:
-    d, h, hd, L = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim, cfg.num_layers
-    kvh = cfg.num_kv_heads or h
-    proj = 2 * d * hd * (2 * h + 2 * kvh)
-    mlp = 2 * 3 * d * cfg.resolved_d_ff
-    attn = 2 * 2 * h * hd * cfg.window
-    knn = 2 * h * hd * cfg.memory_size + 2 * 2 * h * hd * cfg.top_k  # scoring over M, then attention over k
-    return float(L * (proj + mlp + attn) + len(cfg.knn_layers) * knn + 2 * d * cfg.vocab_size)
-
-  @classmethod
-  def activation_bytes_per_token(cls, cfg: MemorizingConfig, *, dtype_bytes: int) -> float:
-    # Plus, per kNN layer, the retrieved keys and values (float32) and their probabilities.
-    h, hd, k = cfg.num_heads, cfg.resolved_head_dim, cfg.top_k
-    knn = len(cfg.knn_layers) * (2 * h * k * hd * 4 + h * k * 4)
-    return super().activation_bytes_per_token(cfg, dtype_bytes=dtype_bytes) + float(knn)

@@ -6,9 +6,10 @@ Per head h, with a fixed decay gamma_h = 1 - 2^(-5 - h) and rotated q, k:
     recurrent:  S_n = gamma S_{n-1} + k_n^T v_n,   y_n = q_n S_n
     chunkwise:  the chunked linear recurrence (`longctx.kernels.linear_recurrence`)
 
-The three forms are the same function (tests check it); `retention_impl`
-picks one: "parallel" (quadratic in the segment, the paper's training form),
-"recurrent" (token scan), "xla" (chunked, the default) or "pallas". The state
+The three forms are the same function (tests check it): `retention` picks
+"parallel" (quadratic in the segment, the paper's training form) or "chunked"
+(the default), whose implementation follows `model.kernel` ("reference" is the
+recurrent token scan, "xla" the chunked form, "pallas" its kernel). The state
 carried between segments is S, one `[key_dim, value_dim]` matrix per layer
 and head, so memory is flat in the stream length.
 
@@ -28,10 +29,8 @@ The rest of the layer follows the zoo's backbone (pre-RMSNorm residual blocks,
 gated MLP; the paper used LayerNorm and a GELU FFN), so comparisons against
 the baseline change only the token mixer.
 
-State (every leaf batch-first):
-  s:    [batch, layers, heads, key_dim, value_dim] float32  retention state
-  pos:  [batch] int32  position of the next token in its document
-  prev_tokens, prev_valid: [batch, K-1]  token history (only with embed_conv > 1)
+State per layer (besides the shell's `pos`, which gives every token its position in its document):
+  s:    [batch, heads, key_dim, value_dim] float32  retention state
 """
 
 from __future__ import annotations
@@ -41,41 +40,43 @@ import math
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax import lax
 
-from longctx.config import ModelConfig
-from longctx.errors import ConfigError
-from longctx.layers.recurrence import recurrence
-from longctx.layers import GatedMLP, RMSNorm, param, rotary
-from longctx.models.base import SegmentLM, reset_rows
-from longctx.models.registry import register_model
-from longctx.models.transformer import Embedding, segment_doc_ids
+from flax import nnx
 
-RETENTION_IMPLS = ("parallel", "recurrent", "xla", "pallas")
+from longctx.config import MultiHeadConfig
+from longctx.errors import ConfigError
+from longctx.layers import Mixer, param, register_mixer
+from longctx.layers.attention import project, rotary
+from longctx.layers.context import Context
+from longctx.layers.recurrence import recurrence
+from longctx.models.base import LM
+from longctx.models.registry import register_model
+
+RETENTION_FORMS = ("parallel", "chunked")
 
 
 @dataclasses.dataclass
-class RetNetConfig(ModelConfig):
+class RetNetConfig(MultiHeadConfig):
+  mixer = "retention"
+  tiny = {"chunk_size": 8}
+
   name: str = "retnet"
   value_factor: int = 2  # value_dim = value_factor x head_dim (the paper's 2)
   rope_base: float = 10000.0
-  retention_impl: str = "xla"  # "parallel", "recurrent", "xla" (chunked) or "pallas"
-  chunk_size: int = 64  # tokens per chunk of the chunked forms
-  embed_conv: int = 0  # width of a causal depthwise conv over token embeddings (0 = off)
+  retention: str = "chunked"  # "parallel" (quadratic in the segment) or "chunked" (by model.kernel)
+  chunk_size: int = 64  # tokens per chunk of the chunked form
 
   def validate(self) -> None:
     super().validate()
     if self.value_factor < 1:
       raise ConfigError(f"model.value_factor={self.value_factor} must be >= 1")
-    if self.retention_impl not in RETENTION_IMPLS:
-      raise ConfigError(f"model.retention_impl={self.retention_impl!r} is not one of {RETENTION_IMPLS}")
+    if self.retention not in RETENTION_FORMS:
+      raise ConfigError(f"model.retention={self.retention!r} is not one of {RETENTION_FORMS}")
     if self.chunk_size < 1:
       raise ConfigError(f"model.chunk_size={self.chunk_size} must be >= 1")
     if self.resolved_head_dim % 2:
       raise ConfigError(f"head_dim={self.resolved_head_dim} must be even for the rotation")
-    if self.embed_conv < 0 or self.embed_conv == 1:
-      raise ConfigError(f"model.embed_conv={self.embed_conv} must be 0 (off) or a width >= 2 (e.g. 4)")
 
   @property
   def value_dim(self) -> int:
@@ -117,19 +118,18 @@ def retention_parallel(q, k, v, *, log_decay, segment_ids, initial_state):
   return y, state
 
 
-def positions_in_document(q_doc: jax.Array, first_pos: jax.Array) -> jax.Array:
-  """Position of every token in its document `[batch, seq]`; the first document continues from
-  `first_pos [batch]`, later ones start at 0 where their id changes."""
-  idx = jnp.arange(q_doc.shape[1])[None]
-  starts = jnp.concatenate([jnp.ones_like(q_doc[:, :1], bool), q_doc[:, 1:] != q_doc[:, :-1]], axis=1)
-  start_idx = lax.cummax(jnp.where(starts, idx, 0), axis=1)
-  return jnp.where(q_doc == 0, first_pos[:, None] + idx, idx - start_idx)
+def group_norm(y: jax.Array, scale: jax.Array, bias: jax.Array, *, eps: float) -> jax.Array:
+  """Normalise each head of `y [batch, seq, heads, value_dim]` over its channels; `scale, bias [heads, value_dim]`."""
+  mean = jnp.mean(y, axis=-1, keepdims=True)
+  var = jnp.var(y, axis=-1, keepdims=True)
+  return (y - mean) * lax.rsqrt(var + eps) * scale + bias
 
 
-class MultiScaleRetention(nnx.Module):
-  """`x [batch, seq, d_model]` + state `[batch, heads, key_dim, value_dim]` -> output, new state."""
+@register_mixer("retention")
+class MultiScaleRetention(Mixer):
+  """`x [batch, seq, d_model]` + state `{"s": [batch, heads, key_dim, value_dim]}` -> output, new state."""
 
-  def __init__(self, cfg: RetNetConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: RetNetConfig, *, layer: int, rngs: nnx.Rngs):
     d, h, hd, dv = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim, cfg.value_dim
     self.cfg = cfg
     self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), fan_in=d)
@@ -141,86 +141,41 @@ class MultiScaleRetention(nnx.Module):
     self.norm_scale = nnx.Param(jnp.ones((h, dv), jnp.float32), logical_axes=("heads", "head_dim"))
     self.norm_bias = nnx.Param(jnp.zeros((h, dv), jnp.float32), logical_axes=("heads", "head_dim"))
 
-  def __call__(self, x, *, state, positions, q_doc):
+  def init_state(self, batch_size: int) -> dict:
     cfg = self.cfg
-    dt = x.dtype
-    proj = lambda w: jnp.einsum("bsd,dhk->bshk", x, w[...].astype(dt))
-    q = rotary(proj(self.wq), positions, base=cfg.rope_base)
-    k = rotary(proj(self.wk), positions, base=cfg.rope_base) / math.sqrt(cfg.resolved_head_dim)
-    v = proj(self.wv)
+    return {"s": jnp.zeros((batch_size, cfg.num_heads, cfg.resolved_head_dim, cfg.value_dim), jnp.float32)}
+
+  def __call__(self, x, state, ctx: Context):
+    cfg = self.cfg
+    q = rotary(project(x, self.wq), ctx.pos, base=cfg.rope_base)
+    k = rotary(project(x, self.wk), ctx.pos, base=cfg.rope_base) / math.sqrt(cfg.resolved_head_dim)
+    v = project(x, self.wv)
     log_decay = retention_log_decay(cfg.num_heads)
-    if cfg.retention_impl == "parallel":
+    if cfg.retention == "parallel":
       f32 = lambda a: a.astype(jnp.float32)
-      y, state = retention_parallel(f32(q), f32(k), f32(v), log_decay=log_decay, segment_ids=q_doc,
-                                    initial_state=state)
+      y, s = retention_parallel(f32(q), f32(k), f32(v), log_decay=log_decay, segment_ids=ctx.doc,
+                                initial_state=state["s"])
     else:
-      impl = "reference" if cfg.retention_impl == "recurrent" else cfg.retention_impl
-      decay = jnp.broadcast_to(log_decay, q.shape[:3])
-      y, state = recurrence(q, k, v, log_decay=decay, segment_ids=q_doc, initial_state=state, impl=impl,
-                            chunk_size=cfg.chunk_size)
+      y, s = recurrence(q, k, v, log_decay=jnp.broadcast_to(log_decay, q.shape[:3]), segment_ids=ctx.doc,
+                        initial_state=state["s"], kernel=cfg.kernel, chunk_size=cfg.chunk_size)
     y = group_norm(y.astype(jnp.float32), self.norm_scale[...], self.norm_bias[...], eps=cfg.norm_eps)
-    gated = jax.nn.silu(proj(self.wg)) * y.astype(dt)
-    return jnp.einsum("bshv,hvd->bsd", gated, self.wo[...].astype(dt)), state
+    gated = jax.nn.silu(project(x, self.wg)) * y.astype(x.dtype)
+    return jnp.einsum("bshv,hvd->bsd", gated, self.wo[...].astype(x.dtype)), {"s": s}
 
+  @classmethod
+  def flops_per_token(cls, cfg: RetNetConfig, *, seg_len: int) -> float:
+    d, h, hd, dv = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim, cfg.value_dim
+    proj = 2 * d * h * (2 * hd + 3 * dv)  # q, k; v, gate, out
+    chunk = seg_len if cfg.retention == "parallel" else min(cfg.chunk_size, seg_len)
+    return float(proj + h * (2 * chunk * (hd + dv) / 2 + 4 * hd * dv))  # causal half of the chunk, state r/w
 
-def group_norm(y: jax.Array, scale: jax.Array, bias: jax.Array, *, eps: float) -> jax.Array:
-  """Normalise each head of `y [batch, seq, heads, value_dim]` over its channels; `scale, bias [heads, value_dim]`."""
-  mean = jnp.mean(y, axis=-1, keepdims=True)
-  var = jnp.var(y, axis=-1, keepdims=True)
-  return (y - mean) * lax.rsqrt(var + eps) * scale + bias
-
-
-class RetNetBlock(nnx.Module):
-  def __init__(self, cfg: RetNetConfig, *, rngs: nnx.Rngs):
-    self.norm1 = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-    self.retention = MultiScaleRetention(cfg, rngs=rngs)
-    self.norm2 = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-    self.mlp = GatedMLP(cfg.d_model, cfg.resolved_d_ff, rngs=rngs, out_scale=1.0 / (2 * cfg.num_layers))
-
-  def __call__(self, x, **kwargs):
-    y, state = self.retention(self.norm1(x), **kwargs)
-    x = x + y
-    return x + self.mlp(self.norm2(x)), state
+  @classmethod
+  def activation_bytes_per_token(cls, cfg: RetNetConfig, *, dtype_bytes: int) -> float:
+    d, h, hd, ff = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim, cfg.resolved_d_ff
+    return float((4 * d + 4 * h * hd + 3 * ff) * dtype_bytes)
 
 
 @register_model("retnet", config=RetNetConfig,
                 description="RetNet: multi-scale retention (parallel / recurrent / chunked forms), O(1) state")
-class RetNet(SegmentLM):
-  context_parallel = "sequence-parallel linear recurrence (retention_impl xla or pallas)"
-
-  def __init__(self, cfg: RetNetConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
-    self.embedding = Embedding(cfg, rngs=rngs)
-    self.blocks = nnx.List([RetNetBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-
-  def init_state(self, batch_size: int):
-    cfg = self.cfg
-    return {
-        "s": jnp.zeros((batch_size, cfg.num_layers, cfg.num_heads, cfg.resolved_head_dim, cfg.value_dim),
-                       jnp.float32),
-        "pos": jnp.zeros((batch_size,), jnp.int32),
-        **self.embedding.init_history(batch_size),
-    }
-
-  def __call__(self, tokens, state, *, reset, segment_ids=None):
-    self.check_segment_shapes(tokens, reset)
-    state = reset_rows(state, self.init_state(tokens.shape[0]), reset)
-    q_doc = segment_doc_ids(segment_ids, tokens)
-    positions = positions_in_document(q_doc, state["pos"])
-    x, history = self.embedding.embed_segment(tokens, state, q_doc, self.embedding.table[...].dtype)
-    new_s = []
-    for i, block in enumerate(self.blocks):
-      x, s = block(x, state=state["s"][:, i], positions=positions, q_doc=q_doc)
-      new_s.append(s)
-    logits = self.embedding.logits(self.final_norm(x))
-    return logits, {"s": jnp.stack(new_s, axis=1), "pos": positions[:, -1] + 1, **history}
-
-  @classmethod
-  def flops_per_token(cls, cfg: RetNetConfig, *, seg_len: int) -> float:
-    d, h, hd, dv, L = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim, cfg.value_dim, cfg.num_layers
-    proj = 2 * d * h * (2 * hd + 3 * dv)  # q, k; v, gate, out
-    chunk = seg_len if cfg.retention_impl == "parallel" else min(cfg.chunk_size, seg_len)
-    retention = h * (2 * chunk * (hd + dv) / 2 + 4 * hd * dv)  # causal half of the chunk, state read + write
-    mlp = 2 * 3 * d * cfg.resolved_d_ff
-    return float(L * (proj + retention + mlp) + 2 * d * cfg.vocab_size + 2 * cfg.embed_conv * d)
+class RetNet(LM):
+  context_parallel = "sequence-parallel linear recurrence (the chunked form)"

@@ -24,32 +24,41 @@ embeddings' scale), which keeps memory norms bounded over
 streams of millions of tokens; `memory_norm=False` feeds raw hidden states
 back as in the reference code.
 
-Memory (state["memory"]): `[batch, num_memory, d_model]` float32.
+The attention is the one entry (layers/attention.py) with three query groups: the read slots over
+the read slots, the tokens over [XL cache; tokens; read slots], the write slots over [read slots; write
+slots; tokens of the last document]; so it runs dense, flash or Pallas (`model.kernel`) and, on a mesh
+with a `sequence` axis, as a ring over the block's tokens with the memory slots replicated.
+
+Documents (blockwise.py): the memory tokens run through every layer, so a block in which a document
+starts after its first token is run twice, from the carried and from the fresh memory, and each token
+(and its cache slot) is taken from the run of its own document's memory.
+
+State (besides the shell's pos and history): per layer the XL cache k, v `[batch, window, kv_heads,
+head_dim]`; memory `[batch, num_memory, d_model]` float32.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax.sharding import PartitionSpec as P
-
-from longctx import sharding as shd
 from longctx.errors import ConfigError
-from longctx.kernels import ring_attention as ra
-from longctx.layers import (
-    RMSNorm, masked_attention, merge_over_sequence, param, rotary, window_mask, window_ring_attention)
-from longctx.models.blockwise import BlockwiseConfig, BlockwiseLM, last_doc_mask
+from longctx.layers import RMSNorm, param, register_mixer
+from longctx.layers.attention import DEFAULT_BLOCK, Keys, WindowAttention, attention, roll_cache, rotary
+from longctx.layers.context import Context
+from longctx.models.base import LM, pick_rows
+from longctx.models.blockwise import BlockwiseConfig, BlockwiseLM
 from longctx.models.registry import register_model
-from longctx.models.transformer import Attention, Block, Embedding
 
 
 @dataclasses.dataclass
 class RMTConfig(BlockwiseConfig):
+  mixer = "memory_attention"
+  tiny = {"num_memory": 4}
+
   name: str = "rmt"
   num_memory: int = 16  # memory tokens m (read and write slots each)
   memory_norm: bool = True  # RMS-normalise the written memory (False = the reference code)
@@ -60,109 +69,44 @@ class RMTConfig(BlockwiseConfig):
       raise ConfigError(f"model.num_memory={self.num_memory} must be >= 1")
 
 
-def rmt_mask(*, q_doc, k_doc, window: int, num_memory: int) -> jax.Array:
-  """Visibility `[batch, 2m + L, W + 2m + L]` of queries [read; tokens; write] over keys [cache; read; tokens; write].
+@register_mixer("memory_attention")
+class MemoryAttention(WindowAttention):
+  """The baseline's attention weights over rows [read memory (m); tokens (L); write memory (m)] with an XL cache.
 
-  Args:
-    q_doc: `[batch, L]` document ids of the block's tokens; k_doc: `[batch, W + L]`
-      ids of [cache; tokens] (-1 = invisible cache slot).
+  State: the XL cache of the tokens (k, v), as the baseline's.
   """
-  b, L = q_doc.shape
-  W = k_doc.shape[1] - L
-  m = num_memory
-  causal_m = jnp.broadcast_to(jnp.tril(jnp.ones((m, m), bool)), (b, m, m))
-  none = lambda q, k: jnp.zeros((b, q, k), bool)
-  all_ = lambda q, k: jnp.ones((b, q, k), bool)
-  tok = window_mask(W + jnp.arange(L), jnp.arange(W + L), q_doc, k_doc, window=window)  # [b, L, W + L]
-  last = jnp.broadcast_to(last_doc_mask(q_doc)[:, None, :], (b, m, L))
-  read_rows = jnp.concatenate([none(m, W), causal_m, none(m, L), none(m, m)], axis=2)
-  tok_rows = jnp.concatenate([tok[:, :, :W], all_(L, m), tok[:, :, W:], none(L, m)], axis=2)
-  write_rows = jnp.concatenate([none(m, W), all_(m, m), last, causal_m], axis=2)
-  return jnp.concatenate([read_rows, tok_rows, write_rows], axis=1)
 
+  def __call__(self, h, state, ctx: Context):
+    """h `[batch, 2m + L, d_model]` (normed); returns the output `[batch, 2m + L, d_model]` and the new cache."""
+    cfg = self.cfg
+    m, L = cfg.num_memory, ctx.doc.shape[1]
+    q, k, v = self.qkv(h)
+    rows = lambda t: (t[:, :m], t[:, m:m + L], t[:, m + L:])
+    (qr, qt, qw), (kr, kt, kw), (vr, vt, vw) = rows(q), rows(k), rows(v)
+    b, slots = h.shape[0], jnp.arange(m)
+    zeros = jnp.zeros((b, m), jnp.int32)
+    read = Keys(kr, vr)  # position-free, every document: the read slots as the tokens and write slots see them
+    run = lambda q, blocks, **kw: attention(q, blocks, kernel=cfg.kernel,
+                                            block_size=cfg.attention_block or DEFAULT_BLOCK, **kw)
+    q_pos, window = self.window_keys(kt, vt, state, ctx)  # [XL cache; tokens], rotated, the window rule
+    tokens = window[1]
+    y = jnp.concatenate([
+        run(qr, [Keys(kr, vr, pos=slots, doc=zeros)], q_pos=slots, q_doc=zeros),  # read slots <= i
+        run(rotary(qt, q_pos, base=cfg.rope_base), [*window, read], q_pos=q_pos, q_doc=ctx.doc, q_sharded=True),
+        # write slots: every read slot, write slots <= i, and the block's tokens of its last document
+        run(qw, [read, Keys(kw, vw, pos=slots, doc=zeros),
+                 Keys(tokens.k, tokens.v, pos=tokens.pos, doc=tokens.doc, sharded=True,
+                      q_pos=jnp.full((m,), cfg.window + L), q_doc=jnp.broadcast_to(ctx.doc[:, -1:], (b, m)))],
+            q_pos=slots, q_doc=zeros)], axis=1)
+    return self.out(y), self.roll(state, kt, vt)
 
-def rmt_ring_attention(q, k, v, *, cache_k, cache_v, q_doc, cache_doc, window: int, num_memory: int,
-                       rope_base: float, block: int = 128) -> jax.Array:
-  """`rmt_mask` attention with the block's tokens split over the mesh's `sequence` axis.
-
-  q `[batch, 2m + L, heads, head_dim]`, k, v `[batch, 2m + L, kv_heads, head_dim]` (unrotated,
-  rows [read; tokens; write]); cache `[batch, W, kv_heads, head_dim]`; q_doc `[batch, L]`,
-  cache_doc `[batch, W]`. Per device, with its L/n tokens:
-    tokens  cache block (window rule) + read slots (always visible) + ring over the tokens
-    read    read slots <= i (replicated, computed on every device)
-    write   read slots + write slots <= i, and the local tokens of the block's last document;
-            the per-device partial results are all-gathered and merged by log-sum-exp
-  Returns `[batch, 2m + L, heads, head_dim]`.
-  """
-  m, w = num_memory, cache_k.shape[1]
-  L = q.shape[1] - 2 * m
-  n = shd.context_parallel_size()
-  local = L // n
-  rows = lambda t: (t[:, :m], t[:, m:m + L], t[:, m + L:])
-  (qr, qt, qw), (kr, kt, kw), (vr, vt, vw) = rows(q), rows(k), rows(v)
-  last_doc = q_doc[:, -1:]  # the block's last document, from the last shard's tokens
-
-  def shard(qt, kt, vt, q_doc, pos, qr, kr, vr, qw, kw, vw, cache_k, cache_v, cache_doc, last_doc):
-    b = qt.shape[0]
-    cache_pos = jnp.arange(w)
-    qt, kt = rotary(qt, pos, base=rope_base), rotary(kt, pos, base=rope_base)
-    cache = (rotary(cache_k.astype(kt.dtype), cache_pos, base=rope_base), cache_v.astype(vt.dtype), cache_pos,
-             cache_doc)
-    flash = functools.partial(ra.flash_attention, block_q=block, block_k=block, return_lse=True)
-    zeros = lambda t: jnp.zeros((b, t), jnp.int32)
-    slot = jnp.arange(m)
-    # Token queries: the ring over the tokens and the XL cache, then the read slots (position 0, one
-    # document: always visible).
-    tokens = ra.merge_attention(
-        *window_ring_attention(qt, kt, vt, pos=pos, q_doc=q_doc, window=window, cache=cache, block=block),
-        *flash(qt, kr, vr, q_pos=pos, k_pos=jnp.zeros(m, jnp.int32), q_doc=zeros(local), k_doc=zeros(m)))[0]
-    # Read queries: read slots <= i.
-    read = flash(qr, kr, vr, q_pos=slot, k_pos=slot, q_doc=zeros(m), k_doc=zeros(m))[0]
-    # Write queries: all read slots, write slots <= i, and every shard's tokens of the last document.
-    write = ra.merge_attention(
-        *flash(qw, kr, vr, q_pos=slot, k_pos=jnp.zeros(m, jnp.int32), q_doc=zeros(m), k_doc=zeros(m)),
-        *flash(qw, kw, vw, q_pos=slot, k_pos=slot, q_doc=zeros(m), k_doc=zeros(m)))
-    write = ra.merge_attention(*write, *merge_over_sequence(*flash(
-        qw, kt, vt, q_pos=jnp.full((m,), w + L), k_pos=pos, q_doc=jnp.broadcast_to(last_doc, (b, m)), k_doc=q_doc)))
-    return tokens.astype(qt.dtype), read.astype(qt.dtype), write[0].astype(qt.dtype)
-
-  seq, whole = P(None, shd.SEQUENCE_AXIS), P()
-  tokens, read, write = shd.over_sequence(
-      shard, in_specs=(seq, seq, seq, seq, P(shd.SEQUENCE_AXIS)) + (whole,) * 10, out_specs=(seq, whole, whole))(
-          qt, kt, vt, q_doc, w + jnp.arange(L), qr, kr, vr, qw, kw, vw, cache_k, cache_v, cache_doc, last_doc)
-  return jnp.concatenate([read, tokens, write], axis=1)
-
-
-class MemoryAttention(Attention):
-  """The baseline's attention weights over [read memory; tokens; write memory] with an XL cache."""
-
-  def __call__(self, x, *, cache_k, cache_v, mask, num_memory, q_doc=None, k_doc=None):
-    """x `[batch, 2m + L, d]`; cache `[batch, W, kv_heads, head_dim]`; mask from `rmt_mask`.
-
-    With the mesh's `sequence` axis > 1 (dividing L) and the document ids given, the
-    same attention runs as `rmt_ring_attention` (the dense mask is then unused).
-    Returns the output `[batch, 2m + L, d]` and the tokens' new unrotated k, v `[batch, L, ...]`.
-    """
-    m, W = num_memory, cache_k.shape[1]
-    L = x.shape[1] - 2 * m
-    q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(x.dtype))
-    k = jnp.einsum("bsd,dhk->bshk", x, self.wk[...].astype(x.dtype))
-    v = jnp.einsum("bsd,dhk->bshk", x, self.wv[...].astype(x.dtype))
-    n = shd.context_parallel_size()
-    if n > 1 and L % n == 0 and q_doc is not None:
-      out = rmt_ring_attention(q, k, v, cache_k=cache_k, cache_v=cache_v, q_doc=q_doc, cache_doc=k_doc[:, :W],
-                               window=self.cfg.window, num_memory=m, rope_base=self.cfg.rope_base,
-                               block=self.cfg.attention_block or 128)
-      return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(x.dtype)), k[:, m:m + L], v[:, m:m + L]
-    pos = jnp.arange(W + L)
-    base = self.cfg.rope_base
-    rot_tokens = lambda t, p: rotary(t, p, base=base)
-    q = jnp.concatenate([q[:, :m], rot_tokens(q[:, m:m + L], pos[W:]), q[:, m + L:]], axis=1)
-    k_cache = rot_tokens(cache_k.astype(k.dtype), pos[:W])
-    k_all = jnp.concatenate([k_cache, k[:, :m], rot_tokens(k[:, m:m + L], pos[W:]), k[:, m + L:]], axis=1)
-    v_all = jnp.concatenate([cache_v.astype(v.dtype), v], axis=1)
-    out = masked_attention(q, k_all, v_all, mask)
-    return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(x.dtype)), k[:, m:m + L], v[:, m:m + L]
+  @classmethod
+  def flops_per_token(cls, cfg: RMTConfig, *, seg_len: int) -> float:
+    d, h, hd = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim
+    kvh = cfg.num_kv_heads or h
+    block, m = cfg.resolved_block_len, cfg.num_memory
+    rows = (block + 2 * m) / block  # memory slots are processed like tokens
+    return float(2 * d * hd * (2 * h + 2 * kvh) * rows + 2 * 2 * h * hd * (cfg.window + 2 * m) * rows)
 
 
 @register_model("rmt", config=RMTConfig,
@@ -171,10 +115,7 @@ class RMT(BlockwiseLM):
   context_parallel = "ring attention for the block's tokens; memory slots replicated, write reads merged by lse"
 
   def __init__(self, cfg: RMTConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
-    self.embedding = Embedding(cfg, rngs=rngs)
-    self.blocks = nnx.List([Block(cfg, rngs=rngs, attention_cls=MemoryAttention) for _ in range(cfg.num_layers)])
-    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    super().__init__(cfg, rngs=rngs)
     self.memory_init = param(rngs, (cfg.num_memory, cfg.d_model), ("memory", "embed"), fan_in=cfg.d_model)
     # The written memory starts at the scale of the initial memory and the embeddings, N(0, 1/d) per
     # element: at scale 1 it was sqrt(d) = 11x the tokens' residual stream at d_model 128, so a block's
@@ -182,34 +123,43 @@ class RMT(BlockwiseLM):
     self.memory_out_norm = (RMSNorm(cfg.d_model, eps=cfg.norm_eps, init=cfg.d_model ** -0.5) if cfg.memory_norm
                             else None)
 
-  def init_memory(self, batch_size: int):
-    return jnp.zeros((batch_size, self.cfg.num_memory, self.cfg.d_model), jnp.float32)
+  def init_extra_state(self, batch_size: int) -> dict:
+    return {"memory": jnp.zeros((batch_size, self.cfg.num_memory, self.cfg.d_model), jnp.float32)}
 
-  def fresh_memory(self, memory):
-    return jnp.broadcast_to(self.memory_init[...], memory.shape).astype(memory.dtype)
+  def fresh_extra_state(self, batch_size: int) -> dict:
+    shape = (batch_size, self.cfg.num_memory, self.cfg.d_model)
+    return {"memory": jnp.broadcast_to(self.memory_init[...], shape).astype(jnp.float32)}
 
-  def forward_block(self, x, *, memory, caches, q_doc, k_doc):
+  def forward_step(self, x, state, ctx: Context):
+    """One block through every layer from the carried memory, and, where a document starts inside the block,
+    again from the fresh memory: each token (and its cache slot) from the run of its document's memory."""
     m = self.cfg.num_memory
-    mem = memory.astype(x.dtype)
-    h = jnp.concatenate([mem, x, mem], axis=1)
-    mask = rmt_mask(q_doc=q_doc, k_doc=k_doc, window=self.cfg.window, num_memory=m)
-    new_kv = []
-    for block, (ck, cv) in zip(self.blocks, caches):
-      h, k, v = block(h, cache_k=ck, cache_v=cv, mask=mask, num_memory=m, q_doc=q_doc, k_doc=k_doc)
-      new_kv.append((k, v))
-    written = h[:, -m:]
-    if self.memory_out_norm is not None:
-      written = self.memory_out_norm(written)
-    return h[:, m:-m], new_kv, written
+
+    def run(memory):
+      mem = memory.astype(x.dtype)
+      h, new = LM.forward_step(self, jnp.concatenate([mem, x, mem], axis=1), state, ctx)
+      written = h[:, -m:]
+      if self.memory_out_norm is not None:
+        written = self.memory_out_norm(written)
+      return h[:, m:-m], new["blocks"], written
+
+    x_old, blocks_old, mem_old = run(state["memory"])
+    later = ctx.doc > 0  # tokens of a document that started inside this block
+
+    def from_fresh(_):
+      x_new, blocks_new, mem_new = run(self.fresh_extra_state(x.shape[0])["memory"])
+      window = blocks_old[0]["k"].shape[1]
+      slot = roll_cache(jnp.zeros((x.shape[0], window), bool), later)  # cache slots of those tokens
+      pick_slots = lambda a, b: jnp.where(slot.reshape(slot.shape + (1,) * (a.ndim - 2)), a, b.astype(a.dtype))
+      return (jnp.where(later[..., None], x_new, x_old), jax.tree.map(pick_slots, blocks_new, blocks_old),
+              pick_rows(later[:, -1], mem_new, mem_old))
+
+    x, blocks, memory = jax.lax.cond(jnp.any(later), from_fresh, lambda _: (x_old, blocks_old, mem_old), None)
+    return x, {**state, "blocks": blocks, "memory": memory.astype(state["memory"].dtype)}
 
   @classmethod
   def flops_per_token(cls, cfg: RMTConfig, *, seg_len: int) -> float:
-    d, h, hd, L = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim, cfg.num_layers
-    kvh = cfg.num_kv_heads or h
+    """The shell's count, the MLP run on the memory rows too."""
     block, m = cfg.resolved_block_len, cfg.num_memory
-    per_row = 2 * d * hd * (2 * h + 2 * kvh) + 2 * 3 * d * cfg.resolved_d_ff
-    rows = (block + 2 * m) / block  # memory slots are processed like tokens
-    attn = 2 * 2 * h * hd * (cfg.window + 2 * m) * rows
-    return float(L * (per_row * rows + attn) + 2 * d * cfg.vocab_size)
-
-
+    extra_mlp = 2 * 3 * cfg.d_model * cfg.resolved_d_ff * (2 * m / block) * cfg.num_layers
+    return super().flops_per_token(cfg, seg_len=seg_len) + float(extra_mlp)

@@ -379,7 +379,7 @@ def load_initial_params(source: str | pathlib.Path, *, model_cfg: Any, abstract_
     source: a run dir (its latest checkpoint), a `run/checkpoints/STEP` dir, or an export dir written by
       `longctx export --format safetensors` or `longctx import-hf`.
     model_cfg: the recipe's model config. Every parameter must have the shape the recipe's model gives it;
-      settings that change no shape (window, block_len, attention_impl, ...) may differ, and the returned
+      settings that change no shape (window, block_len, kernel, ...) may differ, and the returned
       line lists them (fine-tuning to a longer window is a use of this).
     abstract_params: ShapeDtypeStructs with shardings (`Trainer.abstract_train_state_sharded()["params"]`).
   """

@@ -21,11 +21,12 @@ import jax
 import numpy as np
 
 from longctx import config as config_lib
+from longctx import recipe as recipe_lib
 from longctx import distributed
 from longctx.config import Config
 from longctx.errors import CheckpointError, ConfigError, TrainingError
 from longctx.sharding import describe
-from longctx.training import curriculum as curriculum_lib
+from longctx.data import curriculum as curriculum_lib
 from longctx.training import run_dir as run_dir_lib
 from longctx.training.checkpoint import Checkpointer, load_initial_params
 from longctx.training.metrics import MetricsLogger, plot_loss_curve
@@ -214,7 +215,7 @@ def run_training(cfg: Config, run_dir: str | pathlib.Path, *, stop_at_step: int 
     A summary dict: steps run, final train and eval metrics, paths, and `lanes`,
     the (start, stop) range of lanes this process read.
   """
-  cfg.validate()
+  recipe_lib.validate(cfg)
   if "://" in str(run_dir):  # pathlib would turn gs://b/x into a local directory gs:/b/x on every host
     raise ConfigError(f"run dir {str(run_dir)!r} is a URL, but the run dir is written through the local "
                       "filesystem; mount the bucket (e.g. gcsfuse) on every host and pass the mounted path")

@@ -34,6 +34,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from longctx import recipe as recipe_lib
 from longctx import sharding as shd
 from longctx.config import Config
 from longctx.errors import ConfigError, TrainingError
@@ -163,10 +164,10 @@ class Trainer:
   """
 
   def __init__(self, cfg: Config, *, devices=None):
-    self.cfg = cfg.validate()
+    self.cfg = recipe_lib.validate(cfg)
     self.mesh: Mesh = shd.make_mesh(cfg.mesh, devices)
     self.model_class = get_model_class(cfg.model.name)
-    shd.check_layout(cfg, self.mesh.shape)  # lanes over data shards, segments over sequence and blocks
+    recipe_lib.check_layout(cfg, self.mesh.shape)  # lanes over data shards, segments over sequence and blocks
     abstract_model = nnx.eval_shape(lambda: build_model(cfg.model, rngs=nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(abstract_model)
     self.graphdef = graphdef

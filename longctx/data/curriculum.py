@@ -24,6 +24,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+from longctx import config as config_lib
+from longctx.config import TASKS as RECALL_TASKS
 from longctx.errors import ConfigError
 
 FIXED_DATA_FIELDS = ("batch_size", "source")  # the same in every stage: lanes and sources depend on them
@@ -45,9 +47,6 @@ class Stage:
 
 def parse_stages(cfg) -> list[Stage]:
   """The stages of a Config (its `train.curriculum`, or one stage of `data`); ConfigError naming the stage."""
-  from longctx import config as config_lib
-  from longctx.data.synthetic import TASKS as RECALL_TASKS
-
   tc = cfg.train
   if not tc.curriculum:
     return [Stage(0, tc.steps, cfg.data)]
