@@ -57,8 +57,10 @@ else
   REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 fi
 VENV=${LONGCTX_VENV:-$REPO/.venv}
-if [[ ! -f "$RECIPE" && ! -f "$REPO/$RECIPE" ]]; then
-  echo "error: recipe $RECIPE not found (give a path such as recipes/pod/transformer.py)" >&2
+RECIPE_FILE="$RECIPE"  # a recipe taking arguments: recipes/finetune.py:model=rmt,dataset=arxiv
+[[ "$RECIPE" == *.py:* ]] && RECIPE_FILE="${RECIPE%%.py:*}.py"
+if [[ ! -f "$RECIPE_FILE" && ! -f "$REPO/$RECIPE_FILE" ]]; then
+  echo "error: recipe $RECIPE_FILE not found (give a path such as recipes/pod/transformer.py)" >&2
   exit 2
 fi
 if [[ $DRY_RUN == 0 && -z "${SLURM_JOB_ID:-}" ]]; then

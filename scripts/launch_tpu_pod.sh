@@ -50,6 +50,11 @@ shift 5
 EXTRA=("$@")  # --set key=value ... passed on to longctx train
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+ARGS=""  # a recipe taking arguments: recipes/finetune.py:model=rmt,dataset=arxiv
+if [[ "$RECIPE" == *.py:* ]]; then
+  ARGS=":${RECIPE#*.py:}"
+  RECIPE="${RECIPE%%.py:*}.py"
+fi
 if [[ -f "$RECIPE" ]]; then  # workers see the repo under ~/longctx: use the recipe's path inside it
   ABS="$(cd "$(dirname "$RECIPE")" && pwd)/$(basename "$RECIPE")"
   if [[ "$ABS" != "$REPO"/* ]]; then
@@ -61,6 +66,7 @@ elif [[ ! -f "$REPO/$RECIPE" ]]; then
   echo "error: recipe $RECIPE not found (give a path inside the repo, e.g. recipes/pod/transformer.py)" >&2
   exit 2
 fi
+RECIPE="$RECIPE$ARGS"
 MOUNT_CMD=""
 if [[ "$RUN_DIR" == gs://* ]]; then  # mount the bucket on every worker; train in the mounted path
   BUCKET=${RUN_DIR#gs://}

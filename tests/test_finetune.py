@@ -1,4 +1,4 @@
-"""Fine-tuning: `longctx train recipes/finetune/<data>_<model>.py --init-from CKPT` on local files.
+"""Fine-tuning: `longctx train recipes/finetune.py:model=<model>,dataset=<data> --init-from CKPT` on local files.
 
 A tiny model is pretrained through `recipes/pg19/<model>.py` on local text files with a sentencepiece
 tokenizer trained on them, then fine-tuned through the matching fine-tuning recipe on other files: the
@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from longctx import config as config_lib
+from longctx import recipe as recipe_lib
 from longctx.data.tokenizers import train_sentencepiece
 from longctx.errors import CheckpointError, ConfigError
 from longctx.training.checkpoint import load_initial_params
@@ -54,7 +54,7 @@ def _overrides(model: str, corpus, files: str, steps: int) -> list[str]:
 
 
 def _cfg(recipe: str, overrides: list[str]):
-  return config_lib.apply_overrides(config_lib.load_recipe(recipe), overrides).validate()
+  return recipe_lib.load_and_check(recipe, overrides)
 
 
 @pytest.fixture(scope="module", params=["transformer", "mamba2"])
@@ -71,7 +71,7 @@ def test_finetune_continues_from_the_checkpoint(pretrained, corpus, tmp_path):
   scratch_start, trained = pre["losses"][0], float(np.mean(pre["losses"][-5:]))
   assert trained < scratch_start - 1.0, f"pretraining did not learn ({scratch_start:.2f} -> {trained:.2f})"
   lines = []
-  cfg = _cfg(f"recipes/finetune/pg19_{model}.py", _overrides(model, corpus, "ft", 2) + [f"train.init_from={run}"])
+  cfg = _cfg(f"recipes/finetune.py:model={model}", _overrides(model, corpus, "ft", 2) + [f"train.init_from={run}"])
   ft = run_training(cfg, tmp_path / "ft", progress=False, devices=jax.devices()[:1], log=lines.append)
   assert any(line.startswith(f"initialised the parameters from {run / 'checkpoints' / '40'}") for line in lines)
   # Held-out files of the same kind: the first fine-tuning loss is the trained model's, far below a fresh init's.
@@ -81,7 +81,7 @@ def test_finetune_continues_from_the_checkpoint(pretrained, corpus, tmp_path):
 
 def test_initial_params_are_the_checkpoint_params_exactly(pretrained, corpus):
   model, run, pre = pretrained
-  cfg = _cfg(f"recipes/finetune/arxiv_{model}.py", _overrides(model, corpus, "ft", 2))
+  cfg = _cfg(f"recipes/finetune.py:model={model},dataset=arxiv", _overrides(model, corpus, "ft", 2))
   trainer = Trainer(cfg, devices=jax.devices()[:1])
   abstract = trainer.abstract_train_state_sharded()["params"]
   for source in (run, run / "checkpoints", run / "checkpoints" / "40"):
@@ -93,7 +93,7 @@ def test_initial_params_are_the_checkpoint_params_exactly(pretrained, corpus):
 def test_settings_that_change_no_shape_may_differ(pretrained, corpus):
   model, run, _ = pretrained
   change = "model.window=32" if model == "transformer" else "model.chunk_size=16"
-  cfg = _cfg(f"recipes/finetune/pg19_{model}.py", _overrides(model, corpus, "ft", 2) + [change])
+  cfg = _cfg(f"recipes/finetune.py:model={model}", _overrides(model, corpus, "ft", 2) + [change])
   trainer = Trainer(cfg, devices=jax.devices()[:1])
   _, line = load_initial_params(run, model_cfg=cfg.model, abstract_params=trainer.abstract_train_state_sharded()["params"])
   key = change.split("=")[0].split(".")[1]
@@ -104,13 +104,13 @@ def test_settings_that_change_no_shape_may_differ(pretrained, corpus):
 def test_bad_init_from_is_one_clear_line(problem, pretrained, corpus, tmp_path):
   model, run, _ = pretrained
   overrides = _overrides(model, corpus, "ft", 2)
-  recipe = f"recipes/finetune/pg19_{model}.py"
+  recipe = f"recipes/finetune.py:model={model}"
   source = run
   if problem == "shape":
     overrides = overrides + ["model.d_model=48"]
   elif problem == "other model":
     other = "mamba2" if model == "transformer" else "transformer"
-    recipe, overrides = f"recipes/finetune/pg19_{other}.py", _overrides(other, corpus, "ft", 2)
+    recipe, overrides = f"recipes/finetune.py:model={other}", _overrides(other, corpus, "ft", 2)
   elif problem == "missing":
     source = tmp_path / "nowhere"
   else:
@@ -129,7 +129,7 @@ def test_bad_init_from_is_one_clear_line(problem, pretrained, corpus, tmp_path):
 
 def test_a_run_with_checkpoints_resumes_instead(pretrained, corpus, tmp_path):
   model, run, _ = pretrained
-  cfg = _cfg(f"recipes/finetune/pg19_{model}.py", _overrides(model, corpus, "ft", 2) + [f"train.init_from={run}"])
+  cfg = _cfg(f"recipes/finetune.py:model={model}", _overrides(model, corpus, "ft", 2) + [f"train.init_from={run}"])
   run_training(cfg, tmp_path / "ft", progress=False, devices=jax.devices()[:1], stop_at_step=1, log=lambda *_: None)
   lines = []
   run_training(cfg, tmp_path / "ft", progress=False, devices=jax.devices()[:1], log=lines.append)
@@ -142,7 +142,7 @@ def test_cli_init_from_flag(pretrained, corpus, tmp_path, capsys):
 
   model, run, _ = pretrained
   sets = [a for o in _overrides(model, corpus, "ft", 1) + ["mesh.data=-1", "data.batch_size=8"] for a in ("--set", o)]
-  recipe = f"recipes/finetune/arxiv_{model}.py"
+  recipe = f"recipes/finetune.py:model={model},dataset=arxiv"
   code = cli.main(["train", recipe, "--run-dir", str(tmp_path / "ft"), "--no-progress", "--init-from", str(run), *sets])
   out = capsys.readouterr()
   assert code == 0, out.err
@@ -160,7 +160,7 @@ def test_init_from_an_export_dir(pretrained, corpus, tmp_path):
 
   model, run, pre = pretrained
   out = export_run(run, fmt="safetensors", out=tmp_path / "exported")
-  cfg = _cfg(f"recipes/finetune/pg19_{model}.py", _overrides(model, corpus, "ft", 2))
+  cfg = _cfg(f"recipes/finetune.py:model={model}", _overrides(model, corpus, "ft", 2))
   trainer = Trainer(cfg, devices=jax.devices()[:1])
   params, line = load_initial_params(out, model_cfg=cfg.model,
                                      abstract_params=trainer.abstract_train_state_sharded()["params"])

@@ -9,7 +9,7 @@ Why the data looks like this (issue 22's diagnosis of the earlier recipes, where
 its window): documents of at most 2 windows were within the control's own reach, few passkeys put the key
 more than a window back, and documents packed back to back split key and answer over two train steps
 (no gradient between them). Here:
-  * the curriculum (`train.curriculum`, see longctx/training/curriculum.py) grows the documents from
+  * the curriculum (`train.curriculum`, see longctx/data/curriculum.py) grows the documents from
     in-window to 16x WINDOW while each stage keeps short ones in the mixture (log-uniform lengths from
     task_min_length), so the in-window skill is not erased;
   * `data.align_documents` = one train step (segments_per_step x seg_len) starts every document at a
@@ -19,7 +19,8 @@ more than a window back, and documents packed back to back split key and answer 
     too few targets to form the induction heads retrieval needs.
 """
 
-from longctx.config import DataConfig, MeshConfig, TrainConfig
+from longctx.config import Config, DataConfig, MeshConfig, TrainConfig
+from longctx.models import config_for
 
 WINDOW = 32  # attention window of every model (and the block length of the memory models)
 SEG_LEN = 64  # tokens per segment (2 blocks)
@@ -56,3 +57,12 @@ def recall_train(stages=STAGES) -> TrainConfig:
   """The shared optimiser and logging, trained for the stages' steps (`STAGES` or `SHORT_STAGES`)."""
   return TrainConfig(steps=sum(s for s, _, _ in stages), learning_rate=3e-3, warmup_steps=30, log_every=25,
                      eval_batches=8, checkpoint_every=250, weight_decay=0.05, curriculum=curriculum(stages))
+
+
+def recall_recipe(model: str, *, stages=STAGES, **settings) -> Config:
+  """The recall recipe of registered model `model`: the shared backbone (those of its sizes the model's config
+  has), blocks of WINDOW tokens for a model that reads blocks, `settings` on top, the shared data and
+  schedule (`stages`: `STAGES` or `SHORT_STAGES`). A new model needs no recipe file of its own:
+  `longctx train recipes/synthetic/recall.py:model=NAME`."""
+  return Config(model=config_for(model, **{**BACKBONE, "block_len": WINDOW, **settings}), data=recall_data(),
+                train=recall_train(stages=stages), mesh=MESH)

@@ -8,14 +8,10 @@ to the answer. LSTM gates (the paper's better variant on PG-19).
     longctx eval runs/recall/block_recurrent --task passkey,mqar,copy,qa1,qa2 --lengths 32,128,512,2k
 """
 
-from _recall import BACKBONE, MESH, WINDOW, recall_data, recall_train
+from _recall import recall_recipe
 
 from longctx.config import Config
-from longctx.models import BlockRecurrentConfig
 
 
 def config() -> Config:
-  return Config(model=BlockRecurrentConfig(**BACKBONE, block_len=WINDOW, recurrent_layers=[-2], num_states=64,
-                                           gate="lstm"),
-                data=recall_data(), train=recall_train(),
-                mesh=MESH)
+  return recall_recipe("block_recurrent", recurrent_layers=[-2], num_states=64, gate="lstm")

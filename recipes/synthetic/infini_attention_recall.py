@@ -14,13 +14,10 @@ never formed in-window induction in 2500 steps (see memorizing_recall.py);
     longctx eval runs/recall/infini_attention --task passkey,mqar,copy,qa1,qa2 --lengths 32,128,512,2k
 """
 
-from _recall import BACKBONE, MESH, WINDOW, recall_data, recall_train
+from _recall import recall_recipe
 
 from longctx.config import Config
-from longctx.models import InfiniAttentionConfig
 
 
 def config() -> Config:
-  backbone = {k: v for k, v in BACKBONE.items() if k != "window"}
-  return Config(model=InfiniAttentionConfig(**backbone, block_len=WINDOW, memory_update="linear", gate_init=-3.0),
-                data=recall_data(), train=recall_train(), mesh=MESH)
+  return recall_recipe("infini_attention", memory_update="linear", gate_init=-3.0)

@@ -8,14 +8,10 @@ last 32 windows.
     longctx eval runs/recall/melodi --task passkey,mqar,copy,qa1,qa2 --lengths 32,128,512,2k
 """
 
-from _recall import BACKBONE, MESH, WINDOW, recall_data, recall_train
+from _recall import recall_recipe
 
 from longctx.config import Config
-from longctx.models import MelodiConfig
 
 
 def config() -> Config:
-  return Config(model=MelodiConfig(**BACKBONE, block_len=WINDOW, short_memory=32, summary_tokens=32,
-                                   long_memory_size=512, long_append=16),
-                data=recall_data(), train=recall_train(),
-                mesh=MESH)
+  return recall_recipe("melodi", short_memory=32, summary_tokens=32, long_memory_size=512, long_append=16)

@@ -20,13 +20,11 @@ Measured (docs/recall.md): passkey 100% / 91% / 60% / 16% exact at 1x / 4x / 16x
 The memory is state, not weights: size it (`model.memory_size`) for the longest input at evaluation.
 """
 
-from _recall import BACKBONE, MESH, SHORT_STAGES, WINDOW, recall_data, recall_train
+from _recall import SHORT_STAGES, recall_recipe
 
 from longctx.config import Config
-from longctx.models import MemorizingConfig
 
 
 def config() -> Config:
-  model = MemorizingConfig(**{**BACKBONE, "embed_conv": 8}, block_len=WINDOW, knn_layers=[0, 1],
-                           knn_combine="joint", knn_scale_init=16.0, memory_size=512, top_k=8)
-  return Config(model=model, data=recall_data(), train=recall_train(stages=SHORT_STAGES), mesh=MESH)
+  return recall_recipe("memorizing", stages=SHORT_STAGES, embed_conv=8, knn_layers=[0, 1], knn_combine="joint",
+                       knn_scale_init=16.0, memory_size=512, top_k=8)

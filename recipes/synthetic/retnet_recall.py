@@ -10,12 +10,10 @@ recall; the eval compares it with the control at the same lengths.
     longctx eval runs/recall/retnet --task passkey,mqar,copy,qa1,qa2 --lengths 32,128,512,2k
 """
 
-from _recall import BACKBONE, MESH, recall_data, recall_train
+from _recall import recall_recipe
 
 from longctx.config import Config
-from longctx.models import RetNetConfig
 
 
 def config() -> Config:
-  backbone = {k: v for k, v in BACKBONE.items() if k != "window"}
-  return Config(model=RetNetConfig(**backbone, chunk_size=64), data=recall_data(), train=recall_train(), mesh=MESH)
+  return recall_recipe("retnet", chunk_size=64)

@@ -9,13 +9,10 @@ block to the answer's. 8 memory tokens (5 digits need far fewer; 16 made every b
     longctx eval --compare runs/recall/transformer runs/recall/rmt
 """
 
-from _recall import BACKBONE, MESH, WINDOW, recall_data, recall_train
+from _recall import recall_recipe
 
 from longctx.config import Config
-from longctx.models import RMTConfig
 
 
 def config() -> Config:
-  return Config(model=RMTConfig(**BACKBONE, block_len=WINDOW, num_memory=8),
-                data=recall_data(), train=recall_train(),
-                mesh=MESH)
+  return recall_recipe("rmt", num_memory=8)

@@ -12,13 +12,10 @@ can only come back through those weights.
     longctx eval runs/recall/titans --task passkey,mqar,copy,qa1,qa2 --lengths 32,128,512,2k
 """
 
-from _recall import BACKBONE, MESH, recall_data, recall_train
+from _recall import recall_recipe
 
 from longctx.config import Config
-from longctx.models import TitansConfig
 
 
 def config() -> Config:
-  return Config(model=TitansConfig(**BACKBONE, variant="mag", chunk_size=16, memory_heads=2, memory_hidden=128,
-                                   num_persistent=4),
-                data=recall_data(), train=recall_train(), mesh=MESH)
+  return recall_recipe("titans", variant="mag", chunk_size=16, memory_heads=2, memory_hidden=128, num_persistent=4)

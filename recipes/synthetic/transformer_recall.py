@@ -8,12 +8,10 @@ memory model (shared settings in `_recall.py`).
     longctx eval runs/recall/transformer --task passkey,mqar,copy,qa1,qa2 --lengths 32,128,512,2k
 """
 
-from _recall import BACKBONE, MESH, recall_data, recall_train
+from _recall import recall_recipe
 
 from longctx.config import Config
-from longctx.models import TransformerConfig
 
 
 def config() -> Config:
-  return Config(model=TransformerConfig(**BACKBONE), data=recall_data(), train=recall_train(),
-                mesh=MESH)
+  return recall_recipe("transformer")

@@ -6,12 +6,10 @@ every length (docs/recall.md), while it copies the key 20 tokens back (in its wi
     longctx train recipes/synthetic/transformer_short_recall.py --run-dir runs/recall/transformer_short
 """
 
-from _recall import BACKBONE, MESH, SHORT_STAGES, recall_data, recall_train
+from _recall import SHORT_STAGES, recall_recipe
 
 from longctx.config import Config
-from longctx.models import TransformerConfig
 
 
 def config() -> Config:
-  return Config(model=TransformerConfig(**{**BACKBONE, "embed_conv": 8}), data=recall_data(),
-                train=recall_train(stages=SHORT_STAGES), mesh=MESH)
+  return recall_recipe("transformer", stages=SHORT_STAGES, embed_conv=8)
