@@ -292,7 +292,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = _parser()
+  try:
+    parser = _parser()  # names the registered models: a model plugin that fails to import is one line too
+  except LongctxError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   args = parser.parse_args(argv)
   if args.command is None:
     parser.print_help()

@@ -47,3 +47,24 @@ def test_the_cli_lists_dry_runs_and_benchmarks_the_new_model(tmp_path):
                "--steps", "2", "--tokens-per-step", "128", "--json", str(tmp_path / "bench.json"))
   assert bench.returncode == 0, bench.stderr[-2000:]
   assert "toy" in bench.stdout and (tmp_path / "bench.json").is_file()
+
+
+def test_an_installed_package_registers_its_model_through_an_entry_point(tmp_path):
+  """A model living in another package (here: a distribution whose entry point `longctx.models` names the toy's
+  module) is found by `longctx models` without any import of it, and a plugin that fails to import is one line."""
+  def distribution(name: str, module: str) -> None:
+    info = tmp_path / f"{name}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[longctx.models]\n{name} = {module}\n")
+
+  distribution("toy-plugin", "toy_model")
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(TESTS)])}
+  code = "import sys; from longctx.cli import main; sys.exit(main(['models']))"
+  res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert res.returncode == 0 and "toy" in res.stdout, res.stderr[-2000:]
+  distribution("broken-plugin", "no_such_module")
+  res = subprocess.run([sys.executable, "-m", "longctx.cli", "models"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert res.returncode == 2 and "model plugin 'broken-plugin'" in res.stderr, res.stderr[-2000:]
+  assert "Traceback" not in res.stderr
