@@ -48,6 +48,15 @@ def worker_env(devices: int = 4, **extra) -> dict:
   return env
 
 
+def _listing(root: pathlib.Path) -> list[pathlib.Path]:
+  """Every file under `root`, tolerating directories that vanish while being walked (orbax renames its
+  `*.orbax-checkpoint-tmp` directories when a save finishes)."""
+  found = []
+  for parent, dirs, names in os.walk(root, onerror=lambda e: None):
+    found += [pathlib.Path(parent) / n for n in dirs + names]
+  return found
+
+
 class Runs:
   """The reference (1 process, 8 devices) and the 2 workers, started together; kills all on exit."""
 
@@ -82,7 +91,8 @@ class Runs:
 
   def _progress(self, watched: list[pathlib.Path]) -> tuple:
     files = [self.tmp_path / f"{name}.{kind}" for name in self.procs for kind in ("stdout", "stderr")]
-    files += [f for d in watched if d.is_dir() for f in d.rglob("*")]
+    for d in watched:
+      files += _listing(d)
     seen = []
     for f in files:
       try:  # orbax renames and deletes files as it goes
