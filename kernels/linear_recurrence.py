@@ -37,11 +37,18 @@ Three implementations behind `impl` (docs/contracts.md §3):
                applied before exp, so every exponent is <= 0 and nothing
                overflows, whatever the decay. The delta rule solves the chunk's
                unit lower-triangular system (the WY/UT form of DeltaNet).
-  "pallas"     the chunk step as a Pallas kernel: grid (batch, heads, chunks),
-               the chunk axis sequential with the state resident in VMEM scratch
-               (the design of axlearn's SSD kernel). Mosaic TPU; `interpret=True`
-               automatically off TPU. Its backward pass is the VJP of the "xla"
-               path (recomputed, no saved intermediates) through `custom_vjp`.
+  "pallas"     Pallas kernels that walk the chunks in order with the state on chip:
+               kernels/linear_recurrence_tpu.py (Mosaic TPU: grid (batch, heads,
+               chunks), state in VMEM) and kernels/linear_recurrence_gpu.py (Triton:
+               one program per (batch, head), state in registers), both running the
+               chunk math of kernels/linear_recurrence_chunk.py. Their backward is a
+               Pallas kernel too: the forward saves the state entering each chunk,
+               the backward walks the chunks in reverse carrying the state's gradient.
+               The per-chunk cumulative log decays are formed in XLA before the
+               kernels (a segmented scan), so autodiff carries the kernels' dcum back
+               to the decays. "pallas" is the platform's kernel ("pallas_tpu" /
+               "pallas_gpu" name one; kernels/pallas_target.py has the rule, and the
+               interpreter runs them on a CPU).
 
 `sequence_parallel_linear_recurrence` runs the same op on a sequence sharded
 over a mesh axis inside `jax.shard_map`: each shard runs the chunked pass from
@@ -59,9 +66,11 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental import pallas as pl
+import numpy as np
 
-IMPLS = ("reference", "xla", "pallas")
+from longctx.kernels.pallas_target import PALLAS_IMPLS, pallas_target
+
+IMPLS = ("reference", "xla") + PALLAS_IMPLS
 
 
 # ----------------------------------------------------------------------------- checks
@@ -223,22 +232,6 @@ def _solve_unit_lower(m, rhs):
   return jax.scipy.linalg.solve_triangular(m, rhs, lower=True, unit_diagonal=True)
 
 
-def _solve_unit_lower_by_doubling(m, rhs):
-  """The same with matmuls only (for kernels without a triangular solve).
-
-  m = I + N with N strictly lower, so N^C = 0 and m^-1 = (I - N)(I + N^2)(I + N^4)... (log2 C factors).
-  """
-  c = m.shape[-1]
-  x = jnp.eye(c, dtype=m.dtype) - m  # -N
-  inv = jnp.eye(c, dtype=m.dtype) + x
-  power = 1
-  while 2 * power < c:
-    x = x @ x
-    inv = inv + inv @ x  # inv @ (I + x)
-    power *= 2
-  return inv @ rhs
-
-
 # ----------------------------------------------------------------------------- xla (chunked)
 
 
@@ -313,87 +306,105 @@ def _linear_recurrence_xla(q, k, v, log_decay, beta, segment_ids, initial_state,
 # ----------------------------------------------------------------------------- pallas
 
 
-def _pallas_kernel(*refs, kind: str, has_beta: bool):
-  q_ref, k_ref, v_ref, la_ref, *rest = refs
-  beta_ref = rest.pop(0) if has_beta else None
-  doc_ref, s0_ref, o_ref, s_out_ref, s_scr, doc_scr = rest
-  chunk = pl.program_id(2)
+def _chunk_decays(log_a, doc, c):
+  """Per-chunk decay inputs of the kernels, formed in XLA (differentiable, so autodiff carries the kernels'
+  dcum / dcarry back to the log decays).
 
-  @pl.when(chunk == 0)
-  def _():
-    s_scr[...] = s0_ref[...].astype(jnp.float32)
-    doc_scr[...] = doc_ref[0:1, :]
+  log_a `[b, h, T]` or `[b, h, T, dk]`, doc `[b, T]` (T = n c). Returns cum (`[b, h, T, 1]` or `[b, h, T, dk]`:
+  the inclusive log decay from the chunk or document start, a segmented scan that never adds another
+  document's terms) and carry (`[b, h, n, 1, 1]` or `[b, h, n, dk, 1]`: exp(the chunk's total) where the
+  entering state's document runs through the whole chunk, else 0).
+  """
+  b, h, t = log_a.shape[:3]
+  n = t // c
+  vector = log_a.ndim == 4
+  doc_c = doc.reshape(b, n, c)
+  starts = jnp.concatenate([jnp.ones((b, n, 1), bool), doc_c[..., 1:] != doc_c[..., :-1]], axis=-1)
+  la = log_a.reshape((b, h, n, c) + log_a.shape[3:])
+  starts = jnp.broadcast_to(starts[:, None, :, :, None] if vector else starts[:, None], la.shape)
 
-  la = la_ref[...] if kind == "vector" else la_ref[:, 0]
-  beta = beta_ref[:, 0] if has_beta else None
-  doc = doc_ref[:, 0]
-  out, s = _chunk_step(s_scr[...], doc_scr[0, 0], q_ref[...].astype(jnp.float32), k_ref[...].astype(jnp.float32),
-                       v_ref[...].astype(jnp.float32), la, beta, doc, kind=kind,
-                       solve=_solve_unit_lower_by_doubling)
-  o_ref[...] = out.astype(o_ref.dtype)
-  s_scr[...] = s
-  doc_scr[...] = doc_ref[-1:, :]
+  def combine(a, z):
+    return a[0] | z[0], jnp.where(z[0], z[1], a[1] + z[1])
 
-  @pl.when(chunk == pl.num_programs(2) - 1)
-  def _():
-    s_out_ref[...] = s
+  _, cum = lax.associative_scan(combine, (starts, la), axis=3)
+  prev = jnp.concatenate([doc_c[:, :1, 0], doc_c[:, :-1, -1]], axis=1)  # [b, n]: the entering state's document
+  keep = (doc_c[..., -1] == prev)[:, None]  # [b, 1, n]
+  if vector:
+    carry = (jnp.exp(cum[..., -1, :]) * keep[..., None])[..., None]
+    return cum.reshape(b, h, t, -1), carry
+  return cum.reshape(b, h, t, 1), (jnp.exp(cum[..., -1]) * keep)[..., None, None]
 
 
-def _linear_recurrence_pallas_fwd(q, k, v, log_decay, beta, segment_ids, initial_state, *, kind, chunk_size,
-                                  interpret):
-  from jax.experimental.pallas import tpu as pltpu
+def _kernel_layouts(cum, doc, c):
+  """The rows and columns the kernels read (kernels/linear_recurrence_tpu.py): cum_row `[b, h, n, 1, C]`
+  (None per channel), doc `[b, T, 1]`, doc_row `[b, n, 1, C]`, prev `[b, n, 1, 1]`."""
+  b, h, t, width = cum.shape
+  n = t // c
+  cum_row = None if width != 1 else cum.reshape(b, h, n, 1, c)
+  doc_c = doc.reshape(b, n, c)
+  prev = jnp.concatenate([doc_c[:, :1, 0], doc_c[:, :-1, -1]], axis=1)
+  return cum_row, doc[..., None], doc_c[:, :, None, :], prev[..., None, None]
 
+
+def _kernel_module(target):
+  if target == "tpu":
+    from longctx.kernels import linear_recurrence_tpu as module
+  else:
+    from longctx.kernels import linear_recurrence_gpu as module
+  return module
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _pallas_op(q, k, v, cum, carry, beta, s0, doc, static):
+  chunk_size, target, interpret = static
+  cum_row, doc_col, doc_row, prev = _kernel_layouts(cum, doc, chunk_size)
+  out, s, _ = _kernel_module(target).forward(q, k, v, cum, cum_row, doc_col, doc_row, prev, carry, beta, s0,
+                                             chunk_size=chunk_size, save_states=False, interpret=interpret)
+  return out, s
+
+
+def _pallas_op_fwd(q, k, v, cum, carry, beta, s0, doc, static):
+  chunk_size, target, interpret = static
+  cum_row, doc_col, doc_row, prev = _kernel_layouts(cum, doc, chunk_size)
+  out, s, states = _kernel_module(target).forward(q, k, v, cum, cum_row, doc_col, doc_row, prev, carry, beta, s0,
+                                                  chunk_size=chunk_size, save_states=True, interpret=interpret)
+  return (out, s), (q, k, v, cum, carry, beta, doc, states)
+
+
+def _pallas_op_bwd(static, residuals, cotangents):
+  chunk_size, target, interpret = static
+  q, k, v, cum, carry, beta, doc, states = residuals
+  d_out, ds_final = cotangents
+  cum_row, doc_col, doc_row, prev = _kernel_layouts(cum, doc, chunk_size)
+  dq, dk, dv, dcum, dcarry, dbeta, ds0 = _kernel_module(target).backward(
+      q, k, v, cum, cum_row, doc_col, doc_row, prev, carry, beta, states, d_out, ds_final.astype(jnp.float32),
+      chunk_size=chunk_size, interpret=interpret)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dcum, dcarry, dbeta, ds0,
+          np.zeros(doc.shape, jax.dtypes.float0))
+
+
+_pallas_op.defvjp(_pallas_op_fwd, _pallas_op_bwd)
+
+
+def _linear_recurrence_pallas(q, k, v, log_decay, beta, segment_ids, initial_state, *, chunk_size, target,
+                              interpret):
+  """The Pallas path: inputs to the kernels' layout (heads first, padded to whole chunks, decays prepared),
+  the kernels through `_pallas_op`'s custom VJP, and back."""
   b, t, h, dk = q.shape
   dv = v.shape[-1]
-  out_dtype = v.dtype
-  n, q, k, v, log_a, bt, doc = _pad_inputs(q, k, v, log_decay, beta, segment_ids, chunk_size)
-  s0 = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
   c = chunk_size
-  bhtd = lambda x: jnp.swapaxes(x, 1, 2)  # [b, t, h, d] -> [b, h, t, d]
-  seq_block = lambda d: pl.BlockSpec((None, None, c, d), lambda i, j, ch: (i, j, ch, 0))
-  inputs = [bhtd(q), bhtd(k), bhtd(v), bhtd(log_a if kind == "vector" else log_a[..., None])]
-  specs = [seq_block(dk), seq_block(dk), seq_block(dv), seq_block(dk if kind == "vector" else 1)]
-  if bt is not None:
-    inputs.append(bhtd(bt[..., None]))
-    specs.append(seq_block(1))
-  inputs += [doc[..., None], s0]
-  specs += [pl.BlockSpec((None, c, 1), lambda i, j, ch: (i, ch, 0)),
-            pl.BlockSpec((None, None, dk, dv), lambda i, j, ch: (i, j, 0, 0))]
-  out, s = pl.pallas_call(
-      functools.partial(_pallas_kernel, kind=kind, has_beta=bt is not None),
-      grid=(b, h, n),
-      in_specs=specs,
-      out_specs=[seq_block(dv), pl.BlockSpec((None, None, dk, dv), lambda i, j, ch: (i, j, 0, 0))],
-      out_shape=[jax.ShapeDtypeStruct((b, h, n * c, dv), out_dtype), jax.ShapeDtypeStruct((b, h, dk, dv), jnp.float32)],
-      scratch_shapes=[pltpu.VMEM((dk, dv), jnp.float32), pltpu.VMEM((1, 1), jnp.int32)],
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-      interpret=interpret,
-  )(*inputs)
-  return jnp.swapaxes(out[:, :, :t], 1, 2), s
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _linear_recurrence_pallas(q, k, v, log_decay, beta, segment_ids, initial_state, kind, chunk_size, interpret):
-  return _linear_recurrence_pallas_fwd(q, k, v, log_decay, beta, segment_ids, initial_state, kind=kind,
-                                       chunk_size=chunk_size, interpret=interpret)
-
-
-def _pallas_vjp_fwd(q, k, v, log_decay, beta, segment_ids, initial_state, kind, chunk_size, interpret):
-  out = _linear_recurrence_pallas(q, k, v, log_decay, beta, segment_ids, initial_state, kind, chunk_size, interpret)
-  return out, (q, k, v, log_decay, beta, segment_ids, initial_state)
-
-
-def _pallas_vjp_bwd(kind, chunk_size, interpret, residuals, cotangents):
-  q, k, v, log_decay, beta, segment_ids, initial_state = residuals
-  diff = lambda q, k, v, la, bt, s0: _linear_recurrence_xla(q, k, v, la, bt, segment_ids, s0, kind=kind,
-                                                            chunk_size=chunk_size)
-  _, vjp = jax.vjp(diff, q, k, v, log_decay, beta, initial_state)
-  grads = vjp(cotangents)
-  seg_grad = None if segment_ids is None else jnp.zeros(segment_ids.shape, jax.dtypes.float0)
-  return grads[:5] + (seg_grad,) + grads[5:]
-
-
-_linear_recurrence_pallas.defvjp(_pallas_vjp_fwd, _pallas_vjp_bwd)
+  n = -(-t // c)
+  pad = n * c - t
+  heads_first = lambda x: jnp.swapaxes(jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)), 1, 2)
+  log_a = jnp.zeros((b, t, h), jnp.float32) if log_decay is None else log_decay.astype(jnp.float32)
+  doc = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  doc = jnp.pad(doc, [(0, 0), (0, pad)], mode="edge")
+  cum, carry = _chunk_decays(heads_first(log_a), doc, c)
+  bt = None if beta is None else heads_first(beta.astype(jnp.float32))[..., None]
+  s0 = jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
+  out, s = _pallas_op(heads_first(q), heads_first(k), heads_first(v), cum, carry, bt, s0, doc,
+                      (c, target, interpret))
+  return jnp.swapaxes(out, 1, 2)[:, :t], s
 
 
 # ----------------------------------------------------------------------------- public
@@ -404,9 +415,11 @@ def linear_recurrence(q, k, v, *, log_decay=None, beta=None, segment_ids=None, i
   """o_t = q_t S_t over a sequence; see the module docstring for the recurrence and shapes.
 
   Args:
-    impl: "reference" (token scan), "xla" (chunked, pure jnp) or "pallas".
-    chunk_size: tokens per chunk ("xla", "pallas"); the sequence needs not be a multiple.
-    interpret: run the Pallas kernel in interpret mode; None = unless on TPU.
+    impl: "reference" (token scan), "xla" (chunked, pure jnp), "pallas" (the platform's kernel), "pallas_tpu"
+      or "pallas_gpu".
+    chunk_size: tokens per chunk (not "reference"); the sequence need not be a multiple. The TPU kernel needs a
+      multiple of 8, the GPU kernel a power of two >= 16.
+    interpret: run a Pallas kernel in the interpreter; None = only on a CPU (kernels/pallas_target.py).
   Returns:
     `(o [batch, seq, heads, value_dim], final_state [batch, heads, key_dim, value_dim])`.
   """
@@ -419,11 +432,14 @@ def linear_recurrence(q, k, v, *, log_decay=None, beta=None, segment_ids=None, i
   if impl == "xla":
     return _linear_recurrence_xla(q, k, v, log_decay, beta, segment_ids, initial_state, kind=kind,
                                   chunk_size=chunk_size)
-  if impl == "pallas":
-    if interpret is None:
-      interpret = jax.default_backend() != "tpu"
-    return _linear_recurrence_pallas(q, k, v, log_decay, beta, segment_ids, initial_state, kind, chunk_size,
-                                     interpret)
+  if impl in PALLAS_IMPLS:
+    target, interpret = pallas_target(impl, interpret)
+    if target == "tpu" and chunk_size % 8:
+      raise ValueError(f"chunk_size={chunk_size}: the TPU kernel needs a multiple of 8 (Mosaic's sublane tile)")
+    if target == "gpu" and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
+      raise ValueError(f"chunk_size={chunk_size}: the GPU kernel needs a power of two >= 16 (Triton's tiles)")
+    return _linear_recurrence_pallas(q, k, v, log_decay, beta, segment_ids, initial_state, chunk_size=chunk_size,
+                                     target=target, interpret=interpret)
   raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
 
 

@@ -4,6 +4,10 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The tests run on the 8 virtual CPU devices, also where an accelerator or libtpu (the test extra's TPU compiler,
+# used compile-only) is present: without this, jax would try to start a TPU backend and print libtpu's warnings
+# into every subprocess's stderr. JAX_PLATFORMS=... set by the caller wins.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

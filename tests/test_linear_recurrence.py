@@ -1,9 +1,12 @@
-"""The chunked linear recurrence kernel: xla and pallas (interpret) against the token-scan reference.
+"""The chunked linear recurrence: xla and the Pallas kernels against the token-scan reference.
 
 Covers every decay kind (none, one per head, one per key channel), the delta
 rule (with and without a per-head decay), ragged lengths, several chunk sizes,
-documents starting inside a sequence, an initial state, gradients, and the
-sequence-parallel form over 2, 4 and 8 CPU devices.
+documents starting inside a sequence, an initial state, gradients (the Pallas
+kernels' own backward), bf16 inputs, and the sequence-parallel form over 2, 4
+and 8 CPU devices. The TPU (Mosaic) and GPU (Triton) kernels run here in the
+Pallas interpreter, which checks their math; tests/test_compile_linear_recurrence.py
+checks that the real compilers accept them.
 """
 
 import functools
@@ -62,22 +65,56 @@ def test_xla_matches_reference(decay, delta, seq, chunk, docs, initial):
   assert rel_err(state, ref_state) < 1e-5
 
 
-@pytest.mark.parametrize("decay,delta", [("scalar", False), ("vector", False), ("none", True), ("scalar", True)])
-def test_pallas_interpret_matches_reference(decay, delta):
+PALLAS = ["pallas_tpu", "pallas_gpu"]
+KINDS = [("none", False), ("scalar", False), ("vector", False), ("none", True), ("scalar", True)]
+
+
+@pytest.mark.parametrize("impl", PALLAS)
+@pytest.mark.parametrize("decay,delta", KINDS)
+def test_pallas_interpret_matches_reference(impl, decay, delta):
   inputs = _inputs(11, decay=decay, delta=delta, seq=40, docs=True, initial=True)
-  out, state = _run("pallas", 16, inputs)
+  out, state = _run(impl, 16, inputs)
   ref_out, ref_state = _reference(**inputs)
+  assert out.shape == ref_out.shape and state.shape == ref_state.shape
   assert rel_err(out, ref_out) < 1e-5
   assert rel_err(state, ref_state) < 1e-5
 
 
+def test_pallas_means_the_platforms_kernel_and_never_a_silent_interpreter():
+  """"pallas" on a CPU is the TPU kernel interpreted; a kernel named for an accelerator this is not runs only
+  when asked to (interpret=True / False explicitly), else one line says why."""
+  inputs = _inputs(2, decay="scalar", delta=False, seq=20)
+  np.testing.assert_array_equal(np.asarray(_run("pallas", 8, inputs)[0]), np.asarray(_run("pallas_tpu", 8, inputs)[0]))
+  from longctx.kernels.pallas_target import pallas_target
+  assert pallas_target("pallas", None, platform="gpu") == ("gpu", False)
+  assert pallas_target("pallas", None, platform="tpu") == ("tpu", False)
+  with pytest.raises(ValueError, match="the TPU Pallas kernel does not compile on a gpu backend"):
+    pallas_target("pallas_tpu", None, platform="gpu")
+  with pytest.raises(ValueError, match="power of two >= 16"):
+    lr.linear_recurrence(**inputs, impl="pallas_gpu", chunk_size=24)
+  with pytest.raises(ValueError, match="multiple of 8"):
+    lr.linear_recurrence(**inputs, impl="pallas_tpu", chunk_size=12)
+
+
+@pytest.mark.parametrize("impl", PALLAS)
+def test_pallas_bf16_inputs(impl):
+  """bf16 q, k, v (the matmuls run in bf16 with f32 accumulation, the state in f32) stay close to the f32
+  reference; outputs come back in bf16."""
+  inputs = _inputs(13, decay="scalar", delta=False, seq=48, docs=True, initial=True)
+  half = {n: (x.astype(jnp.bfloat16) if n in ("q", "k", "v") else x) for n, x in inputs.items()}
+  out, state = _run(impl, 16, half)
+  ref_out, ref_state = _reference(**inputs)
+  assert out.dtype == jnp.bfloat16 and state.dtype == jnp.float32
+  assert rel_err(out, ref_out) < 3e-2 and rel_err(state, ref_state) < 3e-2
+
+
 def test_strong_decay_stays_finite():
   """Decays of e^-40 per token: chunk exponents stay <= 0, so nothing overflows to inf or NaN."""
-  for decay in ("scalar", "vector"):
+  for impl, decay in (("xla", "scalar"), ("xla", "vector"), ("pallas_tpu", "scalar"), ("pallas_gpu", "vector")):
     inputs = _inputs(5, decay=decay, delta=False, seq=64, decay_scale=40.0)
-    out, state = _run("xla", 64, inputs)
+    out, state = _run(impl, 64 if impl == "xla" else 16, inputs)
     ref_out, ref_state = _reference(**inputs)
-    assert rel_err(out, ref_out) < 1e-5 and rel_err(state, ref_state) < 1e-5
+    assert rel_err(out, ref_out) < 1e-5 and rel_err(state, ref_state) < 1e-5, impl
 
 
 def _loss(fn, inputs, w_out, w_state):
@@ -85,11 +122,13 @@ def _loss(fn, inputs, w_out, w_state):
   return jnp.sum(out * w_out) + jnp.sum(state * w_state)
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("impl", ["xla"] + PALLAS)
 @pytest.mark.parametrize("decay,delta", [("scalar", False), ("vector", False), ("scalar", True)])
 def test_a_document_is_bitwise_independent_of_the_one_before(impl, decay, delta):
-  """A document starting mid-chunk (token 13, chunk 8) gives the same bits whatever came before it,
-  with data-dependent decays: the in-chunk cumulative decay never includes another document's terms."""
+  """A document starting mid-chunk (token 13; chunks of 8, or 16 for the GPU kernel) gives the same bits
+  whatever came before it, with data-dependent decays: the in-chunk cumulative decay never includes another
+  document's terms."""
+  chunk = 16 if impl == "pallas_gpu" else 8
   inputs = _inputs(5, decay=decay, delta=delta, batch=1, seq=30, docs=False, initial=True)
   inputs["segment_ids"] = jnp.asarray((np.arange(30) >= 13)[None].astype(np.int32))
   other = dict(inputs)
@@ -97,16 +136,17 @@ def test_a_document_is_bitwise_independent_of_the_one_before(impl, decay, delta)
     if inputs[name] is not None:
       other[name] = inputs[name].at[:, :13].set(inputs[name][:, :13] * 1.37 - 0.011)
   other["initial_state"] = inputs["initial_state"] * 3.1
-  (out, state), (out2, state2) = _run(impl, 8, inputs), _run(impl, 8, other)
+  (out, state), (out2, state2) = _run(impl, chunk, inputs), _run(impl, chunk, other)
   np.testing.assert_array_equal(np.asarray(out[:, 13:]), np.asarray(out2[:, 13:]))
   np.testing.assert_array_equal(np.asarray(state), np.asarray(state2))
   assert not np.allclose(np.asarray(out[:, :13]), np.asarray(out2[:, :13]))
 
 
-@pytest.mark.parametrize("impl,decay,delta", [("xla", "scalar", False), ("xla", "vector", False),
-                                              ("xla", "scalar", True), ("pallas", "scalar", False),
-                                              ("pallas", "none", True)])
+@pytest.mark.parametrize("impl,decay,delta", [("xla", "scalar", False), ("xla", "vector", False), ("xla", "scalar", True)]
+                         + [(impl, decay, delta) for impl in PALLAS for decay, delta in KINDS])
 def test_gradients_match_reference(impl, decay, delta):
+  """Every input's gradient, through the Pallas kernels' own backward (the chunks in reverse from saved
+  entering states), the log decays' included."""
   inputs = _inputs(3, decay=decay, delta=delta, seq=30, docs=True, initial=True)
   rng = np.random.default_rng(4)
   w_out = jnp.asarray(rng.standard_normal(inputs["v"].shape[:3] + (inputs["v"].shape[3],)), jnp.float32)
@@ -118,15 +158,16 @@ def test_gradients_match_reference(impl, decay, delta):
       return _loss(fn, {**inputs, **dict(zip(names, diff))}, w_out, w_state)
     return jax.jit(jax.grad(f, argnums=tuple(range(len(names)))))(*[inputs[n] for n in names])
 
-  fast = grads(functools.partial(lr.linear_recurrence, impl=impl, chunk_size=8))
+  fast = grads(functools.partial(lr.linear_recurrence, impl=impl, chunk_size=16 if impl == "pallas_gpu" else 8))
   ref = grads(lr.linear_recurrence_reference)
   for name, g, r in zip(names, fast, ref):
     assert rel_err(g, r) < 1e-4, name
 
 
-@pytest.mark.parametrize("shards", [2, 4, 8])
-@pytest.mark.parametrize("decay,delta", [("scalar", False), ("vector", False), ("scalar", True)])
-def test_sequence_parallel_matches_single_device(shards, decay, delta, eight_devices):
+@pytest.mark.parametrize("shards,decay,delta,impl", [(s, d, b, "xla") for s in (2, 4, 8) for d, b in
+                                                     (("scalar", False), ("vector", False), ("scalar", True))]
+                         + [(2, "scalar", True, "pallas_tpu"), (2, "scalar", False, "pallas_gpu")])
+def test_sequence_parallel_matches_single_device(shards, decay, delta, impl, eight_devices):
   inputs = _inputs(shards, decay=decay, delta=delta, seq=16 * shards, docs=True, initial=True)
   mesh = Mesh(np.array(eight_devices[:shards]), ("seq",))
   seq_spec = P(None, "seq")
@@ -135,7 +176,8 @@ def test_sequence_parallel_matches_single_device(shards, decay, delta, eight_dev
   names = [n for n in specs if inputs[n] is not None]
 
   def body(*args):
-    return lr.sequence_parallel_linear_recurrence(**dict(zip(names, args)), axis_name="seq", chunk_size=8)
+    return lr.sequence_parallel_linear_recurrence(**dict(zip(names, args)), axis_name="seq", impl=impl,
+                                                  chunk_size=16 if impl == "pallas_gpu" else 8)
 
   fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=tuple(specs[n] for n in names),
                              out_specs=(seq_spec, P()), check_vma=False))
