@@ -38,10 +38,14 @@ device has the same work. Positions travel with the tokens, so the kernel needs
 no other change.
 
 impl: "reference" (dense, autodiff; the test oracle), "xla" (blockwise, pure
-jnp) and "pallas": three Pallas kernels, interpreted off TPU. The forward and
-dq kernels run a grid over (batch, head, query block) and loop over key
-blocks; the dk/dv kernel runs a grid over (batch, kv head, key block) and loops
-over its group's query heads and query blocks. Each loop skips unseen pairs.
+jnp, the `lax.cond` skipping above), and the Pallas kernels, forward, dq and
+dk/dv each: "pallas_tpu" (Mosaic TPU, flash_attention_tpu.py: a sequential
+key-block grid axis with the softmax state in VMEM scratch) and "pallas_gpu"
+(Triton, flash_attention_gpu.py: one program per query block looping over key
+blocks). Both skip the block pairs that see nothing from ranges computed in XLA
+(attention_blocks.py). "pallas" is the kernel of the platform the call runs on,
+the TPU kernel in the interpreter on a CPU; `interpret=None` interprets only on
+a CPU, and a kernel for another platform is refused (pallas_target.py).
 """
 
 from __future__ import annotations
@@ -53,11 +57,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.experimental import pallas as pl
 
-IMPLS = ("reference", "xla", "pallas")
+from longctx.kernels import flash_attention_gpu, flash_attention_tpu
+from longctx.kernels.attention_blocks import pad_to
+from longctx.kernels.pallas_target import PALLAS_IMPLS, pallas_target
+
+IMPLS = ("reference", "xla", *PALLAS_IMPLS)
 LAYOUTS = ("contiguous", "zigzag", "striped")
 _BIG = np.iinfo(np.int32).max
+_PALLAS_KERNELS = {"tpu": flash_attention_tpu, "gpu": flash_attention_gpu}
 
 
 # ----------------------------------------------------------------------------- masks
@@ -125,15 +133,6 @@ def merge_attention(o_a, lse_a, o_b, lse_b):
 # ----------------------------------------------------------------------------- blocking
 
 
-def _pad_to(x, n, axis, value):
-  pad = n - x.shape[axis]
-  if pad == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths, constant_values=value)
-
-
 def _blocks(q, k, v, q_pos, k_pos, q_doc, k_doc, block_q, block_k):
   """Pad to whole blocks and put the block index first.
 
@@ -143,13 +142,13 @@ def _blocks(q, k, v, q_pos, k_pos, q_doc, k_doc, block_q, block_k):
   b, sq, h, d = q.shape
   sk, kvh = k.shape[1], k.shape[2]
   nq, nk = -(-sq // block_q), -(-sk // block_k)
-  q = _pad_to(q, nq * block_q, 1, 0).reshape(b, nq, block_q, kvh, h // kvh, d)
-  k = _pad_to(k, nk * block_k, 1, 0).reshape(b, nk, block_k, kvh, d)
-  v = _pad_to(v, nk * block_k, 1, 0).reshape(b, nk, block_k, kvh, d)
-  qp = _pad_to(q_pos.astype(jnp.int32), nq * block_q, 0, 0).reshape(nq, block_q)
-  kp = _pad_to(k_pos.astype(jnp.int32), nk * block_k, 0, 0).reshape(nk, block_k)
-  qd = _pad_to(q_doc.astype(jnp.int32), nq * block_q, 1, -2).reshape(b, nq, block_q)
-  kd = _pad_to(k_doc.astype(jnp.int32), nk * block_k, 1, -1).reshape(b, nk, block_k)
+  q = pad_to(q, nq * block_q, 1, 0).reshape(b, nq, block_q, kvh, h // kvh, d)
+  k = pad_to(k, nk * block_k, 1, 0).reshape(b, nk, block_k, kvh, d)
+  v = pad_to(v, nk * block_k, 1, 0).reshape(b, nk, block_k, kvh, d)
+  qp = pad_to(q_pos.astype(jnp.int32), nq * block_q, 0, 0).reshape(nq, block_q)
+  kp = pad_to(k_pos.astype(jnp.int32), nk * block_k, 0, 0).reshape(nk, block_k)
+  qd = pad_to(q_doc.astype(jnp.int32), nq * block_q, 1, -2).reshape(b, nq, block_q)
+  kd = pad_to(k_doc.astype(jnp.int32), nk * block_k, 1, -1).reshape(b, nk, block_k)
   first = lambda x: jnp.moveaxis(x, 1, 0)
   return first(q), first(k), first(v), qp, kp, first(qd), first(kd)
 
@@ -169,7 +168,7 @@ def _unblock_rows(x, sq):
 def _block_rows(x, nq, bq, kvh):
   """`[b, h, sq] -> [nq, b, kvh, g, bq]` (padding rows with 0)."""
   b, h, _ = x.shape
-  x = _pad_to(x, nq * bq, 2, 0).reshape(b, kvh, h // kvh, nq, bq)
+  x = pad_to(x, nq * bq, 2, 0).reshape(b, kvh, h // kvh, nq, bq)
   return jnp.transpose(x, (3, 0, 1, 2, 4))
 
 
@@ -219,84 +218,6 @@ def _forward_xla(q, k, v, q_pos, k_pos, q_doc, k_doc, *, window, scale, block_q,
   return _unblock_out(out, sq), _unblock_rows(lse, sq)
 
 
-def _pallas_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qd_ref, kd_ref, o_ref, lse_ref, *, block_k, num_k_blocks,
-                   window, scale):
-  """One (batch, head, query block): loop over key blocks with an online softmax, skipping unseen ones.
-
-  Refs: q `[bq, d]`, k/v `[sk, d]`, qp/qd `[bq, 1]`, kp/kd `[sk, 1]`; out `[bq, d]`, lse `[bq, 1]`.
-  """
-  q = q_ref[...]
-  qp, qd = qp_ref[...], qd_ref[...]
-  bq, d = q.shape
-
-  def body(j, carry):
-    start = pl.multiple_of(j * block_k, block_k)
-    kp = kp_ref[pl.ds(start, block_k), :]
-    kd = kd_ref[pl.ds(start, block_k), :]
-    may = (jnp.max(qp) >= jnp.min(kp)) & (jnp.max(qd) >= jnp.min(jnp.where(kd >= 0, kd, _BIG))) & (
-        jnp.min(qd) <= jnp.max(kd))
-    if window is not None:
-      may &= jnp.min(qp) - jnp.max(kp) <= window
-
-    def compute(carry):
-      acc, m, l = carry
-      k = k_ref[pl.ds(start, block_k), :]
-      v = v_ref[pl.ds(start, block_k), :]
-      s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
-      dist = qp - kp.T
-      mask = (dist >= 0) & (qd == kd.T) & (kd.T >= 0)
-      if window is not None:
-        mask &= dist <= window
-      s = jnp.where(mask, s, -jnp.inf)
-      m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-      m_safe = jnp.where(m_new > -jnp.inf, m_new, 0.0)
-      p = jnp.where(mask, jnp.exp(s - m_safe), 0.0)
-      corr = jnp.exp(m - m_safe)
-      pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-      return acc * corr + pv, m_new, l * corr + jnp.sum(p, axis=1, keepdims=True)
-
-    return lax.cond(may, compute, lambda c: c, carry)
-
-  init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq, 1), -jnp.inf, jnp.float32), jnp.zeros((bq, 1), jnp.float32))
-  acc, m, l = lax.fori_loop(0, num_k_blocks, body, init)
-  seen = l > 0
-  o_ref[...] = (acc / jnp.where(seen, l, 1.0)).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
-
-
-def _forward_pallas(q, k, v, q_pos, k_pos, q_doc, k_doc, *, window, scale, block_q, block_k, interpret):
-  b, sq, h, d = q.shape
-  sk, kvh = k.shape[1], k.shape[2]
-  g = h // kvh
-  nq, nk = -(-sq // block_q), -(-sk // block_k)
-  bhsd = lambda x, n: jnp.swapaxes(_pad_to(x, n, 1, 0), 1, 2)  # [b, s, h, d] -> [b, h, s, d]
-  qp = _pad_to(q_pos.astype(jnp.int32), nq * block_q, 0, 0)[:, None]
-  kp = _pad_to(k_pos.astype(jnp.int32), nk * block_k, 0, 0)[:, None]
-  qd = _pad_to(q_doc.astype(jnp.int32), nq * block_q, 1, -2)[..., None]
-  kd = _pad_to(k_doc.astype(jnp.int32), nk * block_k, 1, -1)[..., None]
-  skp = nk * block_k
-  kernel = functools.partial(_pallas_kernel, block_k=block_k, num_k_blocks=nk, window=window, scale=scale)
-  out, lse = pl.pallas_call(
-      kernel,
-      grid=(b, h, nq),
-      in_specs=[
-          pl.BlockSpec((None, None, block_q, d), lambda i, j, c: (i, j, c, 0)),
-          pl.BlockSpec((None, None, skp, d), lambda i, j, c: (i, j // g, 0, 0)),
-          pl.BlockSpec((None, None, skp, d), lambda i, j, c: (i, j // g, 0, 0)),
-          pl.BlockSpec((block_q, 1), lambda i, j, c: (c, 0)),
-          pl.BlockSpec((skp, 1), lambda i, j, c: (0, 0)),
-          pl.BlockSpec((None, block_q, 1), lambda i, j, c: (i, c, 0)),
-          pl.BlockSpec((None, skp, 1), lambda i, j, c: (i, 0, 0)),
-      ],
-      out_specs=[pl.BlockSpec((None, None, block_q, d), lambda i, j, c: (i, j, c, 0)),
-                 pl.BlockSpec((None, None, block_q, 1), lambda i, j, c: (i, j, c, 0))],
-      out_shape=[jax.ShapeDtypeStruct((b, h, nq * block_q, d), jnp.float32),
-                 jax.ShapeDtypeStruct((b, h, nq * block_q, 1), jnp.float32)],
-      interpret=interpret,
-  )(bhsd(q, nq * block_q), bhsd(k, skp), bhsd(v, skp), qp, kp, qd, kd)
-  return jnp.swapaxes(out, 1, 2)[:, :sq], lse[..., 0][..., :sq]
-
-
 # ----------------------------------------------------------------------------- backward
 
 
@@ -311,7 +232,7 @@ def _backward_xla(q, k, v, q_pos, k_pos, q_doc, k_doc, lse, delta, do, *, window
   g = h // kvh
   qb, kb, vb, qp, kp, qd, kd = _blocks(q, k, v, q_pos, k_pos, q_doc, k_doc, block_q, block_k)
   nq = qb.shape[0]
-  dob = jnp.moveaxis(_pad_to(do, nq * block_q, 1, 0).reshape(b, nq, block_q, kvh, g, d), 1, 0)
+  dob = jnp.moveaxis(pad_to(do, nq * block_q, 1, 0).reshape(b, nq, block_q, kvh, g, d), 1, 0)
   lse_b = _block_rows(jnp.where(jnp.isfinite(lse), lse, 0.0), nq, block_q, kvh)  # [nq, b, kvh, g, bq]
   delta_b = _block_rows(delta, nq, block_q, kvh)
 
@@ -363,143 +284,11 @@ def _backward_xla(q, k, v, q_pos, k_pos, q_doc, k_doc, lse, delta, do, *, window
   return unq(dq), unk(dk), unk(dv)
 
 
-def _pallas_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qp_ref, kp_ref, qd_ref, kd_ref, dq_ref, *,
-                      block_k, num_k_blocks, window, scale):
-  """dq of one (batch, head, query block): loop over key blocks, recomputing p = exp(s - lse).
-
-  Refs: q, do `[bq, d]`, lse, delta, qp, qd `[bq, 1]`, k, v `[sk, d]`, kp, kd `[sk, 1]`; out dq `[bq, d]`.
-  """
-  q, do = q_ref[...], do_ref[...]
-  lse, delta = lse_ref[...], delta_ref[...]
-  qp, qd = qp_ref[...], qd_ref[...]
-
-  def body(j, dq):
-    start = pl.multiple_of(j * block_k, block_k)
-    kp, kd = kp_ref[pl.ds(start, block_k), :], kd_ref[pl.ds(start, block_k), :]
-
-    def compute(dq):
-      k, v = k_ref[pl.ds(start, block_k), :], v_ref[pl.ds(start, block_k), :]
-      p, ds = _pallas_pair_grads(q, do, lse, delta, qp, qd, k, v, kp, kd, window=window, scale=scale)
-      return dq + lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-    return lax.cond(_pallas_may_see(qp, kp, qd, kd, window), compute, lambda x: x, dq)
-
-  dq_ref[...] = lax.fori_loop(0, num_k_blocks, body, jnp.zeros(q.shape, jnp.float32))
-
-
-def _pallas_dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, qp_ref, kp_ref, qd_ref, kd_ref, dk_ref, dv_ref,
-                       *, block_q, num_q_blocks, group, window, scale):
-  """dk, dv of one (batch, kv head, key block): loop over the group's query heads and query blocks.
-
-  Refs: q, do `[g, sq, d]`, lse, delta `[g, sq, 1]`, qp, qd `[sq, 1]`, k, v `[bk, d]`, kp, kd `[bk, 1]`.
-  """
-  k, v = k_ref[...], v_ref[...]
-  kp, kd = kp_ref[...], kd_ref[...]
-
-  def body(i, carry):
-    head, blk = i // num_q_blocks, i % num_q_blocks
-    start = pl.multiple_of(blk * block_q, block_q)
-    qp, qd = qp_ref[pl.ds(start, block_q), :], qd_ref[pl.ds(start, block_q), :]
-
-    def compute(carry):
-      dk, dv = carry
-      rows = lambda ref: ref[pl.ds(head, 1), pl.ds(start, block_q), :][0]
-      q, do, lse, delta = rows(q_ref), rows(do_ref), rows(lse_ref), rows(delta_ref)
-      p, ds = _pallas_pair_grads(q, do, lse, delta, qp, qd, k, v, kp, kd, window=window, scale=scale)
-      tn = (((0,), (0,)), ((), ()))  # p^T x
-      dv = dv + lax.dot_general(p.astype(do.dtype), do, tn, preferred_element_type=jnp.float32)
-      dk = dk + lax.dot_general(ds.astype(q.dtype), q, tn, preferred_element_type=jnp.float32)
-      return dk, dv
-
-    return lax.cond(_pallas_may_see(qp, kp, qd, kd, window), compute, lambda c: c, carry)
-
-  zeros = jnp.zeros(k.shape, jnp.float32)
-  dk, dv = lax.fori_loop(0, group * num_q_blocks, body, (zeros, zeros))
-  dk_ref[...] = dk
-  dv_ref[...] = dv
-
-
-def _pallas_may_see(qp, kp, qd, kd, window):
-  """`_may_see` for one batch row inside a kernel: positions `[n, 1]`, documents `[n, 1]`."""
-  may = (jnp.max(qp) >= jnp.min(kp)) & (jnp.max(qd) >= jnp.min(jnp.where(kd >= 0, kd, _BIG))) & (
-      jnp.min(qd) <= jnp.max(kd))
-  if window is not None:
-    may &= jnp.min(qp) - jnp.max(kp) <= window
-  return may
-
-
-def _pallas_pair_grads(q, do, lse, delta, qp, qd, k, v, kp, kd, *, window, scale):
-  """p `[bq, bk]` and ds = p (do v^T - delta) scale for one block pair (lse already finite)."""
-  nt = (((1,), (1,)), ((), ()))  # x y^T
-  s = lax.dot_general(q, k, nt, preferred_element_type=jnp.float32) * scale
-  dist = qp - kp.T
-  mask = (dist >= 0) & (qd == kd.T) & (kd.T >= 0)
-  if window is not None:
-    mask &= dist <= window
-  p = jnp.where(mask, jnp.exp(s - lse), 0.0)
-  dp = lax.dot_general(do, v, nt, preferred_element_type=jnp.float32)
-  return p, p * (dp - delta) * scale
-
-
-def _backward_pallas(q, k, v, q_pos, k_pos, q_doc, k_doc, lse, delta, do, *, window, scale, block_q, block_k,
-                     interpret):
-  """`_backward_xla` as two Pallas kernels: dq per query block, dk/dv per key block (all heads of its group)."""
-  b, sq, h, d = q.shape
-  sk, kvh = k.shape[1], k.shape[2]
-  g = h // kvh
-  nq, nk = -(-sq // block_q), -(-sk // block_k)
-  sqp, skp = nq * block_q, nk * block_k
-  bhsd = lambda x, n: jnp.swapaxes(_pad_to(x, n, 1, 0), 1, 2)  # [b, s, h, d] -> [b, h, s, d]
-  rows = lambda x: _pad_to(x, sqp, 2, 0)[..., None]  # [b, h, sq] -> [b, h, sqp, 1]
-  qp = _pad_to(q_pos.astype(jnp.int32), sqp, 0, 0)[:, None]
-  kp = _pad_to(k_pos.astype(jnp.int32), skp, 0, 0)[:, None]
-  qd = _pad_to(q_doc.astype(jnp.int32), sqp, 1, -2)[..., None]
-  kd = _pad_to(k_doc.astype(jnp.int32), skp, 1, -1)[..., None]
-  qt, dot = bhsd(q, sqp), bhsd(do, sqp)
-  kt, vt = bhsd(k, skp), bhsd(v, skp)
-  lse_r, delta_r = rows(jnp.where(jnp.isfinite(lse), lse, 0.0)), rows(delta)
-  common = dict(window=window, scale=scale)
-
-  q_block = pl.BlockSpec((None, None, block_q, d), lambda i, j, c: (i, j, c, 0))
-  q_rows = pl.BlockSpec((None, None, block_q, 1), lambda i, j, c: (i, j, c, 0))
-  kv_all = pl.BlockSpec((None, None, skp, d), lambda i, j, c: (i, j // g, 0, 0))
-  dq = pl.pallas_call(
-      functools.partial(_pallas_dq_kernel, block_k=block_k, num_k_blocks=nk, **common),
-      grid=(b, h, nq),
-      in_specs=[q_block, kv_all, kv_all, q_block, q_rows, q_rows,
-                pl.BlockSpec((block_q, 1), lambda i, j, c: (c, 0)),
-                pl.BlockSpec((skp, 1), lambda i, j, c: (0, 0)),
-                pl.BlockSpec((None, block_q, 1), lambda i, j, c: (i, c, 0)),
-                pl.BlockSpec((None, skp, 1), lambda i, j, c: (i, 0, 0))],
-      out_specs=q_block,
-      out_shape=jax.ShapeDtypeStruct((b, h, sqp, d), jnp.float32),
-      interpret=interpret,
-  )(qt, kt, vt, dot, lse_r, delta_r, qp, kp, qd, kd)
-
-  group = lambda x: x.reshape(b, kvh, g, *x.shape[2:])  # [b, h, ...] -> [b, kvh, g, ...]
-  q_group = pl.BlockSpec((None, None, g, sqp, d), lambda i, j, c: (i, j, 0, 0, 0))
-  rows_group = pl.BlockSpec((None, None, g, sqp, 1), lambda i, j, c: (i, j, 0, 0, 0))
-  k_block = pl.BlockSpec((None, None, block_k, d), lambda i, j, c: (i, j, c, 0))
-  dk, dv = pl.pallas_call(
-      functools.partial(_pallas_dkv_kernel, block_q=block_q, num_q_blocks=nq, group=g, **common),
-      grid=(b, kvh, nk),
-      in_specs=[q_group, q_group, rows_group, rows_group, k_block, k_block,
-                pl.BlockSpec((sqp, 1), lambda i, j, c: (0, 0)),
-                pl.BlockSpec((block_k, 1), lambda i, j, c: (c, 0)),
-                pl.BlockSpec((None, sqp, 1), lambda i, j, c: (i, 0, 0)),
-                pl.BlockSpec((None, block_k, 1), lambda i, j, c: (i, c, 0))],
-      out_specs=[k_block, k_block],
-      out_shape=[jax.ShapeDtypeStruct((b, kvh, skp, d), jnp.float32)] * 2,
-      interpret=interpret,
-  )(group(qt), group(dot), group(lse_r), group(delta_r), kt, vt, qp, kp, qd, kd)
-  back = lambda x, n: jnp.swapaxes(x, 1, 2)[:, :n]
-  return back(dq, sq), back(dk, sk), back(dv, sk)
-
-
 def _backward_pass(q, k, v, q_pos, k_pos, q_doc, k_doc, lse, delta, do, opts):
   kw = dict(window=opts["window"], scale=opts["scale"], block_q=opts["block_q"], block_k=opts["block_k"])
-  if opts["impl"] == "pallas":
-    return _backward_pallas(q, k, v, q_pos, k_pos, q_doc, k_doc, lse, delta, do, interpret=opts["interpret"], **kw)
+  if opts["target"] is not None:
+    kernel = _PALLAS_KERNELS[opts["target"]]
+    return kernel.backward(q, k, v, q_pos, k_pos, q_doc, k_doc, lse, delta, do, interpret=opts["interpret"], **kw)
   return _backward_xla(q, k, v, q_pos, k_pos, q_doc, k_doc, lse, delta, do, **kw)
 
 
@@ -508,8 +297,9 @@ def _backward_pass(q, k, v, q_pos, k_pos, q_doc, k_doc, lse, delta, do, opts):
 
 def _forward_pass(q, k, v, q_pos, k_pos, q_doc, k_doc, opts):
   kw = dict(window=opts["window"], scale=opts["scale"], block_q=opts["block_q"], block_k=opts["block_k"])
-  if opts["impl"] == "pallas":
-    return _forward_pallas(q, k, v, q_pos, k_pos, q_doc, k_doc, interpret=opts["interpret"], **kw)
+  if opts["target"] is not None:
+    kernel = _PALLAS_KERNELS[opts["target"]]
+    return kernel.forward(q, k, v, q_pos, k_pos, q_doc, k_doc, interpret=opts["interpret"], **kw)
   return _forward_xla(q, k, v, q_pos, k_pos, q_doc, k_doc, **kw)
 
 
@@ -603,12 +393,12 @@ def _check(q, k, v, q_pos, k_pos, q_doc, k_doc, block_q, block_k, impl):
 
 
 def _options(*, axis_name, window, scale, num_steps, block_q, block_k, impl, interpret, q, k):
+  """The static options of one call, hashable; Pallas impls resolved to (target, interpret) here, once."""
   d = q.shape[-1]
-  if interpret is None:
-    interpret = jax.default_backend() != "tpu"
+  target, interpret = pallas_target(impl, interpret) if impl in PALLAS_IMPLS else (None, False)
   return tuple(sorted(dict(axis_name=axis_name, window=window, scale=float(d ** -0.5 if scale is None else scale),
                            num_steps=num_steps, block_q=min(block_q, q.shape[1]), block_k=min(block_k, k.shape[1]),
-                           impl=impl, interpret=interpret).items()))
+                           impl=impl, target=target, interpret=interpret).items()))
 
 
 def flash_attention(q, k, v, *, q_pos, k_pos, q_doc, k_doc, window: int | None = None, scale: float | None = None,
@@ -621,8 +411,10 @@ def flash_attention(q, k, v, *, q_pos, k_pos, q_doc, k_doc, window: int | None =
     q_pos: `[q_len]`, k_pos: `[kv_len]` integer positions; q_doc `[batch, q_len]`,
       k_doc `[batch, kv_len]` document ids (a key with id < 0 is never seen).
     window: a query sees keys at most this many positions back (None: all earlier).
-    block_q, block_k: block sizes (lengths need not be multiples).
-    impl: "reference", "xla" or "pallas".
+    block_q, block_k: block sizes (lengths need not be multiples). The Pallas kernels round them up to what
+      their compiler needs: a multiple of 8 on TPU, a power of 2 of at least 16 on GPU.
+    impl: one of IMPLS: "reference", "xla", "pallas" (this platform's kernel), "pallas_tpu", "pallas_gpu".
+    interpret: run a Pallas kernel in the interpreter (None: only on a CPU).
     return_lse: also return the log-sum-exp `[batch, heads, q_len]` (f32; -inf where nothing is
       visible), differentiable, for `merge_attention`.
   Returns:

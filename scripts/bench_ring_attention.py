@@ -36,7 +36,7 @@ def main(argv=None) -> int:
   p.add_argument("--block", type=int, default=512, help="block_q = block_k")
   p.add_argument("--window", type=int, default=0, help="sliding window (0 = full causal)")
   p.add_argument("--layout", default="contiguous", choices=("contiguous", "zigzag", "striped"))
-  p.add_argument("--impl", default="xla", choices=("xla", "pallas"))
+  p.add_argument("--impl", default="xla", choices=("xla", "pallas", "pallas_tpu", "pallas_gpu"))
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--no-dense", action="store_true", help="skip the dense reference row")
   p.add_argument("--repeats", type=int, default=2)

@@ -180,14 +180,24 @@ def test_attention_kernels_agree(kernel):
 
 
 def test_the_kernel_switch_is_one_place():
-  """auto is XLA wherever no Pallas kernel is known to compile; pallas is interpreted on CPU and refused on a GPU."""
+  """auto is Pallas where its kernel is known to compile (PALLAS_PLATFORMS) and XLA elsewhere; pallas is the TPU
+  kernel interpreted on CPU, the platform's own kernel compiled where it is known to compile, refused on any other
+  accelerator."""
   from longctx.errors import ConfigError
-  from longctx.layers.kernel import resolve
+  from longctx.layers.kernel import OPS, PALLAS_PLATFORMS, resolve
 
   assert resolve("auto", "attention", platform="cpu").impl == "xla"
   assert resolve("pallas", "attention", platform="cpu").interpret
-  assert not resolve("pallas", "linear_recurrence", platform="tpu").interpret
-  with pytest.raises(ConfigError, match="no GPU version"):
-    resolve("pallas", "attention", platform="gpu")
+  assert PALLAS_PLATFORMS["attention"] == ("tpu", "gpu")
+  for op in OPS:
+    for platform in ("tpu", "gpu"):
+      if platform in PALLAS_PLATFORMS[op]:
+        assert resolve("auto", op, platform=platform) == resolve("pallas", op, platform=platform)
+        assert resolve("pallas", op, platform=platform).impl == "pallas"
+        assert not resolve("pallas", op, platform=platform).interpret
+      else:
+        assert resolve("auto", op, platform=platform).impl == "xla"
+        with pytest.raises(ConfigError, match=f"the {op} Pallas kernel is not known to compile on {platform}"):
+          resolve("pallas", op, platform=platform)
   with pytest.raises(ConfigError, match="model.kernel='cuda' is not one of"):
     resolve("cuda", "attention")
