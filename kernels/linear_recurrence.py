@@ -448,7 +448,7 @@ def linear_recurrence(q, k, v, *, log_decay=None, beta=None, segment_ids=None, i
 
 def sequence_parallel_linear_recurrence(q, k, v, *, axis_name: str, log_decay=None, beta=None, segment_ids=None,
                                         initial_state=None, impl: str = "xla", chunk_size: int = 64,
-                                        shard_index=None):
+                                        interpret: bool | None = None, shard_index=None):
   """`linear_recurrence` on a sequence sharded over mesh axis `axis_name`; call inside `jax.shard_map`.
 
   Every argument is this shard's block along seq (`initial_state` the state
@@ -470,7 +470,7 @@ def sequence_parallel_linear_recurrence(q, k, v, *, axis_name: str, log_decay=No
   kind = _check(q, k, v, log_decay, beta, segment_ids, initial_state)
   b, t, h, dk = q.shape
   dv = v.shape[-1]
-  run = functools.partial(linear_recurrence, impl=impl, chunk_size=chunk_size)
+  run = functools.partial(linear_recurrence, impl=impl, chunk_size=chunk_size, interpret=interpret)
   doc = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
   me = lax.axis_index(axis_name) if shard_index is None else jnp.reshape(shard_index, ()).astype(jnp.int32)
   # The document open when this shard starts: the previous shard's last one (the first shard's: its first token's).

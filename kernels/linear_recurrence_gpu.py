@@ -133,6 +133,7 @@ def forward(q, k, v, cum, cum_row, doc, doc_row, prev, carry, beta, s0, *, chunk
       out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
       interpret=interpret,
+      name="linear_recurrence_forward",
   )(*inputs, s0)
   out, s = outs[0][..., :dv0], outs[1][:, :, :dk0, :dv0]
   states = outs[2].reshape(b, h, n, dk, dv)[..., :dk0, :dv0] if save_states else None
@@ -193,6 +194,7 @@ def backward(q, k, v, cum, cum_row, doc, doc_row, prev, carry, beta, states, do,
       out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
       interpret=interpret,
+      name="linear_recurrence_backward",
   )(*inputs, states, _pad_last(do, dv), ds_final)
   dq, dk_, dv_, dcum, dcarry = outs[:5]
   cum_width = cum.shape[-1]

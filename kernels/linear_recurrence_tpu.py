@@ -118,6 +118,7 @@ def forward(q, k, v, cum, cum_row, doc, doc_row, prev, carry, beta, s0, *, chunk
       scratch_shapes=[pltpu.VMEM((dk, dv), F32)],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,
+      name="linear_recurrence_forward",
   )(*inputs, s0)
   return outs[0], outs[1], (outs[2] if save_states else None)
 
@@ -181,6 +182,7 @@ def backward(q, k, v, cum, cum_row, doc, doc_row, prev, carry, beta, states, do,
       scratch_shapes=[pltpu.VMEM((dk, dv), F32)],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,
+      name="linear_recurrence_backward",
   )(*inputs, states, do, ds_final)
   dq, dk_, dv_, dcum, dcarry = outs[:5]
   dbeta = outs[5] if has_beta else None

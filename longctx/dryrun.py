@@ -34,6 +34,7 @@ both reduced copies, so the difference is two ordinary layers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -46,6 +47,7 @@ from longctx import config as config_lib
 from longctx import recipe as recipe_lib
 from longctx.config import Config, ModelConfig
 from longctx.errors import ConfigError, LongctxError
+from longctx.layers.kernel import compiling_for
 
 FIELDS = ("argument", "output", "alias", "temp", "generated_code")
 REDUCED = (6, 8)  # ordinary layers in the two reduced copies
@@ -265,7 +267,8 @@ def _main(argv: list[str] | None = None) -> int:
       devices = None
       where = f"XLA:CPU, {args.devices} virtual host devices as the mesh"
     cfg = recipe_lib.validate(recipe_lib.from_dict(request["config"]))
-    results = compile_depths(cfg, tuple(request["ordinary"]), devices=devices)
+    with compiling_for("tpu") if topology else contextlib.nullcontext():  # a TPU's kernels, e.g. Pallas
+      results = compile_depths(cfg, tuple(request["ordinary"]), devices=devices)
   except LongctxError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -135,6 +135,38 @@ def over_sequence(fn, *, in_specs, out_specs):
                        axis_names={SEQUENCE_AXIS}, check_vma=False)
 
 
+BATCH = "batch"  # in `over_mesh` specs: the dim split over the batch axes (data, fsdp)
+
+
+def over_mesh(fn, *, in_specs, out_specs):
+  """`fn` as one `jax.shard_map` over every mesh axis not already manual, for calls that must see per-device
+  arrays: a Pallas kernel cannot be partitioned by XLA ("Mosaic kernels cannot be automatically
+  partitioned"), so the layers run their Pallas paths through this.
+
+  Specs name `BATCH` for the batch dim (split over data and fsdp where they divide it, else replicated) and
+  `sequence` for a sequence dim split over that axis; every other dim, and every other axis (tensor), is
+  replicated. With no mesh in context, or one whose free axes all have size 1, `fn` is called directly.
+  """
+
+  def call(*args):
+    mesh = jax.sharding.get_abstract_mesh()
+    manual = set(getattr(mesh, "manual_axes", ()))
+    free = [] if mesh.empty else [a for a in mesh.axis_names if a not in manual]
+    if all(mesh.shape[a] == 1 for a in free):
+      return fn(*args)
+    batch_axes = tuple(a for a in BATCH_AXES if a in free and mesh.shape[a] > 1)
+    shards = int(np.prod([mesh.shape[a] for a in batch_axes]))
+    for x, spec in zip(args, in_specs):
+      if any(name == BATCH and x.shape[dim] % shards for dim, name in enumerate(spec)):
+        batch_axes = ()  # a batch the batch axes do not divide: every device runs all of it
+    concrete = lambda spec: P(*[(batch_axes or None) if name == BATCH else name for name in spec])
+    outs = concrete(out_specs) if isinstance(out_specs, P) else tuple(concrete(s) for s in out_specs)
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(concrete(s) for s in in_specs), out_specs=outs,
+                         axis_names=set(free), check_vma=False)(*args)
+
+  return call
+
+
 def describe(mesh: Mesh) -> str:
   return " x ".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES) + f" ({mesh.size} devices)"
 

@@ -8,6 +8,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # used compile-only) is present: without this, jax would try to start a TPU backend and print libtpu's warnings
 # into every subprocess's stderr. JAX_PLATFORMS=... set by the caller wins.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu takes a machine-wide lock file when a process first uses it, so under `pytest -n 2` the second worker's
+# compile-only TPU tests would fail ("Internal error when accessing libtpu multi-process lockfile"). Here libtpu
+# only compiles (no TPU is opened), so concurrent loads are safe.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -192,3 +192,21 @@ def test_titans_mag_window_ring_matches_one_device(eight_devices):
   _layer_matches_one_device(fn, [_normal(1, 2, seg, 4, 8), _normal(2, 2, seg, 2, 8), _normal(3, 2, seg, 2, 8),
                                  _normal(4, 2, w, 2, 8), _normal(5, 2, w, 2, 8), _normal(6, p, 2, 8),
                                  _normal(7, p, 2, 8)], eight_devices)
+
+
+@pytest.mark.parametrize("name", ["transformer", "mamba", "mamba2"])
+def test_pallas_kernels_sharded_match_one_device(name, eight_devices):
+  """model.kernel=pallas (the TPU kernels, interpreted here) on fsdp 2 x tensor 2 x sequence 2 against 1 device:
+  the kernels run in one shard_map over the whole mesh on each device's batch rows (sharding.over_mesh), as a
+  real TPU needs (Mosaic kernels cannot be partitioned by XLA); the ring / sequence-parallel forms inside it."""
+  from model_contract import sharded_matches_one_device
+
+  from longctx.config import MeshConfig
+  from longctx.models import tiny_config
+
+  cfg = tiny_config(name, vocab_size=259, kernel="pallas")
+  results = sharded_matches_one_device(cfg, eight_devices, seg_len=32, mesh=MeshConfig(data=1, fsdp=2, tensor=2,
+                                                                                         sequence=2))
+  trainer = results["8-trainer"]
+  text = trainer._train_step.lower(trainer.abstract_train_state_sharded(), trainer.abstract_batch_sharded()).as_text()
+  assert 'manual_axes={"data", "fsdp", "tensor", "sequence"}' in text, "the kernels did not run on per-device arrays"

@@ -184,15 +184,29 @@ def test_the_kernel_switch_is_one_place():
   kernel interpreted on CPU, the platform's own kernel compiled where it is known to compile, refused on any other
   accelerator."""
   from longctx.errors import ConfigError
-  from longctx.layers.kernel import OPS, PALLAS_PLATFORMS, resolve
+  from longctx.layers.kernel import AUTO_KEEPS_XLA, OPS, PALLAS_PLATFORMS, compiling_for, resolve
 
   assert resolve("auto", "attention", platform="cpu").impl == "xla"
   assert resolve("pallas", "attention", platform="cpu").interpret
   assert PALLAS_PLATFORMS["attention"] == ("tpu", "gpu")
+  assert resolve("auto", "delta_rule", platform="gpu").impl == "xla"  # its Triton kernel was measured slower
+  with compiling_for("tpu"):  # the TPU dry run compiles, on a CPU, the kernels a TPU would run
+    assert resolve("auto", "selective_scan", chunk_size=16) == resolve("pallas", "attention", platform="tpu")
+    assert not resolve("pallas", "attention").interpret
+  assert resolve("auto", "selective_scan", chunk_size=16).impl == "xla"
+  # A chunk the platform's kernel cannot run: auto keeps XLA, pallas says why in one line.
+  assert resolve("auto", "linear_recurrence", platform="gpu", chunk_size=8).impl == "xla"
+  assert resolve("auto", "linear_recurrence", platform="tpu", chunk_size=8).impl == "pallas"
+  assert resolve("auto", "selective_scan", platform="tpu", chunk_size=12).impl == "xla"
+  with pytest.raises(ConfigError, match=r"the linear_recurrence GPU kernel needs model.chunk_size=24 to be a power"):
+    resolve("pallas", "linear_recurrence", platform="gpu", chunk_size=24)
+  with pytest.raises(ConfigError, match=r"the selective_scan TPU kernel needs model.chunk_size=12 to be a multiple"):
+    resolve("pallas", "selective_scan", platform="cpu", chunk_size=12)
   for op in OPS:
     for platform in ("tpu", "gpu"):
       if platform in PALLAS_PLATFORMS[op]:
-        assert resolve("auto", op, platform=platform) == resolve("pallas", op, platform=platform)
+        auto = "xla" if platform in AUTO_KEEPS_XLA.get(op, ()) else "pallas"
+        assert resolve("auto", op, platform=platform).impl == auto
         assert resolve("pallas", op, platform=platform).impl == "pallas"
         assert not resolve("pallas", op, platform=platform).interpret
       else:

@@ -204,9 +204,17 @@ def _concatenated(q, blocks, *, q_pos, q_doc) -> list[_Pass]:
 
 
 def _pass(p: _Pass, *, impl, block_size, scale, return_lse):
-  return ra.flash_attention(p.q, p.k.astype(p.q.dtype), p.v.astype(p.q.dtype), q_pos=p.q_pos, k_pos=p.k_pos,
-                            q_doc=p.q_doc, k_doc=p.k_doc, window=p.window, scale=scale, block_q=block_size,
-                            block_k=block_size, impl=impl.impl, interpret=impl.interpret, return_lse=return_lse)
+  def flash(q, k, v, q_pos, k_pos, q_doc, k_doc):
+    return ra.flash_attention(q, k, v, q_pos=q_pos, k_pos=k_pos, q_doc=q_doc, k_doc=k_doc, window=p.window,
+                              scale=scale, block_q=block_size, block_k=block_size, impl=impl.impl,
+                              interpret=impl.interpret, return_lse=return_lse)
+
+  args = (p.q, p.k.astype(p.q.dtype), p.v.astype(p.q.dtype), p.q_pos, p.k_pos, p.q_doc, p.k_doc)
+  if impl.impl != "pallas":
+    return flash(*args)
+  batch = P(shd.BATCH)  # a Pallas kernel sees each device's batch rows (sharding.over_mesh)
+  return shd.over_mesh(flash, in_specs=(batch, batch, batch, P(), P(), batch, batch),
+                       out_specs=(batch, batch) if return_lse else batch)(*args)
 
 
 def _merged(results):
@@ -221,8 +229,11 @@ def _sharded(q, blocks, *, q_pos, q_doc, impl, block_size, scale, q_sharded, num
   impl = impl if impl.impl != "reference" else dataclasses.replace(impl, impl="xla")  # no dense ring
   seq, whole = P(None, shd.SEQUENCE_AXIS), P()
   axis = P(shd.SEQUENCE_AXIS)
+  batched = _with_batch
   dtype = q.dtype
   args, specs = [], []
+
+  pallas = impl.impl == "pallas"  # then one shard_map over the whole mesh, batch rows split (sharding.over_mesh)
 
   def put(x, spec):
     # A replicated float input enters in float32: the gradient of a replicated input is summed over the axis,
@@ -231,7 +242,7 @@ def _sharded(q, blocks, *, q_pos, q_doc, impl, block_size, scale, q_sharded, num
     if spec is whole and jnp.issubdtype(x.dtype, jnp.floating):
       x = x.astype(jnp.float32)
     args.append(x)
-    specs.append(spec)
+    specs.append(batched(spec) if pallas and x.ndim > 1 else spec)  # positions `[n]` have no batch dim
     return len(args) - 1
 
   q_ix = put(q, seq if q_sharded else whole)
@@ -266,7 +277,15 @@ def _sharded(q, blocks, *, q_pos, q_doc, impl, block_size, scale, q_sharded, num
 
   out_spec = seq if q_sharded else whole
   out_specs = (out_spec, P(None, None, shd.SEQUENCE_AXIS) if q_sharded else whole) if return_lse else out_spec
+  if pallas:
+    out_specs = tuple(map(batched, out_specs)) if return_lse else batched(out_specs)
+    return shd.over_mesh(shard, in_specs=tuple(specs), out_specs=out_specs)(*args)
   return shd.over_sequence(shard, in_specs=tuple(specs), out_specs=out_specs)(*args)
+
+
+def _with_batch(spec: P) -> P:
+  """`spec` with the batch dim (the first) named `sharding.BATCH`."""
+  return P(shd.BATCH, *tuple(spec)[1:])
 
 
 def merge_over_sequence(out, lse):

@@ -1,12 +1,15 @@
-"""The linear recurrence as models call it: one device, or context-parallel over the `sequence` axis."""
+"""The recurrence kernels as models call them: one device, or context-parallel over the `sequence` axis."""
 
 from __future__ import annotations
+
+import functools
 
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from longctx import sharding as shd
 from longctx.kernels.linear_recurrence import linear_recurrence, sequence_parallel_linear_recurrence
+from longctx.kernels.selective_scan import selective_scan, sequence_parallel_selective_scan
 from longctx.layers.kernel import resolve
 
 
@@ -19,26 +22,54 @@ def recurrence(q, k, v, *, log_decay=None, beta=None, segment_ids=None, initial_
   has a `sequence` axis of n > 1 devices dividing seq, each device runs its
   seq/n tokens and `sequence_parallel_linear_recurrence` passes the states
   between them (one all_gather of per-shard transitions); the final state is
-  the whole sequence's, on every device.
+  the whole sequence's, on every device. A Pallas kernel runs on each device's
+  batch rows (`sharding.over_mesh`).
   """
-  choice = resolve(kernel, "linear_recurrence")
-  impl = choice.impl
-  n = shd.context_parallel_size()
-  if n == 1 or q.shape[1] % n:
-    return linear_recurrence(q, k, v, log_decay=log_decay, beta=beta, segment_ids=segment_ids,
-                             initial_state=initial_state, impl=impl, chunk_size=chunk_size, interpret=choice.interpret)
-  seq = P(None, shd.SEQUENCE_AXIS)
-  named = {"q": q, "k": k, "v": v, "log_decay": log_decay, "beta": beta, "segment_ids": segment_ids,
-           "initial_state": initial_state}
+  choice = resolve(kernel, "linear_recurrence" if beta is None else "delta_rule", chunk_size=chunk_size)
+  common = dict(impl=choice.impl, chunk_size=chunk_size, interpret=choice.interpret)
+  return _run(functools.partial(linear_recurrence, **common),
+              functools.partial(sequence_parallel_linear_recurrence, axis_name=shd.SEQUENCE_AXIS, **common),
+              {"q": q, "k": k, "v": v, "log_decay": log_decay, "beta": beta, "segment_ids": segment_ids,
+               "initial_state": initial_state}, pallas=choice.impl == "pallas")
+
+
+def fused_selective_scan(x, dt, a, b, c, *, segment_ids=None, initial_state=None, kernel: str = "auto",
+                         chunk_size: int = 16):
+  """`kernels.selective_scan` (Mamba's S6 scan; same arguments, shapes and results), its implementation chosen
+  by `kernel` ("reference" the token scan, "xla" the chunked XLA form, "pallas" the fused kernels), and
+  context-parallel like `recurrence` (`sequence_parallel_selective_scan`) where the mesh has a `sequence` axis."""
+  choice = resolve(kernel, "selective_scan", chunk_size=chunk_size)
+  common = dict(impl=choice.impl, chunk_size=chunk_size, interpret=choice.interpret)
+  return _run(functools.partial(selective_scan, **common),
+              functools.partial(sequence_parallel_selective_scan, axis_name=shd.SEQUENCE_AXIS, **common),
+              {"x": x, "dt": dt, "a": a, "b": b, "c": c, "segment_ids": segment_ids, "initial_state": initial_state},
+              pallas=choice.impl == "pallas", unbatched=("a",))
+
+
+def _run(one_device, sequence_parallel, named, *, pallas, unbatched=()):
+  """`one_device(**named)`, or `sequence_parallel(**named, shard_index=...)` in a `shard_map` over the
+  `sequence` axis when the mesh has one dividing seq. Every array is `[batch, seq, ...]` but the initial state
+  `[batch, ...]` and those in `unbatched` (parameters, whole on every device). Returns (outputs `[batch, seq,
+  ...]`, the final state). Pallas runs in a `shard_map` over the whole mesh (`sharding.over_mesh`)."""
   names = [name for name, x in named.items() if x is not None]
+  arrays = [named[name] for name in names]
+  n = shd.context_parallel_size()
+  split_sequence = n > 1 and arrays[0].shape[1] % n == 0
+  tokens = P(shd.BATCH, shd.SEQUENCE_AXIS) if split_sequence else P(shd.BATCH)
+  specs = tuple(P() if name in unbatched else P(shd.BATCH) if name == "initial_state" else tokens for name in names)
+  out_specs = (tokens, P(shd.BATCH))
+  if split_sequence:
+    fn = lambda index, *args: sequence_parallel(**dict(zip(names, args)), shard_index=index)
+    specs, arrays = (P(shd.SEQUENCE_AXIS),) + specs, [jnp.arange(n, dtype=jnp.int32)] + arrays
+  else:
+    fn = lambda *args: one_device(**dict(zip(names, args)))
+  if pallas:
+    return shd.over_mesh(fn, in_specs=specs, out_specs=out_specs)(*arrays)
+  if not split_sequence:
+    return fn(*arrays)
+  no_batch = lambda spec: P(*[None if name == shd.BATCH else name for name in spec])  # batch axes left to XLA
+  return shd.over_sequence(fn, in_specs=tuple(map(no_batch, specs)), out_specs=tuple(map(no_batch, out_specs)))(
+      *arrays)
 
-  def shard(shard_index, *args):
-    return sequence_parallel_linear_recurrence(**dict(zip(names, args)), axis_name=shd.SEQUENCE_AXIS, impl=impl,
-                                               chunk_size=chunk_size, shard_index=shard_index)
 
-  in_specs = (P(shd.SEQUENCE_AXIS),) + tuple(P() if name == "initial_state" else seq for name in names)
-  return shd.over_sequence(shard, in_specs=in_specs, out_specs=(seq, P()))(
-      jnp.arange(n, dtype=jnp.int32), *(named[name] for name in names))
-
-
-__all__ = ["recurrence"]
+__all__ = ["fused_selective_scan", "recurrence"]
