@@ -216,6 +216,8 @@ def _compile_in_subprocess(cfg: Config, ordinary: tuple[int, ...], num_devices: 
                            tpu_topology: str | None = None) -> tuple[list[dict], str]:
   request = json.dumps({"config": config_lib.to_dict(cfg), "ordinary": list(ordinary), "tpu_topology": tpu_topology})
   env = subprocess_env(1, fast_cpu=False) if tpu_topology else subprocess_env(num_devices)
+  if tpu_topology:  # compile-only: libtpu opens no TPU, so another process holding its lock file does no harm
+    env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
   proc = subprocess.run([sys.executable, "-m", "longctx.dryrun", "--devices", str(num_devices)], input=request,
                         capture_output=True, text=True, env=env)
   if proc.returncode == 0:
