@@ -210,3 +210,17 @@ def test_pallas_kernels_sharded_match_one_device(name, eight_devices):
   trainer = results["8-trainer"]
   text = trainer._train_step.lower(trainer.abstract_train_state_sharded(), trainer.abstract_batch_sharded()).as_text()
   assert 'manual_axes={"data", "fsdp", "tensor", "sequence"}' in text, "the kernels did not run on per-device arrays"
+
+
+def test_mamba_bf16_step_compiles_with_context_parallelism(eight_devices):
+  """A bfloat16 train step of Mamba on a sequence axis: the parameters it passes whole into the sequence-parallel
+  scan (A) have their gradients summed over the axis, which crashed XLA:CPU in bfloat16 ("Invalid binary
+  instruction opcode copy"); they enter in float32."""
+  from longctx.config import Config, DataConfig, TrainConfig
+  from longctx.models import tiny_config
+  from longctx.training.trainer import Trainer
+
+  cfg = Config(model=tiny_config("mamba", vocab_size=64), data=DataConfig(source="synthetic", seg_len=32, batch_size=4),
+               train=TrainConfig(steps=1, compute_dtype="bfloat16"), mesh=MeshConfig(data=1, fsdp=2, sequence=2))
+  trainer = Trainer(cfg, devices=eight_devices[:4])
+  assert trainer.compiled_train_step().memory_analysis() is not None

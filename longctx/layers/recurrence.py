@@ -54,6 +54,11 @@ def _run(one_device, sequence_parallel, named, *, pallas, unbatched=()):
   names = [name for name, x in named.items() if x is not None]
   arrays = [named[name] for name in names]
   n = shd.context_parallel_size()
+  # Arrays whole on every shard enter in float32: their gradient is summed over the axis, and XLA:CPU crashed on
+  # that sum in bfloat16 ("Invalid binary instruction opcode copy"; a bf16 train step with Mamba's A). The
+  # kernels compute in float32 anyway.
+  arrays = [x.astype(jnp.float32) if name in (*unbatched, "initial_state") and jnp.issubdtype(x.dtype, jnp.floating)
+            else x for name, x in zip(names, arrays)]
   split_sequence = n > 1 and arrays[0].shape[1] % n == 0
   tokens = P(shd.BATCH, shd.SEQUENCE_AXIS) if split_sequence else P(shd.BATCH)
   specs = tuple(P() if name in unbatched else P(shd.BATCH) if name == "initial_state" else tokens for name in names)
