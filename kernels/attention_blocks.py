@@ -1,4 +1,5 @@
-"""What the Pallas attention kernels (flash_attention_tpu.py, flash_attention_gpu.py) prepare in XLA.
+"""What the Pallas attention kernels (flash_attention_tpu.py, flash_attention_gpu.py) share: the tile mask, and
+what they prepare in XLA.
 
 The visibility rule is ring_attention.py's: query i sees key j iff
 
@@ -52,6 +53,18 @@ def padded_ids(q_pos, k_pos, q_doc, k_doc, *, q_len, k_len):
           pad_to(i32(k_doc), k_len, 1, -1))
 
 
+def visible_tile(q_pos, k_pos, q_doc, k_doc, window):
+  """Inside a kernel: the bool visibility mask of one tile from one column and one row of ids (either
+  orientation: query ids `[bq, 1]` with key ids `[1, bk]`, or the transpose), broadcast to the full tile first."""
+  shape = jnp.broadcast_shapes(q_pos.shape, k_pos.shape)
+  q_pos, k_pos, q_doc, k_doc = (jnp.broadcast_to(x, shape) for x in (q_pos, k_pos, q_doc, k_doc))
+  dist = q_pos - k_pos
+  mask = (dist >= 0) & (q_doc == k_doc) & (k_doc >= 0)
+  if window is not None:
+    mask &= dist <= window
+  return mask
+
+
 def _bounds(pos, doc, valid, block):
   """Per (batch row, block) over valid tokens: (any valid, min pos, max pos, min doc, max doc), each `[b, n]`.
 
@@ -100,4 +113,4 @@ def visible_ranges(q_pos, k_pos, q_doc, k_doc, *, block_q, block_k, window):
   return (*_range(may), *_range(jnp.swapaxes(may, 1, 2)))
 
 
-__all__ = ["block_may_see", "next_power_of_2", "pad_to", "padded_ids", "round_up", "visible_ranges"]
+__all__ = ["block_may_see", "next_power_of_2", "pad_to", "padded_ids", "round_up", "visible_ranges", "visible_tile"]

@@ -40,7 +40,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from longctx.kernels.attention_blocks import next_power_of_2, pad_to, padded_ids, round_up, visible_ranges
+from longctx.kernels.attention_blocks import (next_power_of_2, pad_to, padded_ids, round_up, visible_ranges,
+                                              visible_tile)
 
 _NT = (((1,), (1,)), ((), ()))  # x y^T
 _NN = (((1,), (0,)), ((), ()))  # x y
@@ -58,17 +59,6 @@ def block_sizes(block_q: int, block_k: int, q_len: int, k_len: int, dtype) -> tu
 
 def _dot(x, y, dims):
   return lax.dot_general(x, y, dims, preferred_element_type=jnp.float32)
-
-
-def _visible(q_pos, k_pos, q_doc, k_doc, window):
-  """`[bq, bk]` bool from query ids `[bq, 1]` and key ids `[1, bk]`."""
-  shape = jnp.broadcast_shapes(q_pos.shape, k_pos.shape)
-  q_pos, k_pos, q_doc, k_doc = (jnp.broadcast_to(x, shape) for x in (q_pos, k_pos, q_doc, k_doc))
-  dist = q_pos - k_pos
-  mask = (dist >= 0) & (q_doc == k_doc) & (k_doc >= 0)
-  if window is not None:
-    mask &= dist <= window
-  return mask
 
 
 def _params(head_dim):
@@ -97,7 +87,7 @@ def _forward_kernel(first_ref, last_ref, q_ref, k_ref, v_ref, qp_ref, kp_ref, qd
     acc, m, l = carry
     keys = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
     v = v_ref[keys, :]
-    mask = _visible(qp, kp_ref[keys][None, :], qd, kd_ref[keys][None, :], window)
+    mask = visible_tile(qp, kp_ref[keys][None, :], qd, kd_ref[keys][None, :], window)
     s = jnp.where(mask, _dot(q, k_ref[keys, :], _NT) * scale, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     m_safe = jnp.where(m_new > -jnp.inf, m_new, 0.0)
@@ -163,7 +153,7 @@ def _dq_kernel(first_ref, last_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_
   def body(j, dq):
     keys = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
     k = k_ref[keys, :]
-    mask = _visible(qp, kp_ref[keys][None, :], qd, kd_ref[keys][None, :], window)
+    mask = visible_tile(qp, kp_ref[keys][None, :], qd, kd_ref[keys][None, :], window)
     p = jnp.where(mask, jnp.exp(_dot(q, k, _NT) * scale - lse), 0.0)
     ds = p * (_dot(do, v_ref[keys, :], _NT) - delta) * scale
     return dq + _dot(ds.astype(k.dtype), k, _NN)
@@ -186,7 +176,7 @@ def _dkv_kernel(first_ref, last_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v
       dk, dv = carry
       rows = pl.ds(pl.multiple_of(i * block_q, block_q), block_q)
       q, do = q_ref[rows, head, :], do_ref[rows, head, :]
-      mask = _visible(qp_ref[rows][:, None], kp, qd_ref[rows][:, None], kd, window)
+      mask = visible_tile(qp_ref[rows][:, None], kp, qd_ref[rows][:, None], kd, window)
       p = jnp.where(mask, jnp.exp(_dot(q, k, _NT) * scale - lse_ref[head, rows][:, None]), 0.0)  # [bq, bk]
       ds = p * (_dot(do, v, _NT) - delta_ref[head, rows][:, None]) * scale
       tn = (((0,), (0,)), ((), ()))  # x^T y

@@ -44,7 +44,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from longctx.kernels.attention_blocks import pad_to, padded_ids, round_up, visible_ranges
+from longctx.kernels.attention_blocks import pad_to, padded_ids, round_up, visible_ranges, visible_tile
 
 _NT = (((1,), (1,)), ((), ()))  # x y^T
 _NN = (((1,), (0,)), ((), ()))  # x y
@@ -62,17 +62,6 @@ def _dot(x, y, dims):
   would ask of them. float32 inputs follow that setting."""
   precision = None if x.dtype == jnp.float32 else lax.Precision.DEFAULT
   return lax.dot_general(x, y, dims, precision=precision, preferred_element_type=jnp.float32)
-
-
-def _visible(q_pos, k_pos, q_doc, k_doc, window):
-  """Bool mask from one column and one row of ids (either orientation), broadcast to the full tile first."""
-  shape = jnp.broadcast_shapes(q_pos.shape, k_pos.shape)
-  q_pos, k_pos, q_doc, k_doc = (jnp.broadcast_to(x, shape) for x in (q_pos, k_pos, q_doc, k_doc))
-  dist = q_pos - k_pos
-  mask = (dist >= 0) & (q_doc == k_doc) & (k_doc >= 0)
-  if window is not None:
-    mask &= dist <= window
-  return mask
 
 
 def _clamp(i, row, first, last):
@@ -124,7 +113,7 @@ def _forward_kernel(k_first, k_last, q_ref, k_ref, v_ref, qp_ref, kp_ref, qd_ref
   @pl.when(_in_range(j, row, k_first, k_last))
   def _step():
     v = v_ref[...]
-    mask = _visible(qp_ref[...], kp_ref[...], qd_ref[...], kd_ref[...], window)
+    mask = visible_tile(qp_ref[...], kp_ref[...], qd_ref[...], kd_ref[...], window)
     s = jnp.where(mask, _dot(q_ref[...], k_ref[...], _NT) * scale, -jnp.inf)
     m_prev = m_ref[...]
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -218,7 +207,7 @@ def _dq_kernel(k_first, k_last, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref,
   @pl.when(_in_range(j, row, k_first, k_last))
   def _step():
     k = k_ref[...]
-    mask = _visible(qp_ref[...], kp_ref[...], qd_ref[...], kd_ref[...], window)
+    mask = visible_tile(qp_ref[...], kp_ref[...], qd_ref[...], kd_ref[...], window)
     s = _dot(q_ref[...], k, _NT) * scale
     p = jnp.where(mask, jnp.exp(s - lse_ref[...]), 0.0)
     dp = _dot(do_ref[...], v_ref[...], _NT)
@@ -248,7 +237,7 @@ def _dkv_kernel(q_first, q_last, q_ref, do_ref, lse_ref, delta_ref, qp_ref, qd_r
   @pl.when(_in_range(lax.rem(t, num_q_blocks), col, q_first, q_last))
   def _step():
     q, do = q_ref[...], do_ref[...]
-    mask = _visible(qp_ref[...], kp_ref[...], qd_ref[...], kd_ref[...], window)  # [bk, bq]
+    mask = visible_tile(qp_ref[...], kp_ref[...], qd_ref[...], kd_ref[...], window)  # [bk, bq]
     s = _dot(k_ref[...], q, _NT) * scale
     p = jnp.where(mask, jnp.exp(s - lse_ref[...]), 0.0)
     dv_acc[...] += _dot(p.astype(do.dtype), do, _NN)
