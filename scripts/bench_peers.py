@@ -9,8 +9,14 @@ forward + backward + AdamW step, one process per side, both pinned to the same c
 
 The work is matched: vocab 259, d_model 128, 2 layers, 8 heads of 16 (where a model has heads), `--lanes` rows x
 `--segments` segments of `--seg-len` tokens per AdamW step, float32, the recurrent state carried from segment to
-segment inside a step (gradients flow through it) and, detached, from step to step. Each side reports its
-parameter count so the match can be judged; each peer's row names the class and settings used.
+segment inside a step and, detached, from step to step; gradients flow through it inside a step where the peer's
+do (ours: train.state_gradient=carry) and stop at every segment where the peer detaches it (x-transformers, the
+Block-Recurrent port, HF Mamba / Mamba-2; ours: train.state_gradient=stop), so both sides do the same work. Titans
+MAC updates its memory once per attention segment on both sides (the peer's 128 tokens + 16 long-term memory tokens;
+ours: model.chunk_size=seg_len). Each
+side reports its parameter count so the match can be judged; each peer's row names the class and settings used.
+Ours runs under the malloc settings the `longctx` command uses on a CPU host (longctx.cli.MALLOC_TUNABLES), the
+peer under the host's glibc defaults (the same settings slowed the x-transformers step to 0.63x, measured once).
 
 Peers: x-transformers' TransformerWrapper with Transformer-XL memory (transformer), lucidrains'
 recurrent-memory-transformer-pytorch (rmt), block-recurrent-transformer-pytorch (block_recurrent),
@@ -42,7 +48,13 @@ PEERS = {
     "mamba": ("transformers MambaForCausalLM (torch path)", "transformers"),
     "mamba2": ("transformers Mamba2ForCausalLM (torch path)", "transformers"),
 }
-OURS_OVERRIDES = {"titans": ["model.variant=mac"]}  # the peer implements Memory as Context
+# The Titans peer implements Memory as Context with one memory update per attention segment (its
+# neural_memory_segment_len defaults to segment_len + long-term memory tokens): ours MAC, chunk = segment.
+OURS_OVERRIDES = {"titans": ["model.variant=mac", "model.chunk_size={seg_len}"]}
+# Peers that detach the carried state at every segment (x-transformers' mems, the Block-Recurrent port's states
+# and XL memories; HF's Mamba/Mamba-2 training forward carries no state at all) do no backward through it: ours
+# then runs with train.state_gradient=stop, the same work. The others backpropagate through it, as ours does.
+DETACHING_PEERS = ("transformer", "block_recurrent", "mamba", "mamba2")
 
 
 # ----------------------------------------------------------------------------- our side
@@ -56,15 +68,17 @@ def run_ours(args) -> dict:
 
   cls = get_model_class(args.model)
   defaults = {f.name: f.default for f in dataclasses.fields(cls.config_class)}
-  overrides = list(OURS_OVERRIDES.get(args.model, []))
+  overrides = [o.format(seg_len=args.seg_len) for o in OURS_OVERRIDES.get(args.model, [])]
   if defaults.get("num_heads"):  # 0 = derived by the model (Mamba-2)
     overrides.append(f"model.num_heads={args.heads}")
   cfg = bench.bench_config(args.model, d_model=args.d_model, seg_len=args.seg_len, lanes=args.lanes,
                            layers=args.layers, window=args.seg_len, dtype="float32", segments=args.segments,
                            overrides=overrides)
+  if args.model in DETACHING_PEERS:
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, state_gradient="stop"))
   result = bench.bench_train_step(cfg, steps=args.steps, peak_flops=bench.measure_matmul_peak())
   return {"tokens_per_s": result.tokens_per_s, "params": result.params_m * 1e6,
-          "config": dataclasses.asdict(cfg.model)}
+          "config": dataclasses.asdict(cfg.model), "state_gradient": cfg.train.state_gradient}
 
 
 # ----------------------------------------------------------------------------- the peers' side
@@ -202,6 +216,8 @@ def _detached(tree):
 
 
 def _side(side: str, python: str, model: str, args, config: dict | None = None) -> dict:
+  from longctx.cli import MALLOC_TUNABLES  # the driver runs in longctx's python; a peer's python may lack it
+
   cmd = ["taskset", "-c", args.cores, python, os.path.abspath(__file__), "--side", side, "--model", model,
          "--d-model", str(args.d_model), "--layers", str(args.layers), "--heads", str(args.heads),
          "--seg-len", str(args.seg_len), "--lanes", str(args.lanes), "--segments", str(args.segments),
@@ -209,6 +225,8 @@ def _side(side: str, python: str, model: str, args, config: dict | None = None) 
   if config is not None:
     cmd += ["--config", json.dumps(config)]
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  if side == "ours":  # the malloc settings the `longctx` command runs under; the peer keeps the host's default
+    env.setdefault("GLIBC_TUNABLES", MALLOC_TUNABLES)  # (measured: they slow torch, x-transformers 0.63x)
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
   if proc.returncode != 0 or not lines:
@@ -250,9 +268,13 @@ def main(argv=None) -> int:
   if unknown:
     print(f"error: no peer for {', '.join(unknown)}; choose from {', '.join(PEERS)}", file=sys.stderr)
     return 2
+  from longctx.cli import MALLOC_TUNABLES
+
+  print(f"ours: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', MALLOC_TUNABLES)} (as the longctx command); "
+        f"peers: {os.environ.get('GLIBC_TUNABLES', 'glibc defaults')}")
   print(f"cores {args.cores}: d_model {args.d_model}, {args.layers} layers, {args.heads} heads, {args.lanes} lanes x "
         f"{args.segments} segments x {args.seg_len} tokens per AdamW step, float32", flush=True)
-  print(f"{'model':<18}{'ours tok/s':>11}{'params':>10}  {'peer tok/s':>11}{'params':>10}{'ours/peer':>11}  peer",
+  print(f"{'model':<18}{'ours tok/s':>11}{'params':>10}  {'peer tok/s':>11}{'params':>10}{'ours/peer':>11}  {'state grad':<11}peer",
         flush=True)
   rows = []
   for model in models:
@@ -265,7 +287,8 @@ def main(argv=None) -> int:
     else:
       row["ratio"] = ours["tokens_per_s"] / peer["tokens_per_s"]
       print(f"{model:<18}{ours['tokens_per_s']:>11.0f}{ours['params'] / 1e6:>9.2f}M  {peer['tokens_per_s']:>11.0f}"
-            f"{peer['params'] / 1e6:>9.2f}M{row['ratio']:>10.2f}x  {PEERS[model][0]}", flush=True)
+            f"{peer['params'] / 1e6:>9.2f}M{row['ratio']:>10.2f}x  {ours['state_gradient']:<11}{PEERS[model][0]}",
+            flush=True)
     rows.append(row)
   if args.json:
     with open(args.json, "w") as f:

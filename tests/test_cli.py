@@ -1,6 +1,7 @@
 """The `longctx` CLI: quickstart end to end, listing, dry runs, and bad input -> one clear line."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -159,3 +160,46 @@ def test_real_entry_point_and_help():
   bad = subprocess.run([*exe, "train", QUICKSTART, "--set", "model.nope=1"], capture_output=True, text=True)
   assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
       bad.stderr.strip().splitlines()[0]] and "unknown config key 'model.nope'" in bad.stderr
+
+
+def test_console_script_reruns_with_tuned_malloc_on_a_cpu_host(monkeypatch):
+  """`longctx` on a glibc CPU host re-runs itself once with cli.MALLOC_TUNABLES (XLA's per-call temporaries
+  stay mapped instead of page-faulting in every step); not when GLIBC_TUNABLES is set or LONGCTX_MALLOC=system."""
+  import platform
+
+  if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+    pytest.skip(f"not a glibc Linux host ({sys.platform}, {platform.libc_ver()})")
+
+  class Exec(Exception):
+    pass
+
+  def execve(path, args, env):
+    raise Exec(path, args, env)
+
+  monkeypatch.setattr(cli.os, "execve", execve)
+  monkeypatch.setattr(cli, "main", lambda: 0)
+  monkeypatch.setattr(sys, "argv", ["longctx", "models"])
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  monkeypatch.delenv("LONGCTX_MALLOC", raising=False)
+  with pytest.raises(Exec) as e:
+    cli.entry()
+  path, args, env = e.value.args
+  assert (path, args) == (sys.executable, [sys.executable, "-m", "longctx.cli", "models"])
+  assert env["GLIBC_TUNABLES"] == cli.MALLOC_TUNABLES and env["JAX_PLATFORMS"] == "cpu"
+  for name, value in (("GLIBC_TUNABLES", cli.MALLOC_TUNABLES), ("LONGCTX_MALLOC", "system")):
+    with monkeypatch.context() as m:
+      m.setenv(name, value)
+      with pytest.raises(SystemExit) as done:  # straight to main, no re-run
+        cli.entry()
+      assert done.value.code == 0
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda")  # an accelerator host keeps glibc's defaults
+  with pytest.raises(SystemExit):
+    cli.entry()
+  # The real console script: runs (re-run included) and answers.
+  exe = pathlib.Path(sys.executable).with_name("longctx")
+  if exe.exists():
+    out = subprocess.run([str(exe), "models"], capture_output=True, text=True, check=True,
+                         env={**{k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"},
+                              "JAX_PLATFORMS": "cpu"}).stdout
+    assert "transformer" in out
