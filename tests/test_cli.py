@@ -198,8 +198,8 @@ def test_console_script_reruns_with_tuned_malloc_on_a_cpu_host(monkeypatch):
     cli.entry()
   # The real console script: runs (re-run included) and answers.
   exe = pathlib.Path(sys.executable).with_name("longctx")
-  if exe.exists():
-    out = subprocess.run([str(exe), "models"], capture_output=True, text=True, check=True,
-                         env={**{k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"},
-                              "JAX_PLATFORMS": "cpu"}).stdout
-    assert "transformer" in out
+  assert exe.exists(), f"no {exe}: install the package (pip install -e .) to get the `longctx` command"
+  out = subprocess.run([str(exe), "models"], capture_output=True, text=True, check=True,
+                       env={**{k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"},
+                            "JAX_PLATFORMS": "cpu"}).stdout
+  assert "transformer" in out

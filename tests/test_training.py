@@ -116,9 +116,9 @@ def test_state_gradient_stop_is_the_sum_of_per_segment_gradients():
 
   cfg = tiny_config(state_gradient="stop")
   batch = real_batches(cfg, 1)[0]
-  (metrics, grads, _), trainer = _one_device_step(cfg, batch)
-  fns, ts = trainer.fns, trainer.init_train_state()
-  seg = lambda i: {k: jnp.asarray(v[i:i + 1]) for k, v in trainer.put_batch(batch).items()}
+  (_, grads, _), trainer = _one_device_step(cfg, batch)
+  fns, ts, put = trainer.fns, trainer.init_train_state(), trainer.put_batch(batch)
+
   def nll(params, state, segment):
     new_state, value, count = fns.scan_segments(params, state, segment)
     return value, (new_state, count)
@@ -126,7 +126,7 @@ def test_state_gradient_stop_is_the_sum_of_per_segment_gradients():
   grad = jax.jit(jax.grad(nll, has_aux=True))  # one compile for both segments
   state, total_grad, total_count = ts["model_state"], None, 0.0
   for i in range(2):
-    g, (state, count) = grad(ts["params"], state, seg(i))
+    g, (state, count) = grad(ts["params"], state, {k: v[i:i + 1] for k, v in put.items()})
     total_grad = g if total_grad is None else jax.tree.map(jnp.add, total_grad, g)
     total_count += float(count)
   expected = jax.tree.map(lambda x: x / total_count, total_grad)
