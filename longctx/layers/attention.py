@@ -42,7 +42,7 @@ from longctx.kernels import ring_attention as ra
 from longctx.layers.block import Mixer, register_mixer
 from longctx.layers.context import Context
 from longctx.layers.kernel import resolve
-from longctx.layers.linear import param
+from longctx.layers.linear import dense, param
 
 DEFAULT_BLOCK = 128
 NEG_INF = -1e30  # a masked score before the softmax (a row that sees nothing gets 0, not a uniform average)
@@ -324,12 +324,12 @@ class AttentionProjections(nnx.Module):
 
   def out(self, y):
     """Per-head outputs `[batch, seq, heads, head_dim]` -> `[batch, seq, d_model]`."""
-    return jnp.einsum("bshk,hkd->bsd", y, self.wo[...].astype(y.dtype))
+    return dense(y, self.wo[...], in_dims=2)
 
 
 def project(x, w):
   """`x [batch, seq, d_model]` through a head projection `w [d_model, heads, head_dim]`."""
-  return jnp.einsum("bsd,dhk->bshk", x, w[...].astype(x.dtype))
+  return dense(x, w[...])
 
 
 def roll_cache(cache: jax.Array, new: jax.Array) -> jax.Array:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from longctx.layers.context import Context
-from longctx.layers.linear import param
+from longctx.layers.linear import dense, param
 
 
 def token_conv(e: jax.Array, kernel: jax.Array, doc: jax.Array) -> jax.Array:
@@ -77,6 +77,5 @@ class Embedding(nnx.Module):
   def logits(self, x: jax.Array) -> jax.Array:
     """`[batch, seq, d_model] -> [batch, seq, vocab]` in float32."""
     if self.head is None:
-      w = self.table[...].astype(x.dtype)
-      return jnp.einsum("bsd,vd->bsv", x, w, preferred_element_type=jnp.float32)
-    return jnp.einsum("bsd,dv->bsv", x, self.head[...].astype(x.dtype), preferred_element_type=jnp.float32)
+      return dense(x, self.table[...].T, preferred_element_type=jnp.float32)
+    return dense(x, self.head[...], preferred_element_type=jnp.float32)

@@ -85,7 +85,7 @@ from flax import nnx
 from jax import lax
 
 from longctx.errors import ConfigError
-from longctx.layers import GatedMLP, RMSNorm, l2_normalize, param, register_mixer
+from longctx.layers import GatedMLP, RMSNorm, dense, l2_normalize, param, register_mixer
 from longctx.layers.attention import Keys, WindowAttention, attention, project
 from longctx.layers.context import Context
 from longctx.models.base import pick_rows
@@ -211,10 +211,8 @@ GATE_CLASSES = {"fixed": FixedGate, "lstm": LSTMGate}
 
 def gated_mlp_with_hidden(mlp: GatedMLP, x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """The baseline's SwiGLU on `x [b, s, D]`, also returning its hidden `silu(x W_g) * (x W_u)` `[b, s, F]`."""
-  g = jnp.einsum("bsd,df->bsf", x, mlp.gate[...].astype(x.dtype))
-  u = jnp.einsum("bsd,df->bsf", x, mlp.up[...].astype(x.dtype))
-  hidden = jax.nn.silu(g) * u
-  return jnp.einsum("bsf,fd->bsd", hidden, mlp.down[...].astype(x.dtype)), hidden
+  hidden = mlp.hidden(x)
+  return dense(hidden, mlp.down[...]), hidden
 
 
 @register_mixer("recurrent_attention")
@@ -267,7 +265,7 @@ class RecurrentAttention(WindowAttention):
   def recur(self, xn, k, v, state, ctx: Context):
     """The tokens' reads of `state [b, S, D]` (`y_x [b, L, h, e]`) and the state's gated update."""
     cfg, dt = self.cfg, xn.dtype
-    out = lambda t, w: jnp.einsum("bshk,hkd->bsd", t, w[...].astype(dt))
+    out = lambda t, w: dense(t, w[...].astype(dt), in_dims=2)
     sn = self.state_norm(state.astype(dt)) + self.state_ids[...].astype(dt)
     k_s, v_s = project(sn, self.state_wk), project(sn, self.state_wv)
     cosine = lambda q, k, v, scale, **docs: cosine_attention(q, k, v, scale=scale[...], kernel=cfg.kernel, **docs)
@@ -294,7 +292,7 @@ class RecurrentAttention(WindowAttention):
       return jnp.where(later[:, :, None, None], y_f, y_x), pick_rows(later[:, -1], new_f, new)
 
     y_x, new = lax.cond(jnp.any(later), from_initial, lambda: (y_x, new))
-    y = y_self + jnp.einsum("bshk,hkd->bsd", y_x, self.cross_wo[...].astype(x.dtype))
+    y = y_self + dense(y_x, self.cross_wo[...].astype(x.dtype), in_dims=2)
     return y, {**self.roll(state, k, v), "state": new}
 
   @classmethod

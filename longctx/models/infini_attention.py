@@ -81,7 +81,7 @@ from jax import lax
 
 from longctx.config import MultiHeadConfig
 from longctx.errors import ConfigError
-from longctx.layers import Mixer, param, register_mixer
+from longctx.layers import Mixer, dense, param, register_mixer
 from longctx.layers.attention import DEFAULT_BLOCK, Keys, attention, project, rotary
 from longctx.layers.context import Context
 from longctx.models.base import LM
@@ -274,7 +274,7 @@ class InfiniAttentionLayer(Mixer):
     out, state = infini_attention(project(x, self.wq), project(x, self.wk), project(x, self.wv), memory=state,
                                   offset=offset, pos=pos, label=label, beta=self.beta[...], rule=cfg.memory_update,
                                   rope_base=cfg.rope_base, kernel=cfg.kernel)
-    return jnp.einsum("bshk,hkd->bsd", out.astype(x.dtype), self.wo[...].astype(x.dtype)), state
+    return dense(out.astype(x.dtype), self.wo[...], in_dims=2), state
 
   @classmethod
   def reach(cls, cfg) -> int:

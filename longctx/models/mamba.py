@@ -58,7 +58,7 @@ from jax import lax
 
 from longctx.config import ModelConfig
 from longctx.errors import ConfigError
-from longctx.layers import Mixer, param, register_mixer
+from longctx.layers import Mixer, dense, param, register_mixer
 from longctx.layers.context import Context
 from longctx.layers.recurrence import fused_selective_scan, recurrence
 from longctx.layers.ssm import causal_conv1d, init_dt_bias
@@ -185,17 +185,17 @@ class MambaMixer(Mixer):
   def __call__(self, u, state, ctx: Context):
     cfg = self.cfg
     dtype = u.dtype
-    x, z = jnp.split(jnp.einsum("bsd,dp->bsp", u, self.in_proj[...].astype(dtype)), 2, axis=-1)
+    x, z = jnp.split(dense(u, self.in_proj[...]), 2, axis=-1)
     x, conv = causal_conv1d(x, self.conv_weight[...], self.conv_bias[...], history=state["conv"],
                             history_doc=ctx.history_doc(cfg.conv_kernel - 1), doc=ctx.doc)
     x = jax.nn.silu(x)
-    r, b, c = jnp.split(jnp.einsum("bsi,ip->bsp", x, self.x_proj[...].astype(dtype)),
+    r, b, c = jnp.split(dense(x, self.x_proj[...].astype(dtype)),
                         [cfg.resolved_dt_rank, cfg.resolved_dt_rank + cfg.state_size], axis=-1)
-    dt = jax.nn.softplus(jnp.einsum("bsr,ri->bsi", r.astype(jnp.float32), self.dt_proj[...]) + self.dt_bias[...])
+    dt = jax.nn.softplus(dense(r.astype(jnp.float32), self.dt_proj[...]) + self.dt_bias[...])
     y, ssm = selective_scan(x, dt, -jnp.exp(self.A_log[...]), b, c, self.D[...], segment_ids=ctx.doc,
                             initial_state=state["ssm"], scan=cfg.scan, kernel=cfg.kernel, chunk_size=cfg.chunk_size)
     y = (y * jax.nn.silu(z.astype(jnp.float32))).astype(dtype)
-    return jnp.einsum("bsi,id->bsd", y, self.out_proj[...].astype(dtype)), {"conv": conv, "ssm": ssm}
+    return dense(y, self.out_proj[...]), {"conv": conv, "ssm": ssm}
 
   @classmethod
   def reach(cls, cfg) -> int:

@@ -47,7 +47,7 @@ from jax import lax
 
 from longctx.config import ModelConfig
 from longctx.errors import ConfigError
-from longctx.layers import Mixer, param, register_mixer
+from longctx.layers import Mixer, dense, param, register_mixer
 from longctx.layers.context import Context
 from longctx.layers.recurrence import recurrence
 from longctx.layers.ssm import causal_conv1d, init_dt_bias
@@ -165,7 +165,7 @@ class Mamba2Mixer(Mixer):
   def __call__(self, x, state, ctx: Context):
     cfg = self.cfg
     di, h, p, gn = cfg.d_inner, cfg.resolved_num_heads, cfg.head_dim, cfg.num_groups * cfg.state_size
-    proj = jnp.einsum("bsd,dp->bsp", x, self.in_proj[...].astype(x.dtype))
+    proj = dense(x, self.in_proj[...])
     z, xbc, dt = jnp.split(proj, [di, di + cfg.conv_dim], axis=-1)
     xbc, conv = causal_conv1d(xbc, self.conv_weight[...], self.conv_bias[...], history=state["conv"],
                               history_doc=ctx.history_doc(cfg.conv_kernel - 1), doc=ctx.doc)
@@ -177,7 +177,7 @@ class Mamba2Mixer(Mixer):
                  self.D[...], segment_ids=ctx.doc, initial_state=state["ssm"], kernel=cfg.kernel,
                  chunk_size=cfg.chunk_size)
     y = gated_rms_norm(y.reshape(bsz, seq, di), z, self.norm[...], groups=cfg.num_groups, eps=cfg.norm_eps)
-    out = jnp.einsum("bsi,id->bsd", y.astype(x.dtype), self.out_proj[...].astype(x.dtype))
+    out = dense(y.astype(x.dtype), self.out_proj[...])
     return out, {"conv": conv, "ssm": ssm}
 
   @classmethod

@@ -46,7 +46,7 @@ from flax import nnx
 
 from longctx.config import MultiHeadConfig
 from longctx.errors import ConfigError
-from longctx.layers import Mixer, param, register_mixer
+from longctx.layers import Mixer, dense, param, register_mixer
 from longctx.layers.attention import project, rotary
 from longctx.layers.context import Context
 from longctx.layers.recurrence import recurrence
@@ -160,7 +160,7 @@ class MultiScaleRetention(Mixer):
                         initial_state=state["s"], kernel=cfg.kernel, chunk_size=cfg.chunk_size)
     y = group_norm(y.astype(jnp.float32), self.norm_scale[...], self.norm_bias[...], eps=cfg.norm_eps)
     gated = jax.nn.silu(project(x, self.wg)) * y.astype(x.dtype)
-    return jnp.einsum("bshv,hvd->bsd", gated, self.wo[...].astype(x.dtype)), {"s": s}
+    return dense(gated, self.wo[...], in_dims=2), {"s": s}
 
   @classmethod
   def flops_per_token(cls, cfg: RetNetConfig, *, seg_len: int) -> float:

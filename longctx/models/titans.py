@@ -71,7 +71,7 @@ from flax import nnx
 from jax import lax
 
 from longctx.errors import ConfigError
-from longctx.layers import RMSNorm, l2_normalize, param, register_mixer
+from longctx.layers import RMSNorm, dense, l2_normalize, param, register_mixer
 from longctx.layers.attention import DEFAULT_BLOCK, Keys, WindowAttention, attention, project, rotary
 from longctx.layers.context import Context
 from longctx.layers.neural_memory import (_rows, _take, advance_carry, fold_open_chunk, memory_segment, merge_steps,
@@ -165,13 +165,13 @@ class NeuralMemory(nnx.Module):
   def write_inputs(self, x):
     """`x [batch, seq, d_model]` -> k (L2-normalised), v `[batch, seq, H, dm]`, gate logits z `[batch, seq, H, 3]`."""
     proj = lambda w: jax.nn.silu(project(x, w).astype(jnp.float32))
-    z = jnp.einsum("bsd,dhg->bshg", x, self.w_gate[...].astype(x.dtype)).astype(jnp.float32) + self.b_gate[...]
+    z = dense(x, self.w_gate[...]).astype(jnp.float32) + self.b_gate[...]
     return l2_normalize(proj(self.wk)), proj(self.wv), z
 
   def combine(self, y, dtype):
     """Retrievals `[batch, seq, H, dm]` -> `[batch, seq, d_model]` (a projection, not a reshape: XLA's SPMD
     partitioner (jax 0.10.2, CPU) miscomputed the reshape of a head-sharded array here)."""
-    return jnp.einsum("bshk,hkd->bsd", y.astype(dtype), self.wo[...].astype(dtype))
+    return dense(y.astype(dtype), self.wo[...], in_dims=2)
 
 
 class TitansMixer(WindowAttention):
