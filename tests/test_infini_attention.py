@@ -14,7 +14,7 @@ from conftest import rel_err
 from longctx.errors import ConfigError
 from longctx.models import InfiniAttention, InfiniAttentionConfig, create_model, list_models
 from longctx.models.infini_attention import (
-    EPS, chunk_layout, chunk_len, feature_map, infini_attention, memory_read, memory_write)
+    EPS, _any_chunk, chunk_layout, chunk_len, feature_map, infini_attention, memory_read, memory_write, whole_block)
 
 VOCAB = 50
 BLOCK = 8
@@ -181,6 +181,56 @@ def test_layer_matches_the_per_document_block_loop(layer_inputs, rule, chunk):
   assert rel_err(out, g * a_mem + (1 - g) * a_local) < 1e-5
 
 
+def test_whole_blocks_match_the_per_document_block_loop():
+  """Documents starting at block starts only, chunks of one block: every chunk takes `whole_block`."""
+  rng = np.random.default_rng(5)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, T, H, D)), jnp.float32) for _ in range(3))
+  ids = np.stack([np.searchsorted(np.array(s), np.arange(T), side="right") for s in ([16], [8, 32])])
+  beta = jnp.array([0.3, -0.5])
+  g = 1 / (1 + np.exp(-np.asarray(beta, np.float64)))[None, None, :, None]
+  for rule in ("linear", "delta"):
+    rows = [layer_reference(*(np.asarray(a[r], np.float64) for a in (q, k, v)), ids[r], block=BLOCK, rule=rule)
+            for r in range(2)]
+    a_mem, a_local = (np.stack([row[i] for row in rows]) for i in range(2))
+    out = run_layer(q, k, v, jnp.asarray(ids, jnp.int32), chunk=BLOCK, beta=beta, rule=rule)
+    assert rel_err(out, g * a_mem + (1 - g) * a_local) < 1e-5
+
+
+@pytest.mark.parametrize("rule", ["linear", "delta"])
+def test_whole_block_equals_the_general_form(rule):
+  """On a chunk that is one block in every row, `whole_block` and the general form agree: output, new memory
+  and the gradients of both with respect to q, k, v, beta and the incoming memory (random, nonzero)."""
+  rng = np.random.default_rng(7)
+  b, c, h, d = 2, BLOCK, 3, 4
+  f32 = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  q, k, v = f32(b, c, h, d), f32(b, c, h, d), f32(b, c, h, d)
+  memory = {"mem": f32(b, h, d, d), "z": jnp.abs(f32(b, h, d)) + 1.0, "dmem": jnp.zeros((b, h, d, d)),
+            "dz": jnp.zeros((b, h, d)), "buf_k": f32(b, c, h, d), "buf_v": f32(b, c, h, d)}
+  offset = jnp.zeros((b,), jnp.int32)
+  pos, label = chunk_layout(offset, jnp.zeros((b, c), jnp.int32), block_len=c)
+  beta = f32(h)
+  weights = jax.tree.map(lambda x: f32(*x.shape), (q, memory))
+
+  def loss(form, q, k, v, beta, mem, z):
+    out, new = form(q, k, v, memory={**memory, "mem": mem, "z": z}, offset=offset, pos=pos, label=label, beta=beta,
+                    rule=rule, rope_base=10000.0)
+    return jnp.sum(out * weights[0]) + sum(jnp.sum(new[n] * weights[1][n]) for n in new), (out, new)
+
+  args = (q, k, v, beta, memory["mem"], memory["z"])
+  (_, (out, new)), grads = jax.value_and_grad(lambda *a: loss(whole_block, *a), argnums=range(6), has_aux=True)(*args)
+  (_, (out_ref, new_ref)), grads_ref = jax.value_and_grad(lambda *a: loss(_any_chunk, *a), argnums=range(6),
+                                                          has_aux=True)(*args)
+  assert rel_err(out, out_ref) < 1e-6
+  for n in new_ref:
+    assert rel_err(new[n], new_ref[n]) < 1e-6 or float(jnp.max(jnp.abs(new[n] - new_ref[n]))) == 0.0, n
+  for got, want in zip(grads, grads_ref):
+    assert rel_err(got, want) < 1e-5
+  # The dispatcher: this chunk takes `whole_block` (same values), a chunk with a document start the general form.
+  out_dispatch, _ = infini_attention(q, k, v, memory=memory, offset=offset, pos=pos, label=label, beta=beta, rule=rule,
+                                     rope_base=10000.0)
+  assert rel_err(out_dispatch, out) < 1e-6
+
+
 def test_gate_follows_the_paper(layer_inputs):
   """sigmoid(beta) -> 1 gives the memory read, -> 0 the local attention (lucidrains has it reversed)."""
   q, k, v, ids, refs = layer_inputs
@@ -242,13 +292,16 @@ def test_gradients_reach_the_projections_through_the_memory(model):
     assert hits and all(np.linalg.norm(flat[1][p]) > 0 for p in hits), name
 
 
-def test_flops_count_the_memory_and_both_halves_of_the_local_attention():
+def test_flops_count_the_memory_and_the_local_attention():
   delta = dataclasses.replace(CFG, memory_update="delta")
   f_lin = InfiniAttention.flops_per_token(CFG, seg_len=16)
   f_delta = InfiniAttention.flops_per_token(delta, seg_len=16)
   h, hd, L = 4, 8, 2
-  assert f_delta - f_lin == pytest.approx(L * 2 * 2 * h * hd * hd)
-  assert InfiniAttention.flops_per_token(CFG, seg_len=1) < f_lin
+  assert f_delta - f_lin == pytest.approx(L * 2 * h * hd * hd)  # whole blocks: one write
+  f_lin_12, f_delta_12 = (InfiniAttention.flops_per_token(c, seg_len=12) for c in (CFG, delta))  # chunks of 6
+  assert f_delta_12 - f_lin_12 == pytest.approx(L * 2 * 2 * h * hd * hd)  # two masked writes
+  assert f_lin_12 > f_lin  # the buffer half of the local attention and the second read
+  assert InfiniAttention.flops_per_token(CFG, seg_len=1) < f_lin_12
 
 
 @pytest.mark.parametrize("change,match", [

@@ -39,9 +39,11 @@ one block boundary and a document that starts in the chunk none, so a token
 reads one of three memories: the block-start one (label 0), the one after the
 block that completes in this chunk (label 1), or the empty memory of a new
 document (label >= 2); its local attention sees the buffer and the chunk tokens
-with its own label. When whole-block segments begin at a block start, the
-buffer half of the local attention is empty but still computed (twice the
-attention FLOPs of the block alone; `flops_per_token` counts them).
+with its own label. A chunk that is one whole block in every row (segments of
+whole blocks, every row at a block start, no document starting inside: the
+usual training step) takes a shorter form at run time (`whole_block`: the
+chunk's own attention, one memory read, one unmasked write), which
+`flops_per_token` counts; any other chunk the general form (`lax.cond`).
 
 Context parallelism (mesh `sequence` axis n > 1 dividing the chunk length): each device keeps c/n
 of a chunk's tokens; the local attention runs the ring over the chunk's keys plus the replicated
@@ -125,14 +127,16 @@ def memory_read(sq: jax.Array, mem: jax.Array, z: jax.Array) -> jax.Array:
   return num / (den[..., None] + EPS)
 
 
-def memory_write(mem: jax.Array, z: jax.Array, sk: jax.Array, v: jax.Array, mask: jax.Array, *,
+def memory_write(mem: jax.Array, z: jax.Array, sk: jax.Array, v: jax.Array, mask: jax.Array | None, *,
                  rule: str) -> tuple[jax.Array, jax.Array]:
   """What the keys `sk [batch, n, heads, dk]` (= s(k)) and values `v [batch, n, heads, dv]` where
-  `mask [batch, n]` add to the block-start memory `mem`, `z`: (dM `[batch, heads, dk, dv]`, dz `[batch, heads, dk]`).
+  `mask [batch, n]` (None: every key) add to the block-start memory `mem`, `z`: (dM `[batch, heads, dk, dv]`,
+  dz `[batch, heads, dk]`).
 
   linear: dM = s(K)^T V;  delta: dM = s(K)^T (V - s(K) M / (s(K) z));  dz = sum_t s(K)_t.
   """
-  sk = jnp.where(mask[:, :, None, None], sk, 0.0)
+  if mask is not None:
+    sk = jnp.where(mask[:, :, None, None], sk, 0.0)
   if rule == "delta":
     v = v - memory_read(sk, mem, z)
   return jnp.einsum("bnhk,bnhv->bhkv", sk, v), jnp.sum(sk, axis=1)
@@ -191,7 +195,43 @@ def infini_attention(q, k, v, *, memory: dict, offset, pos, label, beta, rule: s
     beta: `[heads]` gate logits.
   Returns:
     The heads' output `[batch, c, heads, head_dim]` float32 and the layer's new memory.
+
+  A chunk that is exactly one block in every row (c = block_len, every row at a block start, no document
+  starting inside: the usual training step) takes `whole_block`, the same result without the buffer, the
+  second memory read and the masked writes; any other chunk the general form. `lax.cond` picks at run time.
   """
+  kw = dict(memory=memory, offset=offset, pos=pos, label=label, beta=beta, rule=rule, rope_base=rope_base,
+            kernel=kernel)
+  if q.shape[1] != memory["buf_k"].shape[1]:
+    return _any_chunk(q, k, v, **kw)
+  one_block = jnp.all(offset == 0) & jnp.all(label == 0)
+  return lax.cond(one_block, lambda q, k, v: whole_block(q, k, v, **kw), lambda q, k, v: _any_chunk(q, k, v, **kw),
+                  q, k, v)
+
+
+def whole_block(q, k, v, *, memory: dict, offset, pos, label, beta, rule: str, rope_base: float,
+                kernel: str = "auto"):
+  """`infini_attention` of a chunk that is one whole block in every row (the arguments' shapes as there):
+  causal attention over the chunk alone, one read of the block-start memory, one write of every token."""
+  del offset
+  f32 = lambda a: a.astype(jnp.float32)
+  index = jnp.arange(q.shape[1])
+  chunk = Keys(rotary(k, pos, base=rope_base), v, pos=index, doc=label, sharded=True)
+  local = attention(rotary(q, pos, base=rope_base), [chunk], q_pos=index, q_doc=label, kernel=kernel,
+                    block_size=DEFAULT_BLOCK, q_sharded=True)
+  sq, sk, v32 = feature_map(f32(q)), feature_map(f32(k)), f32(v)
+  mem, z = memory["mem"] + memory["dmem"], memory["z"] + memory["dz"]  # dmem, dz are 0 at a block start
+  dmem, dz = memory_write(mem, z, sk, v32, None, rule=rule)
+  gate = jax.nn.sigmoid(f32(beta))[None, None, :, None]
+  out = gate * memory_read(sq, mem, z) + (1 - gate) * f32(local)
+  zeros = jnp.zeros_like
+  return out, {"mem": mem + dmem, "z": z + dz, "dmem": zeros(dmem), "dz": zeros(dz),
+               "buf_k": zeros(memory["buf_k"]), "buf_v": zeros(memory["buf_v"])}
+
+
+def _any_chunk(q, k, v, *, memory: dict, offset, pos, label, beta, rule: str, rope_base: float,
+               kernel: str = "auto"):
+  """`infini_attention` of any chunk (the module docstring's three memories per chunk)."""
   f32 = lambda a: a.astype(jnp.float32)
   b, c = q.shape[:2]
   block = memory["buf_k"].shape[1]
@@ -285,10 +325,12 @@ class InfiniAttentionLayer(Mixer):
     d, h, hd = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim
     c = chunk_len(seg_len, cfg.block_len)
     proj = 2 * 4 * d * h * hd  # q, k, v, o
+    per_write = 2 if cfg.memory_update == "delta" else 1  # (+ the delta rule's retrieval)
+    if c == cfg.block_len:  # whole blocks: `whole_block`, the chunk's own keys, one read, one write
+      return float(proj + 2 * 2 * h * hd * c + 2 * h * hd * hd * (1 + per_write))
     local = 2 * 2 * h * hd * (cfg.block_len + c)  # QK^T and PV over [buffer; chunk]
     reads = 2 if c > 1 else 1  # the block-start memory and the one after a block completes in the chunk
-    writes = 2 * (2 if cfg.memory_update == "delta" else 1)  # two masked writes (+ the delta rule's retrieval)
-    return float(proj + local + 2 * h * hd * hd * (reads + writes))
+    return float(proj + local + 2 * h * hd * hd * (reads + 2 * per_write))  # two masked writes
 
   @classmethod
   def activation_bytes_per_token(cls, cfg: InfiniAttentionConfig, *, dtype_bytes: int) -> float:
