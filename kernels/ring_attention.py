@@ -94,6 +94,21 @@ def _may_see(q_pos, k_pos, q_doc, k_doc, window):
   return ok & jnp.any(docs)
 
 
+def gqa_einsum(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
+  """`jnp.einsum(spec, x, y)` in float32 where axis `g` (query heads per kv head) is that of grouped-query
+  attention; with one query head per kv head it is dropped first: XLA:CPU runs the 4-axis form of these
+  contractions ~1.7x faster than the 5-axis one with a unit axis (attention fwd + bwd, 16 x 128 x 8 x 16)."""
+  lhs, out = spec.split("->")
+  a, b = lhs.split(",")
+  operands = [(a, x), (b, y)]
+  if any(t.shape[s.index("g")] != 1 for s, t in operands if "g" in s):
+    return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
+  drop = lambda s, t: (s.replace("g", ""), jnp.squeeze(t, s.index("g")) if "g" in s else t)
+  (a, x), (b, y) = drop(a, x), drop(b, y)
+  r = jnp.einsum(f"{a},{b}->{out.replace('g', '')}", x, y, preferred_element_type=jnp.float32)
+  return jnp.expand_dims(r, out.index("g")) if "g" in out else r
+
+
 # ----------------------------------------------------------------------------- reference
 
 
@@ -107,11 +122,11 @@ def attention_reference(q, k, v, *, q_pos, k_pos, q_doc, k_doc, window=None, sca
   scale = d ** -0.5 if scale is None else scale
   mask = visible_mask(q_pos, k_pos, q_doc, k_doc, window=window)[:, None, None]  # [b, 1, 1, sq, sk]
   qg = q.reshape(b, sq, kvh, h // kvh, d)
-  s = jnp.einsum("bqkgd,btkd->bkgqt", qg, k, preferred_element_type=jnp.float32) * scale
+  s = gqa_einsum("bqkgd,btkd->bkgqt", qg, k) * scale
   s = jnp.where(mask, s, -jnp.inf)
   lse = jax.nn.logsumexp(s, axis=-1)
   p = jnp.where(mask, jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]), 0.0)
-  out = jnp.einsum("bkgqt,btkd->bqkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  out = gqa_einsum("bkgqt,btkd->bqkgd", p.astype(v.dtype), v)
   return out.reshape(b, sq, h, d).astype(q.dtype), lse.reshape(b, h, sq)
 
 
@@ -174,7 +189,7 @@ def _block_rows(x, nq, bq, kvh):
 
 def _scores(qb, kb, qp, kp, qd, kd, window, scale):
   """Masked scores `[b, kvh, g, bq, bk]` (f32, -inf where invisible) and the mask."""
-  s = jnp.einsum("bqkgd,btkd->bkgqt", qb, kb, preferred_element_type=jnp.float32) * scale
+  s = gqa_einsum("bqkgd,btkd->bkgqt", qb, kb) * scale
   mask = visible_mask(qp, kp, qd, kd, window=window)[:, None, None]
   return jnp.where(mask, s, -jnp.inf), mask
 
@@ -202,7 +217,7 @@ def _forward_xla(q, k, v, q_pos, k_pos, q_doc, k_doc, *, window, scale, block_q,
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         p = jnp.where(mask, jnp.exp(s - m_safe[..., None]), 0.0)
         corr = jnp.exp(m - m_safe)
-        pv = jnp.einsum("bkgqt,btkd->bkgqd", p.astype(vi.dtype), vi, preferred_element_type=jnp.float32)
+        pv = gqa_einsum("bkgqt,btkd->bkgqd", p.astype(vi.dtype), vi)
         return acc * corr[..., None] + pv, m_new, l * corr + jnp.sum(p, axis=-1)
 
       return lax.cond(_may_see(qpi, kpi, qdi, kdi, window), compute, lambda c: c, carry), None
@@ -239,7 +254,7 @@ def _backward_xla(q, k, v, q_pos, k_pos, q_doc, k_doc, lse, delta, do, *, window
   def grads_of_pair(qi, doi, lsei, deltai, qpi, qdi, ki, vi, kpi, kdi):
     s, mask = _scores(qi, ki, qpi, kpi, qdi, kdi, window, scale)
     p = jnp.where(mask, jnp.exp(s - lsei[..., None]), 0.0)
-    dp = jnp.einsum("bqkgd,btkd->bkgqt", doi, vi, preferred_element_type=jnp.float32)
+    dp = gqa_einsum("bqkgd,btkd->bkgqt", doi, vi)
     ds = p * (dp - deltai[..., None]) * scale
     return p, ds
 
@@ -251,7 +266,7 @@ def _backward_xla(q, k, v, q_pos, k_pos, q_doc, k_doc, lse, delta, do, *, window
 
       def compute(dq):
         _, ds = grads_of_pair(qi, doi, lsei, deltai, qpi, qdi, ki, vi, kpi, kdi)
-        return dq + jnp.einsum("bkgqt,btkd->bqkgd", ds.astype(ki.dtype), ki, preferred_element_type=jnp.float32)
+        return dq + gqa_einsum("bkgqt,btkd->bqkgd", ds.astype(ki.dtype), ki)
 
       return lax.cond(_may_see(qpi, kpi, qdi, kdi, window), compute, lambda x: x, dq), None
 
@@ -267,8 +282,8 @@ def _backward_xla(q, k, v, q_pos, k_pos, q_doc, k_doc, lse, delta, do, *, window
       def compute(carry):
         dk, dv = carry
         p, ds = grads_of_pair(qi, doi, lsei, deltai, qpi, qdi, ki, vi, kpi, kdi)
-        dv = dv + jnp.einsum("bkgqt,bqkgd->btkd", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
-        dk = dk + jnp.einsum("bkgqt,bqkgd->btkd", ds.astype(qi.dtype), qi, preferred_element_type=jnp.float32)
+        dv = dv + gqa_einsum("bkgqt,bqkgd->btkd", p.astype(doi.dtype), doi)
+        dk = dk + gqa_einsum("bkgqt,bqkgd->btkd", ds.astype(qi.dtype), qi)
         return dk, dv
 
       return lax.cond(_may_see(qpi, kpi, qdi, kdi, window), compute, lambda c: c, carry), None
