@@ -109,3 +109,19 @@ def test_rotary_depends_only_on_relative_position():
     return float(jnp.sum(q * k))
 
   assert abs(score(10, 3) - score(1007, 1000)) < 1e-4
+
+
+def test_default_tile_shrinks_on_the_cpu_xla_path_only():
+  """`default_block`: 128 (the Pallas tile), halved on the XLA path on a CPU while a tile's f32 scores
+  `[batch, heads, block, block]` exceed 2 MiB, never below 32; the result does not depend on the tile."""
+  from longctx.layers.kernel import Implementation
+  q = lambda b, h: jnp.zeros((b, 8, h, 16))
+  xla, pallas = Implementation("xla"), Implementation("pallas", interpret=True)
+  assert attn.default_block(q(16, 8), xla) == 64  # 8 MiB at 128, 2 MiB at 64
+  assert attn.default_block(q(4, 8), xla) == 128  # 2 MiB at 128
+  assert attn.default_block(q(512, 64), xla) == 32
+  assert attn.default_block(q(16, 8), pallas) == 128
+  inputs = _inputs(4, batch=2, seg=40, window=24, heads=4, kv_heads=2)
+  q_pos, blocks = _window_blocks(inputs[1], inputs[2], inputs[4], window=24, seg=40)
+  run = lambda block: attention(inputs[0], blocks, q_pos=q_pos, q_doc=inputs[3], kernel="xla", block_size=block)
+  assert rel_err(run(None), run(128)) < 1e-6 and rel_err(run(16), run(128)) < 1e-6

@@ -77,6 +77,11 @@ def chunk_problem(op: str, target: str, chunk_size: int | None) -> str | None:
   return None
 
 
+def current_platform() -> str:
+  """The platform kernels are chosen for: the one `compiling_for` names, else jax's default backend."""
+  return _TARGET_PLATFORM or jax.default_backend()
+
+
 def resolve(kernel: str, op: str, *, platform: str | None = None, chunk_size: int | None = None) -> Implementation:
   """The implementation `kernel` ("auto", "reference", "xla" or "pallas") means for `op` on `platform`
   (default: the one `compiling_for` names, else jax's default backend). For the chunked ops `chunk_size` is the model's: "auto" keeps XLA where
@@ -85,7 +90,7 @@ def resolve(kernel: str, op: str, *, platform: str | None = None, chunk_size: in
     raise ConfigError(f"model.kernel={kernel!r} is not one of {KERNELS}")
   if op not in OPS:
     raise ValueError(f"op={op!r} is not one of {OPS}")
-  platform = platform or _TARGET_PLATFORM or jax.default_backend()
+  platform = platform or current_platform()
   target = platform if platform in TARGETS else "tpu"  # on a CPU the TPU kernel runs in the interpreter
   if kernel == "auto":
     fast = platform in PALLAS_PLATFORMS[op] and platform not in AUTO_KEEPS_XLA.get(op, ())

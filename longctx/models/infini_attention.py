@@ -84,7 +84,7 @@ from jax import lax
 from longctx.config import MultiHeadConfig
 from longctx.errors import ConfigError
 from longctx.layers import Mixer, dense, param, register_mixer
-from longctx.layers.attention import DEFAULT_BLOCK, Keys, attention, project, rotary
+from longctx.layers.attention import Keys, attention, project, rotary
 from longctx.layers.context import Context
 from longctx.models.base import LM
 from longctx.models.registry import register_model
@@ -161,7 +161,7 @@ def chunk_layout(offset: jax.Array, q_doc: jax.Array, *, block_len: int) -> tupl
 
 
 def local_attention(q, k, v, *, buf_k, buf_v, buf_valid, pos, label, rope_base: float, kernel: str = "auto",
-                    block: int = DEFAULT_BLOCK):
+                    block: int | None = None):
   """Causal softmax attention of a chunk over [buffer; chunk], keys of the query's own block label.
 
   Args:
@@ -218,7 +218,7 @@ def whole_block(q, k, v, *, memory: dict, offset, pos, label, beta, rule: str, r
   index = jnp.arange(q.shape[1])
   chunk = Keys(rotary(k, pos, base=rope_base), v, pos=index, doc=label, sharded=True)
   local = attention(rotary(q, pos, base=rope_base), [chunk], q_pos=index, q_doc=label, kernel=kernel,
-                    block_size=DEFAULT_BLOCK, q_sharded=True)
+                    q_sharded=True)
   sq, sk, v32 = feature_map(f32(q)), feature_map(f32(k)), f32(v)
   mem, z = memory["mem"] + memory["dmem"], memory["z"] + memory["dz"]  # dmem, dz are 0 at a block start
   dmem, dz = memory_write(mem, z, sk, v32, None, rule=rule)

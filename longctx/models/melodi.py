@@ -106,7 +106,7 @@ from flax import nnx
 
 from longctx.errors import ConfigError
 from longctx.layers import Block, Mixer, RMSNorm, param, register_mixer
-from longctx.layers.attention import DEFAULT_BLOCK, AttentionProjections, Keys, attention, project, rotary
+from longctx.layers.attention import AttentionProjections, Keys, attention, project, rotary
 from longctx.layers.context import Context
 from longctx.models.base import LM, pick_rows
 from longctx.models.blockwise import BlockwiseConfig, BlockwiseLM
@@ -260,7 +260,7 @@ class MelodiAttention(AttentionProjections, Mixer):
     tokens = Keys(rot(k[:, S:S + W], pos_x), v[:, S:S + W], pos=pos_x, doc=ctx.doc, sharded=True)
     summary = Keys(rot(k[:, S + W:], pos_u), v[:, S + W:], pos=pos_u, doc=u_doc)
     run = lambda q, blocks, **kw: attention(q, blocks, kernel=cfg.kernel,
-                                            block_size=cfg.attention_block or DEFAULT_BLOCK, **kw)
+                                            block_size=cfg.attention_block or None, **kw)
     y = jnp.concatenate([
         run(rot(q[:, :W], pos_x), [short, tokens], q_pos=pos_x, q_doc=ctx.doc, q_sharded=True),
         run(rot(q[:, W:], pos_u), [short, summary, tokens], q_pos=pos_u, q_doc=u_doc)], axis=1)

@@ -47,7 +47,7 @@ from flax import nnx
 
 from longctx.errors import ConfigError
 from longctx.layers import RMSNorm, param, register_mixer
-from longctx.layers.attention import DEFAULT_BLOCK, Keys, WindowAttention, attention, roll_cache, rotary
+from longctx.layers.attention import Keys, WindowAttention, attention, roll_cache, rotary
 from longctx.layers.context import Context
 from longctx.models.base import LM, pick_rows
 from longctx.models.blockwise import BlockwiseConfig, BlockwiseLM
@@ -87,7 +87,7 @@ class MemoryAttention(WindowAttention):
     zeros = jnp.zeros((b, m), jnp.int32)
     read = Keys(kr, vr)  # position-free, every document: the read slots as the tokens and write slots see them
     run = lambda q, blocks, **kw: attention(q, blocks, kernel=cfg.kernel,
-                                            block_size=cfg.attention_block or DEFAULT_BLOCK, **kw)
+                                            block_size=cfg.attention_block or None, **kw)
     q_pos, window = self.window_keys(kt, vt, state, ctx)  # [XL cache; tokens], rotated, the window rule
     tokens = window[1]
     y = jnp.concatenate([

@@ -72,7 +72,7 @@ from jax import lax
 
 from longctx.errors import ConfigError
 from longctx.layers import RMSNorm, dense, l2_normalize, param, register_mixer
-from longctx.layers.attention import DEFAULT_BLOCK, Keys, WindowAttention, attention, project, rotary
+from longctx.layers.attention import Keys, WindowAttention, attention, project, rotary
 from longctx.layers.context import Context
 from longctx.layers.neural_memory import (_rows, _take, advance_carry, fold_open_chunk, memory_segment, merge_steps,
                                          read_memory, read_planned, restart_carry, step_inputs, step_plan)
@@ -294,7 +294,7 @@ class MemoryAsContext(TitansMixer):
     blocks = [*self.prefix(xq), Keys(rotary(keys, k_pos, base=cfg.rope_base), vals, pos=k_pos,
                                      doc=jnp.concatenate([buf_group, buf_group, group, group], axis=1))]
     out = attention(rotary(xq, c + i, base=cfg.rope_base), blocks, q_pos=c + i, q_doc=group, kernel=cfg.kernel,
-                    block_size=cfg.attention_block or DEFAULT_BLOCK)
+                    block_size=cfg.attention_block or None)
     return self.out(out), hk, hv
 
   def __call__(self, x, state, ctx: Context):

@@ -34,7 +34,7 @@ class TransformerConfig(MultiHeadConfig):
   window: int = 128  # tokens visible before each token (the cache length)
   num_kv_heads: int = 0  # 0 = num_heads (multi-head); fewer = grouped-query attention
   rope_base: float = 10000.0
-  attention_block: int = 0  # query/key block of the flash kernels (0 = 128)
+  attention_block: int = 0  # query/key block of the flash kernels (0 = layers.attention.default_block)
 
   def validate(self) -> None:
     super().validate()
@@ -46,7 +46,7 @@ class TransformerConfig(MultiHeadConfig):
     if self.resolved_head_dim % 2:
       raise ConfigError(f"head_dim={self.resolved_head_dim} must be even for rotary positions")
     if self.attention_block < 0:
-      raise ConfigError(f"model.attention_block={self.attention_block} must be >= 0 (0 = 128)")
+      raise ConfigError(f"model.attention_block={self.attention_block} must be >= 0 (0 = the default tile)")
 
 
 @register_model("transformer", config=TransformerConfig,
