@@ -160,26 +160,28 @@ def chunk_layout(offset: jax.Array, q_doc: jax.Array, *, block_len: int) -> tupl
   return in_doc % block_len, jnp.where(q_doc == 0, in_doc // block_len, 2 + start_idx)
 
 
-def local_attention(q, k, v, *, buf_k, buf_v, buf_valid, pos, label, rope_base: float, kernel: str = "auto",
-                    block: int | None = None):
+def local_attention(q, k, v, *, buf_k=None, buf_v=None, buf_valid=None, pos, label, rope_base: float,
+                    kernel: str = "auto", block: int | None = None):
   """Causal softmax attention of a chunk over [buffer; chunk], keys of the query's own block label.
 
   Args:
     q: `[batch, c, heads, head_dim]`, k, v `[batch, c, heads, head_dim]` unrotated; buf_k, buf_v
-      `[batch, block_len, heads, head_dim]` (slot = in-block position), buf_valid `[batch, block_len]`.
+      `[batch, block_len, heads, head_dim]` (slot = in-block position), buf_valid `[batch, block_len]`
+      (None: no buffer, the chunk's own keys only).
     pos, label: `[batch, c]` from `chunk_layout` (rotary uses the in-block position `pos`).
   Visibility is by index in [buffer; chunk] (the buffer precedes the chunk) and the same block label; on a
   mesh with a `sequence` axis the chunk's keys go round the ring and the buffer is a replicated block.
   Returns `[batch, c, heads, head_dim]` in q's dtype.
   """
   c = q.shape[1]
-  n_buf = buf_k.shape[1]
-  slots = jnp.arange(n_buf)
-  buffer = Keys(rotary(buf_k.astype(k.dtype), slots, base=rope_base), buf_v.astype(v.dtype), pos=slots,
-                doc=jnp.where(buf_valid, 0, -1))  # the buffer holds the state's current block: label 0
-  index = n_buf + jnp.arange(c)
-  chunk = Keys(rotary(k, pos, base=rope_base), v, pos=index, doc=label, sharded=True)
-  return attention(rotary(q, pos, base=rope_base), [buffer, chunk], q_pos=index, q_doc=label, kernel=kernel,
+  blocks = []
+  if buf_k is not None:
+    slots = jnp.arange(buf_k.shape[1])
+    blocks.append(Keys(rotary(buf_k.astype(k.dtype), slots, base=rope_base), buf_v.astype(v.dtype), pos=slots,
+                       doc=jnp.where(buf_valid, 0, -1)))  # the buffer holds the state's current block: label 0
+  index = (0 if buf_k is None else buf_k.shape[1]) + jnp.arange(c)
+  blocks.append(Keys(rotary(k, pos, base=rope_base), v, pos=index, doc=label, sharded=True))
+  return attention(rotary(q, pos, base=rope_base), blocks, q_pos=index, q_doc=label, kernel=kernel,
                    block_size=block, q_sharded=True)
 
 
@@ -215,10 +217,7 @@ def whole_block(q, k, v, *, memory: dict, offset, pos, label, beta, rule: str, r
   causal attention over the chunk alone, one read of the block-start memory, one write of every token."""
   del offset
   f32 = lambda a: a.astype(jnp.float32)
-  index = jnp.arange(q.shape[1])
-  chunk = Keys(rotary(k, pos, base=rope_base), v, pos=index, doc=label, sharded=True)
-  local = attention(rotary(q, pos, base=rope_base), [chunk], q_pos=index, q_doc=label, kernel=kernel,
-                    q_sharded=True)
+  local = local_attention(q, k, v, pos=pos, label=label, rope_base=rope_base, kernel=kernel)
   sq, sk, v32 = feature_map(f32(q)), feature_map(f32(k)), f32(v)
   mem, z = memory["mem"] + memory["dmem"], memory["z"] + memory["dz"]  # dmem, dz are 0 at a block start
   dmem, dz = memory_write(mem, z, sk, v32, None, rule=rule)
