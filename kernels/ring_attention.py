@@ -122,11 +122,11 @@ def attention_reference(q, k, v, *, q_pos, k_pos, q_doc, k_doc, window=None, sca
   scale = d ** -0.5 if scale is None else scale
   mask = visible_mask(q_pos, k_pos, q_doc, k_doc, window=window)[:, None, None]  # [b, 1, 1, sq, sk]
   qg = q.reshape(b, sq, kvh, h // kvh, d)
-  s = gqa_einsum("bqkgd,btkd->bkgqt", qg, k) * scale
+  s = jnp.einsum("bqkgd,btkd->bkgqt", qg, k, preferred_element_type=jnp.float32) * scale
   s = jnp.where(mask, s, -jnp.inf)
   lse = jax.nn.logsumexp(s, axis=-1)
   p = jnp.where(mask, jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]), 0.0)
-  out = gqa_einsum("bkgqt,btkd->bqkgd", p.astype(v.dtype), v)
+  out = jnp.einsum("bkgqt,btkd->bqkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return out.reshape(b, sq, h, d).astype(q.dtype), lse.reshape(b, h, sq)
 
 
