@@ -29,6 +29,7 @@ import json
 import math
 import pathlib
 import resource
+import sys
 import time
 from typing import Sequence
 
@@ -89,6 +90,22 @@ class BenchResult:
   peak_rss_mib: float
   x_base: float = 1.0
   x_first: float = 1.0
+  error: str = ""  # why this measurement did not run (e.g. the step did not fit in memory); numbers are NaN
+
+
+# What a measurement may fail with and the benchmark go on: the runtime's errors (out of memory above all).
+MEASUREMENT_ERRORS = (jax.errors.JaxRuntimeError, MemoryError)
+
+
+def failed_result(kind: str, cfg: Config, length: int, error: BaseException) -> BenchResult:
+  """A row saying why `kind` at this config was not measured: the error's type and first line."""
+  lines = str(error).strip().splitlines()
+  reason = f"{type(error).__name__}: {lines[0] if lines else ''}"[:200]
+  nan = float("nan")
+  return BenchResult(kind=kind, model=cfg.model.name, d_model=cfg.model.d_model, seg_len=cfg.data.seg_len,
+                     length=length, lanes=cfg.data.batch_size, params_m=nan, seconds=nan, tokens_per_s=nan,
+                     flops_per_token=nan, mfu=nan, compiled_temp_mib=nan, compiled_args_mib=nan,
+                     state_kib_per_lane=nan, rss_mib=nan, peak_rss_mib=nan, x_base=nan, x_first=nan, error=reason)
 
 
 def random_batch(cfg: Config, seed: int, *, reset_first: bool = True) -> dict[str, np.ndarray]:
@@ -229,7 +246,7 @@ def add_ratios(results: list[BenchResult]) -> None:
     r.x_base = r.tokens_per_s / base.tokens_per_s if base else float("nan")
     first = next(b for b in results if (b.kind, b.model, b.d_model, b.seg_len) == (r.kind, r.model, r.d_model,
                                                                                       r.seg_len))
-    r.x_first = r.tokens_per_s / first.tokens_per_s
+    r.x_first = r.tokens_per_s / first.tokens_per_s  # NaN where either was not measured
 
 
 def format_table(results: list[BenchResult], peak_flops: float) -> str:
@@ -245,6 +262,10 @@ def format_table(results: list[BenchResult], peak_flops: float) -> str:
             f"{'RSS MiB':>9}{'peak RSS':>9}")
     lines += ["", title, head, "-" * len(head)]
     for r in rows:
+      if r.error:
+        lines.append(f"{r.model:<14}{r.d_model:>8}{r.seg_len:>6}{format_length(r.length):>8}{r.lanes:>6}   "
+                     f"not measured: {r.error}")
+        continue
       lines.append(
           f"{r.model:<14}{r.d_model:>8}{r.seg_len:>6}{format_length(r.length):>8}{r.lanes:>6}{r.params_m:>8.2f}M"
           f"{r.tokens_per_s:>11.0f}{r.x_base:>8.2f}{r.x_first:>8.2f}{r.flops_per_token / 1e9:>10.4f}"
@@ -298,21 +319,37 @@ def run_bench_cli(args) -> int:
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   peak = measure_matmul_peak(dtype=dtype)
   results: list[BenchResult] = []
+  # One configuration that fails (most often: its step does not fit in memory) becomes a row saying so and
+  # the benchmark goes on; the exit status is 1 if any did.
   for model, stream_cfg, train_cfgs in plan:
     if stream_cfg is not None:  # first, so its peak RSS is its own
-      for r in bench_stream(stream_cfg, lengths=stream_lengths, peak_flops=peak, progress=not args.no_progress):
+      try:
+        rows = bench_stream(stream_cfg, lengths=stream_lengths, peak_flops=peak, progress=not args.no_progress)
+      except MEASUREMENT_ERRORS as e:
+        rows = [failed_result("stream", stream_cfg, n, e) for n in sorted(stream_lengths)]
+      for r in rows:
         results.append(r)
-        print(f"  stream {model} d_model={r.d_model} length={r.length}: {r.tokens_per_s:.0f} tok/s, "
-              f"peak RSS {r.peak_rss_mib:.0f} MiB", flush=True)
+        print(f"  stream {model} d_model={r.d_model} length={r.length}: " + (
+            f"not measured: {r.error}" if r.error else
+            f"{r.tokens_per_s:.0f} tok/s, peak RSS {r.peak_rss_mib:.0f} MiB"), flush=True)
     for cfg in train_cfgs:
-      results.append(bench_train_step(cfg, steps=args.steps, peak_flops=peak))
-      print(f"  train {model} d_model={cfg.model.d_model} seg={cfg.data.seg_len}: {results[-1].tokens_per_s:.0f} "
-            "tok/s", flush=True)
+      try:
+        results.append(bench_train_step(cfg, steps=args.steps, peak_flops=peak))
+      except MEASUREMENT_ERRORS as e:
+        results.append(failed_result("train", cfg, cfg.data.seg_len * cfg.data.segments_per_step, e))
+      r = results[-1]
+      print(f"  train {model} d_model={r.d_model} seg={r.seg_len}: " + (
+          f"not measured: {r.error}" if r.error else f"{r.tokens_per_s:.0f} tok/s"), flush=True)
   add_ratios(results)
   print(format_table(results, peak))
   if args.json:
+    finite = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # JSON has no NaN
     with open(args.json, "w") as f:
       json.dump({"matmul_peak_flops": peak, "backend": jax.default_backend(),
-                 "results": [dataclasses.asdict(r) for r in results]}, f, indent=2)
+                 "results": [{k: finite(v) for k, v in dataclasses.asdict(r).items()} for r in results]}, f, indent=2)
     print(f"wrote {args.json}")
-  return 0
+  failed = [r for r in results if r.error]
+  if failed:
+    print(f"bench: {len(failed)} of {len(results)} measurements did not run (rows marked 'not measured')",
+          file=sys.stderr)
+  return 1 if failed else 0

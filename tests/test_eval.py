@@ -237,6 +237,38 @@ def test_bench_memory_model_against_baseline_with_overrides(tmp_path, capsys):
   assert "model.FIELD=VALUE" in capsys.readouterr().err
 
 
+def test_bench_reports_a_failed_measurement_as_a_row_and_goes_on(tmp_path, capsys, monkeypatch):
+  """A model whose step fails at run time (here: an out-of-memory error raised for RMT's train and stream
+  measurements) gets a 'not measured' row with the error's first line; the others are measured; exit 1."""
+  import jax
+
+  from longctx import bench, cli
+
+  def oom(real):
+    def run(cfg, **kw):
+      if cfg.model.name == "rmt":
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 73.1GiB.\nmore")
+      return real(cfg, **kw)
+    return run
+
+  monkeypatch.setattr(bench, "bench_train_step", oom(bench.bench_train_step))
+  monkeypatch.setattr(bench, "bench_stream", oom(bench.bench_stream))
+  out_json = tmp_path / "bench.json"
+  code = cli.main(["bench", "--models", "transformer,rmt", "--d-models", "32", "--seg-lens", "64",
+                   "--tokens-per-step", "128", "--layers", "1", "--steps", "1", "--window", "32", "--no-progress",
+                   "--stream-lengths", "128", "--stream-seg-len", "64", "--json", str(out_json)])
+  out, err = capsys.readouterr()
+  assert code == 1 and "2 of 4 measurements did not run" in err
+  failed = [line for line in out.splitlines() if line.startswith("rmt ")]
+  assert len(failed) == 2 and all("not measured: JaxRuntimeError: RESOURCE_EXHAUSTED" in line for line in failed)
+  assert all("more" not in line for line in failed)
+  rows = json.loads(out_json.read_text())["results"]
+  assert [(r["model"], r["kind"], bool(r["error"])) for r in rows] == [
+      ("transformer", "stream", False), ("transformer", "train", False), ("rmt", "stream", True),
+      ("rmt", "train", True)]
+  assert rows[1]["tokens_per_s"] > 0 and rows[3]["tokens_per_s"] is None and rows[3]["x_base"] is None
+
+
 def test_eval_may_resize_memory_but_not_weights(tmp_path):
   """A Memorizing run evaluated with a larger kNN memory (state, not weights) loads; a d_model change does not."""
   from longctx.errors import CheckpointError

@@ -74,8 +74,9 @@ from longctx.errors import ConfigError
 from longctx.layers import RMSNorm, dense, l2_normalize, param, register_mixer
 from longctx.layers.attention import Keys, WindowAttention, attention, project, rotary
 from longctx.layers.context import Context
-from longctx.layers.neural_memory import (_rows, _take, advance_carry, fold_open_chunk, memory_segment, merge_steps,
-                                         read_memory, read_planned, restart_carry, step_inputs, step_plan)
+from longctx.layers.neural_memory import (_rows, _take, advance_carry, checkpoint_group, fold_open_chunk, memory_segment,
+                                         merge_steps, read_memory, read_planned, restart_carry, scan_steps,
+                                         step_inputs, step_plan)
 from longctx.models.base import LM
 from longctx.models.registry import register_model
 from longctx.models.transformer import TransformerConfig
@@ -97,6 +98,7 @@ class TitansConfig(TransformerConfig):
   num_persistent: int = 4  # learned (key, value) pairs every token attends to
   memory_lr: float = 1.0  # theta_t = memory_lr * sigmoid(.) / memory_hidden
   memory_grad_clip: float = 1.0  # > 0: cap the norm of each chunk's inner update (0 = off, the paper; diverges)
+  memory_checkpoint: int = 0  # chunks per carry kept for the backward: 0 = auto (~sqrt), -1 = all (faster, more memory)
 
   def validate(self) -> None:
     super().validate()
@@ -114,6 +116,9 @@ class TitansConfig(TransformerConfig):
       raise ConfigError(f"model.num_persistent={self.num_persistent} must be >= 0")
     if self.memory_grad_clip < 0:
       raise ConfigError(f"model.memory_grad_clip={self.memory_grad_clip} must be >= 0 (0 = off)")
+    if self.memory_checkpoint < -1:
+      raise ConfigError(f"model.memory_checkpoint={self.memory_checkpoint} must be >= -1 (-1 = keep every chunk's "
+                        "residuals, 0 = auto, n = chunks per kept carry)")
     if not self.memory_lr > 0:
       raise ConfigError(f"model.memory_lr={self.memory_lr} must be > 0")
 
@@ -244,7 +249,7 @@ class MemoryAsGate(TitansMixer):
     a = self.out(self.attend(q, k, v, state, ctx, extra=self.prefix(q)))
     y, carry = memory_segment(self.carry(state, ctx), self.memory.query(x), *self.memory.write_inputs(x),
                               starts=ctx.starts, init=self.memory.initial(), theta_scale=cfg.theta_scale,
-                              grad_clip=cfg.memory_grad_clip)
+                              grad_clip=cfg.memory_grad_clip, checkpoint=cfg.memory_checkpoint)
     return self.gate(a, y), {**self.roll(state, k, v), **self.memory_of(carry)}
 
   @classmethod
@@ -332,7 +337,8 @@ class MemoryAsContext(TitansMixer):
       return dict(new, **kv), self.gate(y, o)
 
     carry = {**self.carry(state, ctx), **{n: state[n] for n in names}}
-    carry, ys = lax.scan(body, carry, (xq, xk, xv, hq, st, valid))
+    carry, ys = scan_steps(body, carry, (xq, xk, xv, hq, st, valid),
+                           group=checkpoint_group(len(xq), cfg.memory_checkpoint))
     return merge_steps(ys, s), {**self.memory_of(carry), **{n: carry[n] for n in names}}
 
   @classmethod
