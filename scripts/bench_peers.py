@@ -22,7 +22,8 @@ Peers: x-transformers' TransformerWrapper with Transformer-XL memory (transforme
 recurrent-memory-transformer-pytorch (rmt), block-recurrent-transformer-pytorch (block_recurrent),
 infini-transformer-pytorch (infini_attention), titans-pytorch's MemoryAsContextTransformer (titans, against our
 MAC variant), Hugging Face transformers' MambaForCausalLM / Mamba2ForCausalLM on their torch paths (mamba,
-mamba2; on a CPU their CUDA kernels are absent). A peer that is not installed gets a row that says so. Not
+mamba2; on a CPU their CUDA kernels are absent), and its Qwen3NextForCausalLM with every layer a Gated DeltaNet and
+dense MLPs (gated_deltanet; its torch chunked gated delta rule). A peer that is not installed gets a row that says so. Not
 covered: the Memorizing Transformer port (needs faiss-gpu) and fla's RetNet (needs triton).
 
 Benchmarks measure; tests never assert times. Ratios are ours / peer tokens per second (> 1: longctx faster).
@@ -47,6 +48,8 @@ PEERS = {
     "titans": ("titans-pytorch MemoryAsContextTransformer (MAC)", "titans_pytorch"),
     "mamba": ("transformers MambaForCausalLM (torch path)", "transformers"),
     "mamba2": ("transformers Mamba2ForCausalLM (torch path)", "transformers"),
+    "gated_deltanet": ("transformers Qwen3NextForCausalLM, every layer linear attention with a dense MLP "
+                       "(torch gated delta rule)", "transformers"),
 }
 # The Titans peer implements Memory as Context with one memory update per attention segment (its
 # neural_memory_segment_len defaults to segment_len + long-term memory tokens): ours MAC, chunk = segment.
@@ -54,7 +57,7 @@ OURS_OVERRIDES = {"titans": ["model.variant=mac", "model.chunk_size={seg_len}"]}
 # Peers that detach the carried state at every segment (x-transformers' mems, the Block-Recurrent port's states
 # and XL memories; HF's Mamba/Mamba-2 training forward carries no state at all) do no backward through it: ours
 # then runs with train.state_gradient=stop, the same work. The others backpropagate through it, as ours does.
-DETACHING_PEERS = ("transformer", "block_recurrent", "mamba", "mamba2")
+DETACHING_PEERS = ("transformer", "block_recurrent", "mamba", "mamba2", "gated_deltanet")
 
 
 # ----------------------------------------------------------------------------- our side
@@ -78,7 +81,7 @@ def run_ours(args) -> dict:
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, state_gradient="stop"))
   result = bench.bench_train_step(cfg, steps=args.steps, peak_flops=bench.measure_matmul_peak())
   return {"tokens_per_s": result.tokens_per_s, "params": result.params_m * 1e6,
-          "config": dataclasses.asdict(cfg.model), "state_gradient": cfg.train.state_gradient}
+          "config": {**dataclasses.asdict(cfg.model), "d_ff": cfg.model.resolved_d_ff}, "state_gradient": cfg.train.state_gradient}
 
 
 # ----------------------------------------------------------------------------- the peers' side
@@ -166,6 +169,19 @@ def _peer_model(name: str, cfg: dict, args):
       model = transformers.Mamba2ForCausalLM(hf)
     # Their training forward takes no carried state: each segment starts from zeros (ours carries it; the
     # carried state is a few KiB per lane, negligible work).
+    return model, per_segment(lambda x, _: (model(x).logits, None))
+  if name == "gated_deltanet":
+    import transformers
+
+    # Qwen3-Next with every layer a Gated DeltaNet and every MLP dense: our stack (its training forward, like
+    # HF Mamba's, starts each segment from a zero state; its chunked torch delta rule, 64-token chunks).
+    hf = transformers.Qwen3NextConfig(
+        vocab_size=vocab, hidden_size=d, num_hidden_layers=depth, layer_types=["linear_attention"] * depth,
+        mlp_only_layers=list(range(depth)), intermediate_size=cfg["d_ff"], linear_num_key_heads=heads,
+        linear_num_value_heads=cfg["num_value_heads"] or heads, linear_key_head_dim=dim_head,
+        linear_value_head_dim=cfg["value_head_dim"] or dim_head, linear_conv_kernel_dim=cfg["conv_kernel"],
+        num_attention_heads=heads, num_key_value_heads=heads, use_cache=False)
+    model = transformers.Qwen3NextForCausalLM(hf)
     return model, per_segment(lambda x, _: (model(x).logits, None))
   raise ValueError(f"no peer for {name}")
 

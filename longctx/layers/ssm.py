@@ -25,14 +25,14 @@ def causal_conv1d(x: jax.Array, weight: jax.Array, bias: jax.Array | None, *, hi
   """Convolve one segment, continuing from the previous one.
 
   Args:
-    x: `[batch, seq, channels]` inputs of the segment.
-    weight: `[K, channels]`; bias `[channels]` or None.
-    history: `[batch, K-1, channels]` the last K-1 inputs before the segment.
+    x: `[batch, seq, *channels]` inputs of the segment (channels may be several axes, e.g. heads x head_dim).
+    weight: `[K, *channels]`; bias `[*channels]` or None.
+    history: `[batch, K-1, *channels]` the last K-1 inputs before the segment.
     history_doc: `[batch, K-1]` their document ids: 0 where they belong to the document the segment's
       first token continues, -1 otherwise (`Context.history_doc`).
     doc: `[batch, seq]` document ids, 0 for the document the history belongs to.
   Returns:
-    `y [batch, seq, channels]` (dtype of x) and the new history `[batch, K-1, channels]`.
+    `y [batch, seq, *channels]` (dtype of x) and the new history `[batch, K-1, *channels]`.
   """
   taps = weight.shape[0]
   seq = x.shape[1]
@@ -40,7 +40,8 @@ def causal_conv1d(x: jax.Array, weight: jax.Array, bias: jax.Array | None, *, hi
   full_doc = jnp.concatenate([history_doc, doc], axis=1)
   y = jnp.zeros_like(x) if bias is None else jnp.broadcast_to(bias.astype(x.dtype), x.shape)
   for i in range(taps):
-    same = (full_doc[:, i:i + seq] == doc)[..., None]
+    same = full_doc[:, i:i + seq] == doc
+    same = same.reshape(same.shape + (1,) * (x.ndim - 2))
     y = y + jnp.where(same, full[:, i:i + seq] * weight[i].astype(x.dtype), 0)
   return y, full[:, seq:]
 
