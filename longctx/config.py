@@ -49,6 +49,7 @@ class ModelConfig:
   tie_embeddings: bool = True
   norm_eps: float = 1e-6
   embed_conv: int = 0  # width of a causal depthwise conv over token embeddings (0 = off; 4 helps recall)
+  logit_cap: float = 0.0  # > 0: logits = cap * tanh(logits / cap) (Gemma 2, xLSTM 7B: 30); 0 = off
   kernel: str = "auto"  # "auto", "reference", "xla" or "pallas": which implementation the kernels run
 
   def validate(self) -> None:
@@ -59,6 +60,8 @@ class ModelConfig:
       raise ConfigError(f"model.embed_conv={self.embed_conv} must be 0 (off) or a width >= 2 (e.g. 4)")
     if self.kernel not in KERNELS:
       raise ConfigError(f"model.kernel={self.kernel!r} is not one of {KERNELS}")
+    if self.logit_cap < 0:
+      raise ConfigError(f"model.logit_cap={self.logit_cap} must be >= 0 (0 = off)")
 
   def layer_pattern(self) -> list[str]:
     """The mixer of each layer, bottom first (names registered with `layers.block.register_mixer`)."""

@@ -17,7 +17,7 @@ Two directory formats, each `config.json` + `model.safetensors`:
   `--format hf` dirs), so an export needs nothing outside its directory.
 * **Hugging Face** (`--format hf`, the models with an HF counterpart: `hf_models()`): the directory that
   `transformers.MambaForCausalLM.from_pretrained(DIR)` /
-  `Mamba2ForCausalLM.from_pretrained(DIR)` load, with HF's names and layouts
+  `Mamba2ForCausalLM` / `xLSTMForCausalLM.from_pretrained(DIR)` load, with HF's names and layouts
   (`[out, in]` linear weights, conv1d `[C, 1, K]`). It computes the same
   logits (tested to < 1e-6 relative in float32). A config HF cannot express is
   refused with a one-line error; nothing that loads but computes differently is
@@ -26,8 +26,8 @@ Two directory formats, each `config.json` + `model.safetensors`:
   `pytorch_model.bin` with torch installed) back into a longctx export.
 
 Which models have a Hugging Face counterpart, and how their weights and configs map, lives next to each
-model's math (`hf_model_type`, `hf_config`, `hf_weight_map`, `config_from_hf` in models/mamba.py and
-models/mamba2.py; the shared machinery in models/hf.py): this module only finds the model by name.
+model's math (`hf_model_type`, `hf_config`, `hf_weight_map`, `config_from_hf` in models/mamba.py,
+models/mamba2.py and models/mlstm.py; the shared machinery in models/hf.py): this module only finds the model by name.
 
 Stable Python API (`longctx train --init-from` builds on `read_export`):
 

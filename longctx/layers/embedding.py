@@ -47,6 +47,7 @@ class Embedding(nnx.Module):
     self.table = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), fan_in=cfg.d_model)
     self.head = None if cfg.tie_embeddings else param(
         rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), fan_in=cfg.d_model)
+    self.logit_cap = cfg.logit_cap
     taps = cfg.embed_conv
     self.conv = param(rngs, (taps, cfg.d_model), ("conv", "embed"), fan_in=taps) if taps else None
 
@@ -75,7 +76,9 @@ class Embedding(nnx.Module):
     return token_conv(self.embed(all_tokens, dtype), self.conv[...], doc), all_tokens[:, -n:]
 
   def logits(self, x: jax.Array) -> jax.Array:
-    """`[batch, seq, d_model] -> [batch, seq, vocab]` in float32."""
-    if self.head is None:
-      return dense(x, self.table[...].T, preferred_element_type=jnp.float32)
-    return dense(x, self.head[...], preferred_element_type=jnp.float32)
+    """`[batch, seq, d_model] -> [batch, seq, vocab]` in float32 (soft-capped where `model.logit_cap` > 0)."""
+    w = self.table[...].T if self.head is None else self.head[...]
+    logits = dense(x, w, preferred_element_type=jnp.float32)
+    if self.logit_cap:
+      logits = self.logit_cap * jnp.tanh(logits / self.logit_cap)
+    return logits
