@@ -22,7 +22,7 @@ Peers: x-transformers' TransformerWrapper with Transformer-XL memory (transforme
 recurrent-memory-transformer-pytorch (rmt), block-recurrent-transformer-pytorch (block_recurrent),
 infini-transformer-pytorch (infini_attention), titans-pytorch's MemoryAsContextTransformer (titans, against our
 MAC variant), Hugging Face transformers' MambaForCausalLM / Mamba2ForCausalLM on their torch paths (mamba,
-mamba2; on a CPU their CUDA kernels are absent), and its Qwen3NextForCausalLM with every layer a Gated DeltaNet and
+mamba2; on a CPU their CUDA kernels are absent), its xLSTMForCausalLM (mlstm), and its Qwen3NextForCausalLM with every layer a Gated DeltaNet and
 dense MLPs (gated_deltanet; its torch chunked gated delta rule). A peer that is not installed gets a row that says so. Not
 covered: the Memorizing Transformer port (needs faiss-gpu) and fla's RetNet (needs triton).
 
@@ -48,6 +48,7 @@ PEERS = {
     "titans": ("titans-pytorch MemoryAsContextTransformer (MAC)", "titans_pytorch"),
     "mamba": ("transformers MambaForCausalLM (torch path)", "transformers"),
     "mamba2": ("transformers Mamba2ForCausalLM (torch path)", "transformers"),
+    "mlstm": ("transformers xLSTMForCausalLM (its native chunkwise torch kernel, train mode)", "transformers"),
     "gated_deltanet": ("transformers Qwen3NextForCausalLM, every layer linear attention with a dense MLP "
                        "(torch gated delta rule)", "transformers"),
 }
@@ -57,7 +58,7 @@ OURS_OVERRIDES = {"titans": ["model.variant=mac", "model.chunk_size={seg_len}"]}
 # Peers that detach the carried state at every segment (x-transformers' mems, the Block-Recurrent port's states
 # and XL memories; HF's Mamba/Mamba-2 training forward carries no state at all) do no backward through it: ours
 # then runs with train.state_gradient=stop, the same work. The others backpropagate through it, as ours does.
-DETACHING_PEERS = ("transformer", "block_recurrent", "mamba", "mamba2", "gated_deltanet")
+DETACHING_PEERS = ("transformer", "block_recurrent", "mamba", "mamba2", "gated_deltanet", "mlstm")
 
 
 # ----------------------------------------------------------------------------- our side
@@ -169,6 +170,17 @@ def _peer_model(name: str, cfg: dict, args):
       model = transformers.Mamba2ForCausalLM(hf)
     # Their training forward takes no carried state: each segment starts from zeros (ours carries it; the
     # carried state is a few KiB per lane, negligible work).
+    return model, per_segment(lambda x, _: (model(x).logits, None))
+  if name == "mlstm":
+    import transformers
+
+    # xLSTM 7B's stack at our size; its training forward (mode "train") starts each segment from zeros.
+    hf = transformers.xLSTMConfig(
+        vocab_size=vocab, hidden_size=d, num_hidden_layers=depth, num_heads=heads, qk_dim_factor=cfg["qk_factor"],
+        v_dim_factor=cfg["v_factor"], ffn_proj_factor=cfg["d_ff"] / d, ffn_round_up_to_multiple_of=cfg["d_ff"],
+        gate_soft_cap=cfg["gate_cap"], output_logit_soft_cap=cfg["logit_cap"], chunk_size=cfg["chunk_size"],
+        mode="train", autocast_kernel_dtype="float32", use_cache=False, tie_word_embeddings=False)
+    model = transformers.xLSTMForCausalLM(hf)
     return model, per_segment(lambda x, _: (model(x).logits, None))
   if name == "gated_deltanet":
     import transformers
