@@ -49,7 +49,7 @@ scan over a segment keeps ~10 copies of the memory weights per chunk: at d_model
 64 chunks per segment, 73 GB for 4 layers. `scan_steps` runs the steps in groups of ~sqrt(chunks),
 each rematerialised in the backward pass (`memory_checkpoint`): one carry kept per group, one extra
 forward pass of the steps (the train step ~0.87x at d_model 128, 64 chunks, where the plain scan
-fits), 9x less memory there.
+fits), 5x less memory there (5713 -> 1137 MiB of compiled temporaries, 4 layers, 8 lanes).
 
 This module is the memory's math and its streaming plan, pure functions over `[batch, ...]` arrays;
 models/titans.py has its projections and gates (`NeuralMemory`) and the MAG / MAC layers around it.
