@@ -215,3 +215,22 @@ def test_the_kernel_switch_is_one_place():
           resolve("pallas", op, platform=platform)
   with pytest.raises(ConfigError, match="model.kernel='cuda' is not one of"):
     resolve("cuda", "attention")
+
+
+def test_logit_cap_soft_caps_the_head():
+  """`model.logit_cap` (the shell's head, any model): logits = cap * tanh(uncapped / cap), same weights."""
+  import dataclasses
+
+  cfg = TransformerConfig(vocab_size=50, d_model=32, num_layers=1, num_heads=4, window=8)
+  capped_cfg = dataclasses.replace(cfg, logit_cap=2.0)
+  capped_cfg.validate()
+  plain, capped = create_model(cfg, seed=0), create_model(capped_cfg, seed=0)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, 12)), jnp.int32)
+  run = lambda m: m(tokens, m.init_state(2), reset=jnp.ones(2, bool))[0]
+  raw, out = run(plain), run(capped)
+  assert float(jnp.max(jnp.abs(raw))) > 2.0  # the cap binds somewhere
+  assert float(jnp.max(jnp.abs(out))) < 2.0 and rel_err(out, 2.0 * jnp.tanh(raw / 2.0)) < 1e-6
+  from longctx.errors import ConfigError
+
+  with pytest.raises(ConfigError, match="logit_cap"):
+    dataclasses.replace(cfg, logit_cap=-1.0).validate()
