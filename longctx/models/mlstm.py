@@ -51,6 +51,7 @@ from longctx.layers.context import Context
 from longctx.layers.recurrence import recurrence
 from longctx.models import hf
 from longctx.models.base import LM
+from longctx.models.mamba import config_of
 from longctx.models.registry import register_model
 
 
@@ -270,8 +271,4 @@ class MLSTM(LM):
     except (KeyError, TypeError, ValueError) as e:
       raise ConfigError(f"Hugging Face config is missing or has a bad {e}; expected a transformers xlstm "
                         "config.json") from None
-    values = {**base, **arch}
-    names = {f.name for f in dataclasses.fields(MLSTMConfig)}
-    cfg = MLSTMConfig(**{k: v for k, v in values.items() if k in names})
-    cfg.validate()
-    return cfg
+    return config_of(MLSTMConfig, {**base, **arch})
