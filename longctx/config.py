@@ -99,6 +99,38 @@ class MultiHeadConfig(ModelConfig):
 
 
 @dataclasses.dataclass
+class WidthFactorConfig(MultiHeadConfig):
+  """A multi-head model whose key and value widths are factors of d_model split over the heads (GLA, mLSTM):
+  `width_factors` names its two factor fields, key first; `head_dim` is not used."""
+
+  width_factors: typing.ClassVar[tuple[str, str]] = ("key_expand", "value_expand")
+
+  def validate(self) -> None:
+    super().validate()
+    key, value = self.width_factors
+    if self.head_dim:
+      raise ConfigError(f"model.head_dim={self.head_dim} is not used by {self.name}: its key and value widths are "
+                        f"model.{key} and model.{value} x d_model, split over model.num_heads")
+    for field in self.width_factors:
+      factor = getattr(self, field)
+      total = factor * self.d_model
+      if not factor > 0 or total != int(total) or int(total) % self.num_heads:
+        raise ConfigError(f"model.{field}={factor} x d_model={self.d_model} must be a positive whole number of "
+                          f"channels divisible by model.num_heads={self.num_heads}")
+
+  def _width(self, field: str) -> int:
+    return int(getattr(self, field) * self.d_model) // self.num_heads
+
+  @property
+  def key_dim(self) -> int:
+    return self._width(self.width_factors[0])
+
+  @property
+  def value_dim(self) -> int:
+    return self._width(self.width_factors[1])
+
+
+@dataclasses.dataclass
 class DataConfig:
   """Where documents come from and how they are packed into lanes.
 

@@ -14,7 +14,8 @@ from conftest import rel_err
 from longctx.errors import ConfigError
 from longctx.layers.context import Context
 from longctx.models import MLSTMConfig, create_model
-from longctx.models.mlstm import mlstm_cell, soft_cap
+from longctx.layers import soft_cap
+from longctx.models.mlstm import mlstm_cell
 
 B, S, H, DK, DV = 2, 23, 2, 8, 6
 EPS = 1e-6

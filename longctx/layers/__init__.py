@@ -5,5 +5,5 @@ from longctx.layers.attention import AttentionProjections, Keys, WindowAttention
 from longctx.layers.block import Block, Mixer, build_block, get_mixer, register_mixer
 from longctx.layers.context import Context
 from longctx.layers.embedding import Embedding
-from longctx.layers.linear import GatedMLP, dense, param
+from longctx.layers.linear import GatedMLP, dense, param, soft_cap
 from longctx.layers.norms import RMSNorm, l2_normalize, rms_norm

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from longctx.layers.context import Context
-from longctx.layers.linear import dense, param
+from longctx.layers.linear import dense, param, soft_cap
 
 
 def token_conv(e: jax.Array, kernel: jax.Array, doc: jax.Array) -> jax.Array:
@@ -80,5 +80,5 @@ class Embedding(nnx.Module):
     w = self.table[...].T if self.head is None else self.head[...]
     logits = dense(x, w, preferred_element_type=jnp.float32)
     if self.logit_cap:
-      logits = self.logit_cap * jnp.tanh(logits / self.logit_cap)
+      logits = soft_cap(logits, self.logit_cap)
     return logits

@@ -65,6 +65,11 @@ def _dense_bwd(in_dims, preferred_element_type, residuals, g):
 _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
+def soft_cap(x: jax.Array, cap: float) -> jax.Array:
+  """`cap * tanh(x / cap)`: x squashed smoothly into (-cap, cap) (Gemma 2's and xLSTM 7B's logits, mLSTM's gates)."""
+  return cap * jnp.tanh(x / cap)
+
+
 class GatedMLP(nnx.Module):
   """SwiGLU feed-forward: `down(silu(x @ gate) * (x @ up))`.
 

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from longctx.config import MultiHeadConfig
+from longctx.config import WidthFactorConfig
 from longctx.errors import ConfigError
 from longctx.layers import Mixer, dense, param, register_mixer, rms_norm
 from longctx.layers.attention import project
@@ -44,7 +44,7 @@ from longctx.models.registry import register_model
 
 
 @dataclasses.dataclass
-class GLAConfig(MultiHeadConfig):
+class GLAConfig(WidthFactorConfig):
   mixer = "gla"
   tiny = {"num_heads": 2, "gate_rank": 4, "chunk_size": 8}
 
@@ -60,24 +60,8 @@ class GLAConfig(MultiHeadConfig):
     for key in ("gate_rank", "chunk_size"):
       if getattr(self, key) < 1:
         raise ConfigError(f"model.{key}={getattr(self, key)} must be >= 1")
-    if self.head_dim:
-      raise ConfigError(f"model.head_dim={self.head_dim} is not used by gla: its key and value widths are "
-                        "model.key_expand and model.value_expand x d_model, split over model.num_heads")
     if not self.gate_temperature > 0:
       raise ConfigError(f"model.gate_temperature={self.gate_temperature} must be > 0")
-    for key, width in (("key_expand", self.key_dim), ("value_expand", self.value_dim)):
-      total = getattr(self, key) * self.d_model
-      if not getattr(self, key) > 0 or total != int(total) or int(total) % self.num_heads or width < 1:
-        raise ConfigError(f"model.{key}={getattr(self, key)} x d_model={self.d_model} must be a positive whole "
-                          f"number of channels divisible by model.num_heads={self.num_heads}")
-
-  @property
-  def key_dim(self) -> int:
-    return int(self.key_expand * self.d_model) // self.num_heads
-
-  @property
-  def value_dim(self) -> int:
-    return int(self.value_expand * self.d_model) // self.num_heads
 
 
 def gla_log_decay(x, w1, w2, bias, *, temperature: float):

@@ -43,9 +43,9 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from longctx.config import MultiHeadConfig
+from longctx.config import WidthFactorConfig
 from longctx.errors import ConfigError
-from longctx.layers import Mixer, dense, param, register_mixer
+from longctx.layers import Mixer, dense, param, register_mixer, soft_cap
 from longctx.layers.attention import project
 from longctx.layers.context import Context
 from longctx.layers.recurrence import recurrence
@@ -56,8 +56,9 @@ from longctx.models.registry import register_model
 
 
 @dataclasses.dataclass
-class MLSTMConfig(MultiHeadConfig):
+class MLSTMConfig(WidthFactorConfig):
   mixer = "mlstm"
+  width_factors = ("qk_factor", "v_factor")
   tiny = {"num_heads": 2, "chunk_size": 8}
 
   name: str = "mlstm"
@@ -71,9 +72,6 @@ class MLSTMConfig(MultiHeadConfig):
 
   def validate(self) -> None:
     super().validate()
-    if self.head_dim:
-      raise ConfigError(f"model.head_dim={self.head_dim} is not used by mlstm: its widths are model.qk_factor and "
-                        "model.v_factor x d_model, split over model.num_heads")
     if self.chunk_size < 1:
       raise ConfigError(f"model.chunk_size={self.chunk_size} must be >= 1")
     if not 0 < self.gate_cap <= 30:
@@ -81,23 +79,6 @@ class MLSTMConfig(MultiHeadConfig):
                         "exp(gate_cap) is accumulated unstabilised in float32")
     if not self.eps > 0:
       raise ConfigError(f"model.eps={self.eps} must be > 0")
-    for key in ("qk_factor", "v_factor"):
-      total = getattr(self, key) * self.d_model
-      if not getattr(self, key) > 0 or total != int(total) or int(total) % self.num_heads:
-        raise ConfigError(f"model.{key}={getattr(self, key)} x d_model={self.d_model} must be a positive whole "
-                          f"number of channels divisible by model.num_heads={self.num_heads}")
-
-  @property
-  def key_dim(self) -> int:
-    return int(self.qk_factor * self.d_model) // self.num_heads
-
-  @property
-  def value_dim(self) -> int:
-    return int(self.v_factor * self.d_model) // self.num_heads
-
-
-def soft_cap(x, cap: float):
-  return cap * jnp.tanh(x / cap)
 
 
 def segmented_scan(op, x, doc):
