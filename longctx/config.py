@@ -50,6 +50,7 @@ class ModelConfig:
   norm_eps: float = 1e-6
   embed_conv: int = 0  # width of a causal depthwise conv over token embeddings (0 = off; 4 helps recall)
   logit_cap: float = 0.0  # > 0: logits = cap * tanh(logits / cap) (Gemma 2, xLSTM 7B: 30); 0 = off
+  embed_scale: bool = False  # multiply input embeddings by sqrt(d_model), rounded to bfloat16 (Gemma, Griffin)
   kernel: str = "auto"  # "auto", "reference", "xla" or "pallas": which implementation the kernels run
 
   def validate(self) -> None:

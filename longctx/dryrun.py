@@ -136,12 +136,22 @@ def reduced_model(model: ModelConfig, ordinary: int) -> ModelConfig:
   return dataclasses.replace(model, **changes)
 
 
+def pattern_period(model: ModelConfig) -> int:
+  """The length of the shortest unit the layer pattern repeats (Griffin's recurrent, recurrent, attention: 3)."""
+  pattern = model.layer_pattern()
+  return next(p for p in range(1, len(pattern) + 1) if all(m == pattern[i % p] for i, m in enumerate(pattern)))
+
+
 def depth_plan(model: ModelConfig, *, full: bool) -> tuple[int, ...]:
-  """Ordinary-layer counts to compile: the recipe's own, or the two reduced depths."""
+  """Ordinary-layer counts to compile: the recipe's own, or the two reduced depths, each a whole number of
+  the layer pattern's repeating units (so the line through them has every kind of layer in its share)."""
   ordinary = model.num_layers - len(special_layers(model))
-  if full or ordinary <= REDUCED[-1]:
+  period = 1 if special_layers(model) else pattern_period(model)
+  low, high = (-(-n // period) * period for n in REDUCED)
+  reduced = (low, high if high > low else low + period)
+  if full or ordinary <= reduced[-1]:
     return (ordinary,)
-  return REDUCED
+  return reduced
 
 
 # ----------------------------------------------------------------------------- compiling

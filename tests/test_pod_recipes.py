@@ -45,7 +45,7 @@ def test_one_pod_recipe_per_model_on_64_chips():
     cfg = recipe_lib.load_recipe(path)
     mesh = dataclasses.asdict(cfg.mesh)
     assert -1 not in mesh.values() and mesh["data"] * mesh["fsdp"] * mesh["tensor"] * mesh["sequence"] == 64, name
-    if name in ("transformer", "retnet", "mamba", "mamba2", "gated_deltanet", "gla", "mlstm"):
+    if name in ("transformer", "retnet", "mamba", "mamba2", "gated_deltanet", "gla", "mlstm", "griffin"):
       assert mesh["sequence"] > 1, f"{name}: the attention baseline and linear recurrences use context parallelism"
     assert cfg.data.batch_size * cfg.data.seg_len * cfg.data.segments_per_step == 2**21, name
     doc = path.read_text().split('"""')[1]
@@ -137,6 +137,10 @@ def test_reduced_depth_keeps_special_layers_in_place():
   assert dryrun.depth_plan(shallow, full=False) == (8,)  # 8 ordinary layers or fewer: compiled as they are
   plain = recipe_lib.load_recipe(POD / "mamba.py").model
   assert dryrun.reduced_model(plain, 2).num_layers == 2 and dryrun.depth_plan(plain, full=True) == (48,)
+  # A repeating pattern is compiled in whole units: Griffin's (recurrent, recurrent, attention) at 6 and 9 layers.
+  griffin = recipe_lib.load_recipe(POD / "griffin.py").model
+  assert dryrun.pattern_period(griffin) == 3 and dryrun.depth_plan(griffin, full=False) == (6, 9)
+  assert dryrun.depth_plan(plain, full=False) == (6, 8)
 
 
 def test_extrapolation_is_the_line_through_two_depths():

@@ -321,17 +321,18 @@ class AttentionProjections(nnx.Module):
   """The q, k, v and output projections of grouped-query attention (every attention mixer has them).
 
   wq `[d_model, heads, head_dim]`, wk / wv `[d_model, kv_heads, head_dim]`, wo `[heads, head_dim, d_model]`
-  (drawn at 1 / (2 num_layers) of its fan-in variance, the residual branches' scale).
+  (drawn at `out_scale`, default 1 / (2 num_layers), of its fan-in variance: the residual branches' scale).
   """
 
-  def __init__(self, cfg, *, rngs: nnx.Rngs, kv_heads: int | None = None, out_fan_in: int | None = None):
+  def __init__(self, cfg, *, rngs: nnx.Rngs, kv_heads: int | None = None, out_fan_in: int | None = None,
+               out_scale: float | None = None):
     d, h, hd = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim
     kvh = kv_heads or getattr(cfg, "num_kv_heads", 0) or h
     self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), fan_in=d)
     self.wk = param(rngs, (d, kvh, hd), ("embed", "kv_heads", "head_dim"), fan_in=d)
     self.wv = param(rngs, (d, kvh, hd), ("embed", "kv_heads", "head_dim"), fan_in=d)
     self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), fan_in=out_fan_in or h * hd,
-                    scale=1.0 / (2 * cfg.num_layers))
+                    scale=out_scale or 1.0 / (2 * cfg.num_layers))
 
   def qkv(self, x):
     """x `[batch, seq, d_model]` -> q `[batch, seq, heads, head_dim]`, k, v `[batch, seq, kv_heads, head_dim]`."""
@@ -383,11 +384,10 @@ class WindowAttention(AttentionProjections, Mixer):
     """The positions of the step's queries and the key blocks [cache; step] of this window, rotated."""
     cfg = self.cfg
     w, s = cfg.window, k.shape[1]
-    base = cfg.rope_base
     pos = jnp.arange(w + s)
-    cache = Keys(rotary(state["k"], pos[:w], base=base).astype(k.dtype), state["v"].astype(v.dtype), pos=pos[:w],
+    cache = Keys(self.rotate(state["k"], pos[:w]).astype(k.dtype), state["v"].astype(v.dtype), pos=pos[:w],
                  doc=ctx.history_doc(w), window=w)
-    tokens = Keys(rotary(k, pos[w:], base=base), v, pos=pos[w:], doc=ctx.doc, window=w, sharded=True)
+    tokens = Keys(self.rotate(k, pos[w:]), v, pos=pos[w:], doc=ctx.doc, window=w, sharded=True)
     return pos[w:], [cache, tokens]
 
   def attend(self, q, k, v, state, ctx: Context, *, extra: Sequence[Keys] = ()):
@@ -395,8 +395,12 @@ class WindowAttention(AttentionProjections, Mixer):
     key blocks, e.g. a persistent prefix)."""
     cfg = self.cfg
     q_pos, blocks = self.window_keys(k, v, state, ctx)
-    return attention(rotary(q, q_pos, base=cfg.rope_base), [*extra, *blocks], q_pos=q_pos, q_doc=ctx.doc,
+    return attention(self.rotate(q, q_pos), [*extra, *blocks], q_pos=q_pos, q_doc=ctx.doc,
                      kernel=cfg.kernel, block_size=cfg.attention_block or None, q_sharded=True)
+
+  def rotate(self, x, positions):
+    """Rotary positions on queries or keys `[batch, seq, heads, head_dim]` (Griffin's attention rotates a part)."""
+    return rotary(x, positions, base=self.cfg.rope_base)
 
   def roll(self, state, k, v) -> dict:
     """The cache after the step: the last `window` of [cache; step]'s unrotated keys and values."""

@@ -10,6 +10,7 @@ tokens are state (`history`); which of them belong to the open document follows 
 from __future__ import annotations
 
 import jax
+import ml_dtypes
 import jax.numpy as jnp
 from flax import nnx
 
@@ -48,6 +49,8 @@ class Embedding(nnx.Module):
     self.head = None if cfg.tie_embeddings else param(
         rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), fan_in=cfg.d_model)
     self.logit_cap = cfg.logit_cap
+    # Gemma's sqrt(d_model), as its checkpoints were trained and transformers computes it: rounded to bfloat16
+    self.scale = float(ml_dtypes.bfloat16(cfg.d_model ** 0.5)) if cfg.embed_scale else None
     taps = cfg.embed_conv
     self.conv = param(rngs, (taps, cfg.d_model), ("conv", "embed"), fan_in=taps) if taps else None
 
@@ -62,8 +65,9 @@ class Embedding(nnx.Module):
     return jnp.zeros((batch_size, n), jnp.int32) if n else None
 
   def embed(self, tokens: jax.Array, dtype) -> jax.Array:
-    """Plain lookup `[batch, seq] -> [batch, seq, d_model]` (no conv)."""
-    return jnp.take(self.table[...], tokens, axis=0).astype(dtype)
+    """Plain lookup `[batch, seq] -> [batch, seq, d_model]` (no conv), times `scale` where `model.embed_scale`."""
+    e = jnp.take(self.table[...], tokens, axis=0).astype(dtype)
+    return e if self.scale is None else e * jnp.asarray(self.scale, dtype)
 
   def embed_segment(self, tokens: jax.Array, history: jax.Array | None, ctx: Context,
                     dtype) -> tuple[jax.Array, jax.Array | None]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import jax.numpy as jnp
+from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from longctx import sharding as shd
@@ -46,6 +47,62 @@ def fused_selective_scan(x, dt, a, b, c, *, segment_ids=None, initial_state=None
               pallas=choice.impl == "pallas", unbatched=("a",))
 
 
+def diagonal_recurrence(a, x, *, initial_state=None, kernel: str = "auto"):
+  """The elementwise linear recurrence `h_t = a_t * h_{t-1} + x_t` (Griffin's RG-LRU, LRU-style layers).
+
+  Args:
+    a, x: `[batch, seq, *channels]`; a document starts where `a_t = 0` (nothing of h_{t-1} survives).
+    initial_state: `[batch, *channels]` h before the first token (None: zeros).
+    kernel: `model.kernel`; "reference" is a `lax.scan` over tokens, every other choice the associative scan
+      (`lax.associative_scan`, O(log seq) depth; this op has no Pallas kernel, so the caller refuses "pallas").
+  Returns:
+    `h [batch, seq, *channels]` and the final `h [batch, *channels]`, float32.
+
+  With a `sequence` axis of n > 1 devices in the mesh, each device scans its share from zero and one
+  all_gather of (the share's product of a, its last h) folds the states entering every share
+  (`sequence_parallel_diagonal_recurrence`).
+  """
+  impl = "reference" if kernel == "reference" else "associative"
+  return _run(functools.partial(_diagonal_scan, impl=impl),
+              functools.partial(sequence_parallel_diagonal_recurrence, axis_name=shd.SEQUENCE_AXIS, impl=impl),
+              {"a": a, "x": x, "initial_state": initial_state}, pallas=False)
+
+
+def _diagonal_scan(a, x, initial_state=None, *, impl: str):
+  a, x = a.astype(jnp.float32), x.astype(jnp.float32)
+  if initial_state is not None:
+    x = x.at[:, 0].add(a[:, 0] * initial_state.astype(jnp.float32))
+  if impl == "reference":
+    def step(h, inputs):
+      a_t, x_t = inputs
+      h = a_t * h + x_t
+      return h, h
+
+    _, h = lax.scan(step, jnp.zeros_like(x[:, 0]), (a.swapaxes(0, 1), x.swapaxes(0, 1)))
+    h = h.swapaxes(0, 1)
+  else:
+    _, h = lax.associative_scan(lambda l, r: (l[0] * r[0], r[0] * l[1] + r[1]), (a, x), axis=1)
+  return h, h[:, -1]
+
+
+def sequence_parallel_diagonal_recurrence(a, x, *, axis_name: str, initial_state=None, impl: str = "associative",
+                                          shard_index=None):
+  """`diagonal_recurrence` on a sequence sharded over mesh axis `axis_name` (inside `jax.shard_map`): this
+  shard's `h` and the whole sequence's final state (the same on every shard). The state after a shard is
+  `P h_in + h_local` with P the shard's product of a; `shard_index` as in
+  `kernels.linear_recurrence.sequence_parallel_linear_recurrence`."""
+  me = lax.axis_index(axis_name) if shard_index is None else jnp.reshape(shard_index, ()).astype(jnp.int32)
+  h, last = _diagonal_scan(a, x, impl=impl)
+  carry = jnp.cumprod(a.astype(jnp.float32), axis=1)  # [b, t, ...]: what of the entering state reaches token t
+  all_p = lax.all_gather(carry[:, -1], axis_name)
+  all_last = lax.all_gather(last, axis_name)
+  entering = [jnp.zeros_like(last) if initial_state is None else initial_state.astype(jnp.float32)]
+  for r in range(all_p.shape[0]):  # the shard count is static and small
+    entering.append(all_p[r] * entering[-1] + all_last[r])
+  h_in = jnp.stack(entering[:-1])[me]
+  return h + carry * h_in[:, None], entering[-1]
+
+
 def _run(one_device, sequence_parallel, named, *, pallas, unbatched=()):
   """`one_device(**named)`, or `sequence_parallel(**named, shard_index=...)` in a `shard_map` over the
   `sequence` axis when the mesh has one dividing seq. Every array is `[batch, seq, ...]` but the initial state
@@ -77,4 +134,4 @@ def _run(one_device, sequence_parallel, named, *, pallas, unbatched=()):
       *arrays)
 
 
-__all__ = ["fused_selective_scan", "recurrence"]
+__all__ = ["diagonal_recurrence", "fused_selective_scan", "recurrence"]

@@ -12,6 +12,7 @@ and `longctx import-hf` (longctx/export.py) find the model by name and call thes
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -78,6 +79,14 @@ def from_hf(model_cls, cfg, tensors: Mapping[str, np.ndarray], *, optional: Mapp
     raise CheckpointError(f"the Hugging Face weights hold {len(extra)} tensors longctx {cfg.name} has no place "
                           f"for (first: {extra[0]})")
   return flat
+
+
+def config_of(cls, values: Mapping):
+  """`cls(**values)` without the keys it does not have, validated (a config read from a transformers config)."""
+  names = {f.name for f in dataclasses.fields(cls)}
+  cfg = cls(**{k: v for k, v in values.items() if k in names})
+  cfg.validate()
+  return cfg
 
 
 def hf_float(x: Any) -> float:

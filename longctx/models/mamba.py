@@ -265,14 +265,6 @@ def hf_common_fields(hf_cfg: Mapping, kind: str) -> tuple[dict, dict]:
   return base, arch
 
 
-def config_of(cls, values: dict):
-  """`cls(**values)` without the keys it does not have, validated."""
-  names = {f.name for f in dataclasses.fields(cls)}
-  cfg = cls(**{k: v for k, v in values.items() if k in names})
-  cfg.validate()
-  return cfg
-
-
 MAMBA_MIXER_MAP = [
     ("in_proj", "in_proj.weight", hf.TRANSPOSE), ("conv_weight", "conv1d.weight", hf.CONV),
     ("conv_bias", "conv1d.bias", hf.IDENTITY), ("x_proj", "x_proj.weight", hf.TRANSPOSE),
@@ -307,4 +299,4 @@ class Mamba(LM):
     except (KeyError, TypeError, ValueError) as e:
       raise ConfigError(f"Hugging Face config is missing or has a bad {e}; expected a transformers mamba "
                         "config.json") from None
-    return config_of(MambaConfig, {**base, **arch})
+    return hf.config_of(MambaConfig, {**base, **arch})

@@ -53,7 +53,7 @@ from longctx.layers.recurrence import recurrence
 from longctx.layers.ssm import causal_conv1d, init_dt_bias
 from longctx.models import hf
 from longctx.models.base import LM
-from longctx.models.mamba import config_of, hf_backbone_map, hf_common_config, hf_common_fields
+from longctx.models.mamba import hf_backbone_map, hf_common_config, hf_common_fields
 from longctx.models.registry import register_model
 
 
@@ -235,4 +235,4 @@ class Mamba2(LM):
     except (KeyError, TypeError, ValueError) as e:
       raise ConfigError(f"Hugging Face config is missing or has a bad {e}; expected a transformers mamba2 "
                         "config.json") from None
-    return config_of(Mamba2Config, {**base, **arch})
+    return hf.config_of(Mamba2Config, {**base, **arch})

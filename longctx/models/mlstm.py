@@ -51,7 +51,6 @@ from longctx.layers.context import Context
 from longctx.layers.recurrence import recurrence
 from longctx.models import hf
 from longctx.models.base import LM
-from longctx.models.mamba import config_of
 from longctx.models.registry import register_model
 
 
@@ -252,4 +251,4 @@ class MLSTM(LM):
     except (KeyError, TypeError, ValueError) as e:
       raise ConfigError(f"Hugging Face config is missing or has a bad {e}; expected a transformers xlstm "
                         "config.json") from None
-    return config_of(MLSTMConfig, {**base, **arch})
+    return hf.config_of(MLSTMConfig, {**base, **arch})
