@@ -68,6 +68,11 @@ class ModelConfig:
     """The mixer of each layer, bottom first (names registered with `layers.block.register_mixer`)."""
     return [self.mixer] * self.num_layers
 
+  def layer_configs(self) -> list[tuple[str, "ModelConfig"]]:
+    """(mixer name, the config its layer reads) of each layer, bottom first: this config for every layer, except
+    in a hybrid stack (models/hybrid.py), whose layers each read the config of their own model."""
+    return [(name, self) for name in self.layer_pattern()]
+
   @property
   def resolved_d_ff(self) -> int:
     if self.d_ff:

@@ -45,7 +45,7 @@ def test_one_pod_recipe_per_model_on_64_chips():
     cfg = recipe_lib.load_recipe(path)
     mesh = dataclasses.asdict(cfg.mesh)
     assert -1 not in mesh.values() and mesh["data"] * mesh["fsdp"] * mesh["tensor"] * mesh["sequence"] == 64, name
-    if name in ("transformer", "retnet", "mamba", "mamba2", "gated_deltanet", "gla", "mlstm", "griffin"):
+    if name in ("transformer", "retnet", "mamba", "mamba2", "gated_deltanet", "gla", "mlstm", "griffin", "hybrid"):
       assert mesh["sequence"] > 1, f"{name}: the attention baseline and linear recurrences use context parallelism"
     assert cfg.data.batch_size * cfg.data.seg_len * cfg.data.segments_per_step == 2**21, name
     doc = path.read_text().split('"""')[1]

@@ -105,7 +105,7 @@ class SegmentLM(nnx.Module, abc.ABC):
 
 
 class LM(SegmentLM):
-  """The shell: embedding, the blocks of `cfg.layer_pattern()`, final RMSNorm, head; the segment loop.
+  """The shell: embedding, the blocks of `cfg.layer_configs()`, final RMSNorm, head; the segment loop.
 
   A model overrides what its math needs and nothing else:
     step_length(seg_len)            tokens per step of the segment loop (default: the whole segment)
@@ -117,8 +117,8 @@ class LM(SegmentLM):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embedding = Embedding(cfg, rngs=rngs)
-    self.blocks = nnx.List([build_block(name, cfg, layer=i, rngs=rngs)
-                            for i, name in enumerate(cfg.layer_pattern())])
+    self.blocks = nnx.List([build_block(name, layer_cfg, layer=i, rngs=rngs)
+                            for i, (name, layer_cfg) in enumerate(cfg.layer_configs())])
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
 
   # ------------------------------------------------------------------------- hooks
@@ -207,20 +207,22 @@ class LM(SegmentLM):
     head = 2 * cfg.d_model * cfg.vocab_size
     conv = 2 * cfg.embed_conv * cfg.d_model
     layers = 0.0
-    for name in cfg.layer_pattern():
+    for name, layer_cfg in cfg.layer_configs():
       mixer = get_mixer(name)
-      layers += mixer.flops_per_token(cfg, seg_len=seg_len) + (Block.mlp_flops_per_token(cfg) if mixer.mlp else 0)
+      layers += (mixer.flops_per_token(layer_cfg, seg_len=seg_len)
+                 + (Block.mlp_flops_per_token(layer_cfg) if mixer.mlp else 0))
     return float(layers + head + conv)
 
   @classmethod
   def activation_bytes_per_token(cls, cfg: ModelConfig, *, dtype_bytes: int) -> float:
-    return float(sum(get_mixer(name).activation_bytes_per_token(cfg, dtype_bytes=dtype_bytes)
-                     for name in cfg.layer_pattern()))
+    return float(sum(get_mixer(name).activation_bytes_per_token(layer_cfg, dtype_bytes=dtype_bytes)
+                     for name, layer_cfg in cfg.layer_configs()))
 
   @classmethod
   def horizon(cls, cfg: ModelConfig) -> int:
     """The layers' reaches added up, and the token conv's."""
-    return sum(get_mixer(name).reach(cfg) for name in cfg.layer_pattern()) + max(cfg.embed_conv - 1, 0)
+    return (sum(get_mixer(name).reach(layer_cfg) for name, layer_cfg in cfg.layer_configs())
+            + max(cfg.embed_conv - 1, 0))
 
 
 def reset_rows(state: State, fresh: State, reset: jax.Array) -> State:
