@@ -427,7 +427,7 @@ EXPORT = [
     Case("export-not-a-run", ["export", "{S}", "--format", "safetensors", "--out", "{T}/x"], "config.json not found"),
     Case("export-bad-format", ["export", "{A}", "--format", "onnx", "--out", "{T}/x"], "invalid choice: 'onnx'"),
     Case("export-hf-of-transformer", ["export", "{A}", "--format", "hf", "--out", "{T}/x"],
-         "--format hf supports models griffin, mamba, mamba2, mlstm"),
+         "--format hf supports models gated_deltanet, griffin, mamba, mamba2, mlstm"),
     Case("export-out-not-empty", ["export", "{A}", "--format", "safetensors", "--out", "{S}"],
          "already exists and is not empty"),
     Case("export-step-missing", ["export", "{A}", "--format", "safetensors", "--out", "{T}/x", "--step", "99"],

@@ -38,9 +38,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from longctx.config import MultiHeadConfig
@@ -50,6 +52,7 @@ from longctx.layers.attention import project
 from longctx.layers.context import Context
 from longctx.layers.recurrence import recurrence
 from longctx.layers.ssm import causal_conv1d, init_dt_bias
+from longctx.models import hf
 from longctx.models.base import LM
 from longctx.models.registry import register_model
 
@@ -201,3 +204,89 @@ class GatedDeltaMixer(Mixer):
                 description="Gated DeltaNet / DeltaNet: the (gated) delta rule through the chunked kernel, O(1) state")
 class GatedDeltaNet(LM):
   context_parallel = "sequence-parallel linear recurrence (the delta rule: each shard re-runs from its true state)"
+  hf_model_type = "qwen3_next"
+
+  @classmethod
+  def hf_config(cls, cfg: GatedDeltaNetConfig) -> dict:
+    if cfg.variant != "gated":
+      raise ConfigError(f"model.variant={cfg.variant!r}: Hugging Face Qwen3-Next has the gated layer only; export "
+                        "with --format safetensors")
+    n = cfg.num_layers
+    return {"architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next", "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.d_model, "intermediate_size": cfg.resolved_d_ff, "num_hidden_layers": n,
+            "layer_types": ["linear_attention"] * n, "mlp_only_layers": list(range(n)), "hidden_act": "silu",
+            "linear_num_key_heads": cfg.num_heads, "linear_num_value_heads": cfg.resolved_value_heads,
+            "linear_key_head_dim": cfg.resolved_head_dim, "linear_value_head_dim": cfg.resolved_value_dim,
+            "linear_conv_kernel_dim": cfg.conv_kernel, "rms_norm_eps": cfg.norm_eps,
+            "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_heads,
+            "tie_word_embeddings": bool(cfg.tie_embeddings), "dtype": "float32",
+            # transformers builds its attention mask from the cache's attention layers, and this stack has none
+            "use_cache": False}
+
+  @classmethod
+  def hf_weight_map(cls, cfg: GatedDeltaNetConfig) -> list:
+    return hf_weight_map(cfg)
+
+  @classmethod
+  def config_from_hf(cls, hf_cfg: Mapping) -> GatedDeltaNetConfig:
+    hf.require(hf_cfg, "hidden_act", "silu", kind="gated_deltanet")
+    try:
+      n = int(hf_cfg["num_hidden_layers"])
+      if list(hf_cfg.get("layer_types") or []) != ["linear_attention"] * n:
+        raise ConfigError("Hugging Face Qwen3-Next config has full-attention layers; longctx gated_deltanet reads "
+                          "one whose layer_types are all linear_attention")
+      if sorted(hf_cfg.get("mlp_only_layers") or []) != list(range(n)):
+        raise ConfigError("Hugging Face Qwen3-Next config has mixture-of-experts layers; longctx gated_deltanet "
+                          "reads one with mlp_only_layers = every layer (dense MLPs)")
+      saved = (hf_cfg.get("longctx") or {}).get("model") or {}
+      base = dict(saved) if saved.get("name") == "gated_deltanet" else {"name": "gated_deltanet"}
+      arch = {"vocab_size": int(hf_cfg["vocab_size"]), "d_model": int(hf_cfg["hidden_size"]), "num_layers": n,
+              "d_ff": int(hf_cfg["intermediate_size"]), "num_heads": int(hf_cfg["linear_num_key_heads"]),
+              "head_dim": int(hf_cfg["linear_key_head_dim"]),
+              "num_value_heads": int(hf_cfg["linear_num_value_heads"]),
+              "value_head_dim": int(hf_cfg["linear_value_head_dim"]),
+              "conv_kernel": int(hf_cfg.get("linear_conv_kernel_dim", 4)), "variant": "gated",
+              "norm_eps": float(hf_cfg.get("rms_norm_eps", 1e-6)),
+              "tie_embeddings": bool(hf_cfg.get("tie_word_embeddings", False)), "embed_conv": 0}
+    except (KeyError, TypeError, ValueError) as e:
+      raise ConfigError(f"Hugging Face config is missing or has a bad {e}; expected a transformers qwen3_next "
+                        "config.json") from None
+    return hf.config_of(GatedDeltaNetConfig, {**base, **arch})
+
+
+def hf_weight_map(cfg: GatedDeltaNetConfig) -> list:
+  """Every (our flat name(s), transformers Qwen3NextForCausalLM name, (to_hf, from_hf)). Its in_proj_qkvz and
+  in_proj_ba interleave q, k, v, z and b, a per key head (each key head's group of value heads together); its
+  conv1d's channels are q | k | v flattened; its (1 + w) RMSNorms are our scales minus one."""
+  d, hk, dk, hv, dv, kk = (cfg.d_model, cfg.num_heads, cfg.resolved_head_dim, cfg.resolved_value_heads,
+                           cfg.resolved_value_dim, cfg.conv_kernel)
+  r = hv // hk
+  split = lambda w, widths: np.split(w, np.cumsum(widths)[:-1], axis=-1)
+  qkvz = (lambda ws: np.ascontiguousarray(np.concatenate([w.reshape(d, hk, -1) for w in ws], axis=2).reshape(d, -1).T),
+          lambda w: tuple(part.reshape(d, -1, width) for part, width in zip(
+              split(w.T.reshape(d, hk, -1), [dk, dk, r * dv, r * dv]), [dk, dk, dv, dv])))
+  ba = (lambda ws: np.ascontiguousarray(np.concatenate([w.reshape(d, hk, r) for w in ws], axis=2).reshape(d, -1).T),
+        lambda w: tuple(part.reshape(d, hv) for part in split(w.T.reshape(d, hk, 2 * r), [r, r])))
+  conv = (lambda ws: np.ascontiguousarray(np.concatenate([w.reshape(kk, -1) for w in ws], axis=1).T[:, None, :]),
+          lambda w: tuple(part.reshape(kk, -1, width) for part, width in zip(
+              split(hf.CONV[1](w), [hk * dk, hk * dk, hv * dv]), [dk, dk, dv])))
+  out = (lambda w: np.ascontiguousarray(w.reshape(hv * dv, d).T), lambda w: np.ascontiguousarray(w.T.reshape(hv, dv, d)))
+  scale = (lambda s: s - 1.0, lambda w: w + 1.0)  # Qwen3-Next's RMSNorm multiplies by 1 + w
+  pairs = [("embedding.table", "model.embed_tokens.weight", hf.IDENTITY),
+           ("final_norm.scale", "model.norm.weight", scale)]
+  if not cfg.tie_embeddings:
+    pairs.append(("embedding.head", "lm_head.weight", hf.TRANSPOSE))
+  for i in range(cfg.num_layers):
+    layer, mixer = f"model.layers.{i}", f"blocks.{i}.mixer"
+    pairs += [(f"blocks.{i}.norm.scale", f"{layer}.input_layernorm.weight", scale),
+              (f"blocks.{i}.mlp_norm.scale", f"{layer}.post_attention_layernorm.weight", scale),
+              (tuple(f"{mixer}.{w}" for w in ("wq", "wk", "wv", "wz")), f"{layer}.linear_attn.in_proj_qkvz.weight", qkvz),
+              ((f"{mixer}.wb", f"{mixer}.wa"), f"{layer}.linear_attn.in_proj_ba.weight", ba),
+              (tuple(f"{mixer}.{c}" for c in ("conv_q", "conv_k", "conv_v")), f"{layer}.linear_attn.conv1d.weight", conv),
+              (f"{mixer}.dt_bias", f"{layer}.linear_attn.dt_bias", hf.IDENTITY),
+              (f"{mixer}.A_log", f"{layer}.linear_attn.A_log", hf.IDENTITY),
+              (f"{mixer}.norm", f"{layer}.linear_attn.norm.weight", hf.IDENTITY),
+              (f"{mixer}.wo", f"{layer}.linear_attn.out_proj.weight", out)]
+    pairs += [(f"blocks.{i}.mlp.{ours}", f"{layer}.mlp.{theirs}_proj.weight", hf.TRANSPOSE)
+              for ours, theirs in (("gate", "gate"), ("up", "up"), ("down", "down"))]
+  return pairs

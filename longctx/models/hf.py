@@ -6,6 +6,9 @@ A model with one (Mamba, Mamba-2) sets `hf_model_type` and defines, next to its 
     hf_weight_map(cfg) -> [(ours, hf, (to_hf, from_hf)), ...]   every tensor, by our flat and HF's name
     config_from_hf(hf: Mapping) -> its ModelConfig               or a one-line ConfigError
 
+An entry whose `ours` is a tuple of names is one HF tensor fused from several of ours (Qwen3-Next's
+in_proj_qkvz): its `to_hf` takes the tuple of our arrays, its `from_hf` returns one.
+
 and `to_hf` / `from_hf` below turn the weights either way through that map. `longctx export --format hf`
 and `longctx import-hf` (longctx/export.py) find the model by name and call these.
 """
@@ -46,14 +49,20 @@ CONV: Transform = (_conv_to_hf, _conv_from_hf)  # our [K, C] <-> torch's depthwi
 def to_hf(model_cls, cfg, flat: Mapping[str, np.ndarray]) -> Flat:
   """Our flat weights -> HF's state dict (numpy); every tensor must be mapped exactly once."""
   pairs = model_cls.hf_weight_map(cfg)
-  unmapped = sorted(set(flat) - {ours for ours, _, _ in pairs})
+  unmapped = sorted(set(flat) - {name for ours, _, _ in pairs for name in _names(ours)})
   if unmapped:
     raise ConfigError(f"tensor {unmapped[0]} has no Hugging Face {cfg.name} equivalent; export with "
                       "--format safetensors")
-  missing = [ours for ours, _, _ in pairs if ours not in flat]
+  missing = [name for ours, _, _ in pairs for name in _names(ours) if name not in flat]
   if missing:
     raise CheckpointError(f"tensor {missing[0]} is missing from the checkpoint")
-  return {hf: np.asarray(to(np.asarray(flat[ours]))) for ours, hf, (to, _) in pairs}
+  take = lambda ours: (tuple(np.asarray(flat[n]) for n in ours) if isinstance(ours, tuple)
+                       else np.asarray(flat[ours]))
+  return {hf: np.asarray(to(take(ours))) for ours, hf, (to, _) in pairs}
+
+
+def _names(ours) -> tuple[str, ...]:
+  return ours if isinstance(ours, tuple) else (ours,)
 
 
 def from_hf(model_cls, cfg, tensors: Mapping[str, np.ndarray], *, optional: Mapping[str, Callable] = (),
@@ -72,7 +81,14 @@ def from_hf(model_cls, cfg, tensors: Mapping[str, np.ndarray], *, optional: Mapp
         flat[ours] = optional[hf](tensors)
         continue
       raise CheckpointError(f"the Hugging Face weights have no {hf}; is the config right for them?")
-    flat[ours] = np.asarray(back(np.asarray(tensors[hf], np.float32)))
+    tensor = np.asarray(tensors[hf], np.float32)
+    try:
+      value = back(tensor)
+    except ValueError:  # a reshape that does not fit: the config and the weights disagree
+      raise CheckpointError(f"the Hugging Face tensor {hf} has shape {tensor.shape}, which the config's sizes "
+                            "do not fit; is the config right for these weights?") from None
+    for name, part in (zip(ours, value) if isinstance(ours, tuple) else ((ours, value),)):
+      flat[name] = np.ascontiguousarray(part)
   used = {hf for _, hf, _ in pairs} | set(ignored)
   extra = sorted(set(tensors) - used)
   if extra:
