@@ -11,7 +11,8 @@ The work is matched: vocab 259, d_model 128, 2 layers, 8 heads of 16 (where a mo
 `--segments` segments of `--seg-len` tokens per AdamW step, float32, the recurrent state carried from segment to
 segment inside a step and, detached, from step to step; gradients flow through it inside a step where the peer's
 do (ours: train.state_gradient=carry) and stop at every segment where the peer detaches it (x-transformers, the
-Block-Recurrent port, HF Mamba / Mamba-2; ours: train.state_gradient=stop), so both sides do the same work. Titans
+Block-Recurrent port, HF Mamba / Mamba-2, recurrentgemma; ours: train.state_gradient=stop), so both sides do the
+same work. Titans
 MAC updates its memory once per attention segment on both sides (the peer's 128 tokens + 16 long-term memory tokens;
 ours: model.chunk_size=seg_len). Each
 side reports its parameter count so the match can be judged; each peer's row names the class and settings used.
@@ -23,8 +24,10 @@ recurrent-memory-transformer-pytorch (rmt), block-recurrent-transformer-pytorch 
 infini-transformer-pytorch (infini_attention), titans-pytorch's MemoryAsContextTransformer (titans, against our
 MAC variant), Hugging Face transformers' MambaForCausalLM / Mamba2ForCausalLM on their torch paths (mamba,
 mamba2; on a CPU their CUDA kernels are absent), its xLSTMForCausalLM (mlstm), and its Qwen3NextForCausalLM with every layer a Gated DeltaNet and
-dense MLPs (gated_deltanet; its torch chunked gated delta rule). A peer that is not installed gets a row that says so. Not
-covered: the Memorizing Transformer port (needs faiss-gpu) and fla's RetNet (needs triton).
+dense MLPs (gated_deltanet; its torch chunked gated delta rule), and Google's own JAX Griffin from recurrentgemma (griffin;
+flax linen, `pip install "recurrentgemma[jax]" optax` in the peer's python, a jitted step like ours). A peer that is
+not installed gets a row that says so. Not covered: the Memorizing Transformer port (needs faiss-gpu) and fla's RetNet
+(needs triton).
 
 Benchmarks measure; tests never assert times. Ratios are ours / peer tokens per second (> 1: longctx faster).
 """
@@ -32,6 +35,7 @@ Benchmarks measure; tests never assert times. Ratios are ours / peer tokens per 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -51,14 +55,18 @@ PEERS = {
     "mlstm": ("transformers xLSTMForCausalLM (its native chunkwise torch kernel, train mode)", "transformers"),
     "gated_deltanet": ("transformers Qwen3NextForCausalLM, every layer linear attention with a dense MLP "
                        "(torch gated delta rule)", "transformers"),
+    "griffin": ("recurrentgemma's JAX Griffin (flax linen), LINEAR_NATIVE scan (its CPU default)", "recurrentgemma"),
 }
 # The Titans peer implements Memory as Context with one memory update per attention segment (its
 # neural_memory_segment_len defaults to segment_len + long-term memory tokens): ours MAC, chunk = segment.
 OURS_OVERRIDES = {"titans": ["model.variant=mac", "model.chunk_size={seg_len}"]}
 # Peers that detach the carried state at every segment (x-transformers' mems, the Block-Recurrent port's states
-# and XL memories; HF's Mamba/Mamba-2 training forward carries no state at all) do no backward through it: ours
-# then runs with train.state_gradient=stop, the same work. The others backpropagate through it, as ours does.
-DETACHING_PEERS = ("transformer", "block_recurrent", "mamba", "mamba2", "gated_deltanet", "mlstm")
+# and XL memories; HF's Mamba/Mamba-2 training forward, and recurrentgemma's Griffin run without its cache, carry no
+# state at all) do no backward through it: ours then runs with train.state_gradient=stop, the same work. The others
+# backpropagate through it, as ours does.
+DETACHING_PEERS = ("transformer", "block_recurrent", "mamba", "mamba2", "gated_deltanet", "mlstm", "griffin")
+# Peers written in JAX: their own jitted step (run_jax_peer) instead of the torch loop.
+JAX_PEERS = ("griffin",)
 
 
 # ----------------------------------------------------------------------------- our side
@@ -90,7 +98,6 @@ def run_ours(args) -> dict:
 
 def _peer_model(name: str, cfg: dict, args):
   """(torch module, step(tokens [lanes, segments * seg_len], memory) -> (loss, memory))."""
-  import torch
   import torch.nn.functional as F
 
   d, depth, heads, seg, vocab = cfg["d_model"], cfg["num_layers"], args.heads, args.seg_len, cfg["vocab_size"]
@@ -199,6 +206,8 @@ def _peer_model(name: str, cfg: dict, args):
 
 
 def run_peer(args) -> dict:
+  if args.model in JAX_PEERS:
+    return run_jax_peer(args)
   import torch
 
   torch.manual_seed(0)
@@ -224,6 +233,68 @@ def run_peer(args) -> dict:
   seconds = times[len(times) // 2]
   return {"tokens_per_s": args.lanes * args.segments * args.seg_len / seconds,
           "params": sum(p.numel() for p in model.parameters()), "peer": PEERS[args.model][0]}
+
+
+def run_jax_peer(args) -> dict:
+  """recurrentgemma's Griffin: a jitted forward + backward + AdamW step, the same dict as run_peer."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from recurrentgemma import common
+  from recurrentgemma.jax import griffin
+
+  cfg = json.loads(args.config)
+  # recurrentgemma fixes what ours makes configurable: one KV head, rotary on half of each head, a width-4 conv,
+  # a tied head.
+  fixed = {"num_kv_heads": 1, "rope_fraction": 0.5, "conv_width": 4, "tie_embeddings": True}
+  unmatched = [f"{k}={cfg[k]}" for k, v in fixed.items() if cfg[k] != v]
+  if unmatched:
+    raise ValueError(f"recurrentgemma's Griffin cannot match model.{', model.'.join(unmatched)}")
+  types = {"recurrent": common.TemporalBlockType.RECURRENT, "attention": common.TemporalBlockType.ATTENTION}
+  pattern = cfg["block_types"].split(",")
+  # Its attention_window_size counts the tokens before each token (its mask: q - k <= size), as our window does.
+  rg_cfg = common.GriffinConfig(
+      vocab_size=cfg["vocab_size"], width=cfg["d_model"], mlp_expanded_width=cfg["d_ff"],
+      num_heads=cfg["num_heads"], lru_width=cfg["lru_width"] or cfg["d_model"],
+      block_types=tuple(types[pattern[i % len(pattern)]] for i in range(cfg["num_layers"])),
+      embeddings_scale_by_sqrt_dim=cfg["embed_scale"], attention_window_size=cfg["window"],
+      logits_soft_cap=cfg["logit_cap"], scan_type=common.ScanType.LINEAR_NATIVE)
+  # No rematerialisation (its default remats every block; ours runs with train.remat=False).
+  model = griffin.Griffin(rg_cfg, gradient_checkpointing=False, dtype=jnp.float32, param_dtype=jnp.float32)
+  seg = args.seg_len
+  positions = jnp.broadcast_to(jnp.arange(seg), (args.lanes, seg))
+  params = model.init(jax.random.key(0), jnp.zeros((args.lanes, seg), jnp.int32), positions, return_cache=False)
+  opt = optax.adamw(1e-3)
+  opt_state = opt.init(params)
+
+  def loss_fn(params, tokens):
+    # Each segment starts from no cache: its training forward, like HF Mamba's, carries no state.
+    losses = []
+    for s in range(args.segments):
+      x = tokens[:, s * seg:(s + 1) * seg]
+      logits, _ = model.apply(params, x, positions, return_cache=False)
+      losses.append(optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], x[:, 1:]).mean())
+    return sum(losses) / len(losses)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, opt_state, tokens):
+    loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  keys = jax.random.split(jax.random.key(0), 2)
+  batches = [jax.random.randint(k, (args.lanes, args.segments * seg), 0, cfg["vocab_size"]) for k in keys]
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  times = []
+  for i in range(args.steps + 1):  # the first compiles: a warm-up
+    t0 = time.perf_counter()
+    params, opt_state, loss = jax.block_until_ready(step(params, opt_state, batches[i % 2]))
+    if i:
+      times.append(time.perf_counter() - t0)
+  times.sort()
+  seconds = times[len(times) // 2]
+  return {"tokens_per_s": args.lanes * args.segments * seg / seconds, "params": n_params,
+          "peer": PEERS[args.model][0]}
 
 
 def _detached(tree):
