@@ -28,7 +28,8 @@ projections, 2/num_layers on the residual outputs, 0.01 on the conv and gate map
 
 Hugging Face interop: `longctx export --format hf` / `import-hf` read and write `RecurrentGemmaForCausalLM`
 (tests/test_export.py checks the logits against transformers). Deviations: our `window` counts the tokens
-*before* each token (transformers' `attention_window_size` = window + 1); our conv does not read across a
+*before* each token (transformers' `attention_window_size` = window + 1, as recurrentgemma's decoding cache;
+recurrentgemma's own prefill mask sees one token more, `q <= k + attention_window_size`); our conv does not read across a
 document start inside a segment (transformers' prefill conv does; with one document per row they agree);
 RMSNorm scales are stored as the multiplier itself (Gemma's `1 + w`, converted on export / import).
 
