@@ -86,7 +86,8 @@ class ARMTConfig(BlockwiseConfig):
 
 
 def dpfp(x: jax.Array, nu: int = DPFP_NU) -> jax.Array:
-  """Deterministic parameter-free projection (Schlag et al. 2021): `[..., n] -> [..., 2 nu n]`, >= 0, then L2-normalised."""
+  """Deterministic parameter-free projection (Schlag et al. 2021): `[..., n] -> [..., 2 nu n]`, >= 0, then
+  L2-normalised."""
   x = jnp.concatenate([jax.nn.relu(x), jax.nn.relu(-x)], axis=-1)
   rolled = jnp.concatenate([jnp.roll(x, j, axis=-1) for j in range(1, nu + 1)], axis=-1)
   y = jnp.concatenate([x] * nu, axis=-1) * rolled

@@ -270,7 +270,8 @@ def hf_weight_map(cfg: GatedDeltaNetConfig) -> list:
   conv = (lambda ws: np.ascontiguousarray(np.concatenate([w.reshape(kk, -1) for w in ws], axis=1).T[:, None, :]),
           lambda w: tuple(part.reshape(kk, -1, width) for part, width in zip(
               split(hf.CONV[1](w), [hk * dk, hk * dk, hv * dv]), [dk, dk, dv])))
-  out = (lambda w: np.ascontiguousarray(w.reshape(hv * dv, d).T), lambda w: np.ascontiguousarray(w.T.reshape(hv, dv, d)))
+  out = (lambda w: np.ascontiguousarray(w.reshape(hv * dv, d).T),
+         lambda w: np.ascontiguousarray(w.T.reshape(hv, dv, d)))
   scale = (lambda s: s - 1.0, lambda w: w + 1.0)  # Qwen3-Next's RMSNorm multiplies by 1 + w
   pairs = [("embedding.table", "model.embed_tokens.weight", hf.IDENTITY),
            ("final_norm.scale", "model.norm.weight", scale)]
@@ -280,9 +281,11 @@ def hf_weight_map(cfg: GatedDeltaNetConfig) -> list:
     layer, mixer = f"model.layers.{i}", f"blocks.{i}.mixer"
     pairs += [(f"blocks.{i}.norm.scale", f"{layer}.input_layernorm.weight", scale),
               (f"blocks.{i}.mlp_norm.scale", f"{layer}.post_attention_layernorm.weight", scale),
-              (tuple(f"{mixer}.{w}" for w in ("wq", "wk", "wv", "wz")), f"{layer}.linear_attn.in_proj_qkvz.weight", qkvz),
+              (tuple(f"{mixer}.{w}" for w in ("wq", "wk", "wv", "wz")), f"{layer}.linear_attn.in_proj_qkvz.weight",
+               qkvz),
               ((f"{mixer}.wb", f"{mixer}.wa"), f"{layer}.linear_attn.in_proj_ba.weight", ba),
-              (tuple(f"{mixer}.{c}" for c in ("conv_q", "conv_k", "conv_v")), f"{layer}.linear_attn.conv1d.weight", conv),
+              (tuple(f"{mixer}.{c}" for c in ("conv_q", "conv_k", "conv_v")), f"{layer}.linear_attn.conv1d.weight",
+               conv),
               (f"{mixer}.dt_bias", f"{layer}.linear_attn.dt_bias", hf.IDENTITY),
               (f"{mixer}.A_log", f"{layer}.linear_attn.A_log", hf.IDENTITY),
               (f"{mixer}.norm", f"{layer}.linear_attn.norm.weight", hf.IDENTITY),

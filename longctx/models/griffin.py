@@ -29,8 +29,8 @@ projections, 2/num_layers on the residual outputs, 0.01 on the conv and gate map
 Hugging Face interop: `longctx export --format hf` / `import-hf` read and write `RecurrentGemmaForCausalLM`
 (tests/test_export.py checks the logits against transformers). Deviations: our `window` counts the tokens
 *before* each token (transformers' `attention_window_size` = window + 1, as recurrentgemma's decoding cache;
-recurrentgemma's own prefill mask sees one token more, `q <= k + attention_window_size`); our conv does not read across a
-document start inside a segment (transformers' prefill conv does; with one document per row they agree);
+recurrentgemma's own prefill mask, `q <= k + attention_window_size`, sees one token more); our conv does not
+read across a document start inside a segment (transformers' prefill conv does; with one document per row they agree);
 RMSNorm scales are stored as the multiplier itself (Gemma's `1 + w`, converted on export / import).
 
 State per layer: recurrent `conv [batch, K-1, H, bw]`, `h [batch, H, bw]` (float32); attention `k, v
@@ -50,7 +50,8 @@ import numpy as np
 from flax import nnx
 
 from longctx.errors import ConfigError
-from longctx.layers import AttentionProjections, Block, Mixer, RMSNorm, WindowAttention, dense, param, register_mixer, rotary
+from longctx.layers import (AttentionProjections, Block, Mixer, RMSNorm, WindowAttention, dense, param, register_mixer,
+                            rotary)
 from longctx.layers.attention import project
 from longctx.layers.context import Context
 from longctx.layers.recurrence import diagonal_recurrence
@@ -306,7 +307,8 @@ class Griffin(LM):
               "d_ff": int(hf_cfg["intermediate_size"]) // 2, "lru_width": int(hf_cfg.get("lru_width") or d),
               "window": int(hf_cfg.get("attention_window_size", 2048)) - 1,
               "conv_width": int(hf_cfg.get("conv1d_width", 4)),
-              "logit_cap": float(hf_cfg.get("logits_soft_cap", 30.0)), "norm_eps": float(hf_cfg.get("rms_norm_eps", 1e-6)),
+              "logit_cap": float(hf_cfg.get("logits_soft_cap", 30.0)),
+              "norm_eps": float(hf_cfg.get("rms_norm_eps", 1e-6)),
               "rope_base": float(rope.get("rope_theta", hf_cfg.get("rope_theta", 10000.0))),
               "rope_fraction": float(rope.get("partial_rotary_factor", hf_cfg.get("partial_rotary_factor", 0.5))),
               "block_types": ",".join(hf_cfg.get("block_types") or ("recurrent", "recurrent", "attention")),
@@ -328,7 +330,8 @@ def hf_weight_map(cfg: GriffinConfig) -> list:
   bw = cfg.resolved_lru_width // h
   heads_in = lambda n, width: (lambda w: np.ascontiguousarray(w.reshape(d, -1).T),
                                lambda w: np.ascontiguousarray(w.T.reshape(d, n, width)))
-  heads_out = (lambda w: np.ascontiguousarray(w.reshape(-1, d).T), lambda w: np.ascontiguousarray(w.T.reshape(h, -1, d)))
+  heads_out = (lambda w: np.ascontiguousarray(w.reshape(-1, d).T),
+               lambda w: np.ascontiguousarray(w.T.reshape(h, -1, d)))
   flat = (lambda w: w.reshape(-1), lambda w: w.reshape(h, bw))
   conv = (lambda w: np.ascontiguousarray(w.reshape(w.shape[0], -1).T[:, None, :]),
           lambda w: np.ascontiguousarray(hf.CONV[1](w).reshape(-1, h, bw)))
