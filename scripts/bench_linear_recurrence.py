@@ -24,7 +24,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from longctx.bench import measure_matmul_peak, peak_rss_bytes
 from longctx.eval.streaming import parse_lengths

@@ -122,7 +122,6 @@ def flat_params(model):
 
 def train_steps(cfg, seg_len, params_flat=None, rename=None):
   """3 train steps on a data 2 x fsdp 2 x tensor 2 mesh: (losses, grad norms, flat params after)."""
-  from longctx import config as config_lib
   from longctx.config import Config, DataConfig, MeshConfig, TrainConfig
   from longctx.data.lanes import LaneBatcher
   from longctx.io.params import flatten_params, params_from_flat
