@@ -272,7 +272,7 @@ def hf_weight_map(cfg: GatedDeltaNetConfig) -> list:
               split(hf.CONV[1](w), [hk * dk, hk * dk, hv * dv]), [dk, dk, dv])))
   out = (lambda w: np.ascontiguousarray(w.reshape(hv * dv, d).T),
          lambda w: np.ascontiguousarray(w.T.reshape(hv, dv, d)))
-  scale = (lambda s: s - 1.0, lambda w: w + 1.0)  # Qwen3-Next's RMSNorm multiplies by 1 + w
+  scale = hf.ONE_PLUS  # Qwen3-Next's RMSNorm multiplies by 1 + w
   pairs = [("embedding.table", "model.embed_tokens.weight", hf.IDENTITY),
            ("final_norm.scale", "model.norm.weight", scale)]
   if not cfg.tie_embeddings:

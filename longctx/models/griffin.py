@@ -319,11 +319,6 @@ class Griffin(LM):
     return hf.config_of(GriffinConfig, {**base, **arch})
 
 
-def _scale_map():
-  """Our RMSNorm multiplier <-> Gemma's `1 + w`."""
-  return (lambda s: s - 1.0, lambda w: w + 1.0)
-
-
 def hf_weight_map(cfg: GriffinConfig) -> list:
   """Every (our flat name, transformers RecurrentGemmaForCausalLM name, (to_hf, from_hf))."""
   d, h, hd = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim
@@ -350,13 +345,13 @@ def hf_weight_map(cfg: GriffinConfig) -> list:
          ("up", "up_proj.weight", hf.TRANSPOSE), ("up_bias", "up_proj.bias", hf.IDENTITY),
          ("down", "down_proj.weight", hf.TRANSPOSE), ("down_bias", "down_proj.bias", hf.IDENTITY)]
   pairs = [("embedding.table", "model.embed_tokens.weight", hf.IDENTITY),
-           ("final_norm.scale", "model.final_norm.weight", _scale_map())]
+           ("final_norm.scale", "model.final_norm.weight", hf.ONE_PLUS)]
   if not cfg.tie_embeddings:
     pairs.append(("embedding.head", "lm_head.weight", hf.TRANSPOSE))
   for i, mixer in enumerate(cfg.layer_pattern()):
     layer = f"model.layers.{i}"
-    pairs += [(f"blocks.{i}.norm.scale", f"{layer}.temporal_pre_norm.weight", _scale_map()),
-              (f"blocks.{i}.mlp_norm.scale", f"{layer}.channel_pre_norm.weight", _scale_map())]
+    pairs += [(f"blocks.{i}.norm.scale", f"{layer}.temporal_pre_norm.weight", hf.ONE_PLUS),
+              (f"blocks.{i}.mlp_norm.scale", f"{layer}.channel_pre_norm.weight", hf.ONE_PLUS)]
     temporal = recurrent if mixer == "rglru" else attention
     pairs += [(f"blocks.{i}.mixer.{ours}", f"{layer}.temporal_block.{theirs}", fns) for ours, theirs, fns in temporal]
     pairs += [(f"blocks.{i}.mlp.{ours}", f"{layer}.mlp_block.{theirs}", fns) for ours, theirs, fns in mlp]

@@ -44,6 +44,7 @@ def _conv_from_hf(w: np.ndarray) -> np.ndarray:
 IDENTITY: Transform = (lambda w: w, lambda w: w)
 TRANSPOSE: Transform = (_transpose, _transpose)
 CONV: Transform = (_conv_to_hf, _conv_from_hf)  # our [K, C] <-> torch's depthwise Conv1d [C, 1, K]
+ONE_PLUS: Transform = (lambda s: s - 1.0, lambda w: w + 1.0)  # our RMSNorm scale <-> Gemma's / Qwen3-Next's 1 + w
 
 
 def to_hf(model_cls, cfg, flat: Mapping[str, np.ndarray]) -> Flat:
